@@ -1,0 +1,82 @@
+//! Choosing a burn backend and float type at run time.
+//!
+//! Model code is generic over `B: Backend`; the CLI picks the concrete type here. Work that
+//! must run on "whatever backend the user chose" implements [`BackendTask`].
+
+use burn::tensor::backend::Backend;
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Where tensors live and run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// ndarray on the CPU (always available).
+    Cpu,
+    /// wgpu (Vulkan; on machines without a GPU, Mesa lavapipe on the CPU). Needs `--features wgpu`.
+    Wgpu,
+    /// CUDA. Needs `--features cuda`.
+    Cuda,
+}
+
+/// Float type of weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FloatType {
+    /// 32-bit float.
+    F32,
+    /// bfloat16 (CUDA only).
+    Bf16,
+}
+
+/// A computation to run on a backend chosen at run time.
+pub trait BackendTask {
+    /// What the task returns.
+    type Output;
+    /// Runs the task on backend `B` and its `device`.
+    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output>;
+}
+
+/// Runs `task` on the chosen backend and float type, or explains why it cannot.
+pub fn run_on<T: BackendTask>(kind: BackendKind, dtype: FloatType, task: T) -> Result<T::Output> {
+    match (kind, dtype) {
+        (BackendKind::Cpu, FloatType::F32) => {
+            task.run::<burn::backend::NdArray<f32>>(burn::backend::ndarray::NdArrayDevice::Cpu)
+        }
+        (BackendKind::Cpu, FloatType::Bf16) => Err(Error::Unsupported(
+            "bf16 is not available on the cpu (ndarray) backend; use --dtype f32 or --backend cuda".into(),
+        )),
+        #[cfg(feature = "wgpu")]
+        (BackendKind::Wgpu, FloatType::F32) => {
+            task.run::<burn::backend::Wgpu<f32>>(burn::backend::wgpu::WgpuDevice::default())
+        }
+        #[cfg(feature = "wgpu")]
+        (BackendKind::Wgpu, FloatType::Bf16) => Err(Error::Unsupported(
+            "bf16 is not supported on the wgpu backend; use --dtype f32 or --backend cuda".into(),
+        )),
+        #[cfg(feature = "cuda")]
+        (BackendKind::Cuda, FloatType::F32) => {
+            task.run::<burn::backend::Cuda<f32>>(burn::backend::cuda::CudaDevice::new(0))
+        }
+        #[cfg(feature = "cuda")]
+        (BackendKind::Cuda, FloatType::Bf16) => {
+            task.run::<burn::backend::Cuda<half::bf16>>(burn::backend::cuda::CudaDevice::new(0))
+        }
+        #[allow(unreachable_patterns)]
+        (kind, _) => Err(Error::Unsupported(format!(
+            "this meft binary was built without the '{}' feature; rebuild with `cargo build --release --features {}`",
+            feature_name(kind),
+            feature_name(kind)
+        ))),
+    }
+}
+
+fn feature_name(kind: BackendKind) -> &'static str {
+    match kind {
+        BackendKind::Cpu => "default",
+        BackendKind::Wgpu => "wgpu",
+        BackendKind::Cuda => "cuda",
+    }
+}

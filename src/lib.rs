@@ -1,0 +1,16 @@
+//! meft: memory-efficient fine-tuning of large language models on burn.
+//!
+//! This crate holds the pieces every method builds on: a strict GGUF reader
+//! ([`gguf`]), a tokenizer built from GGUF metadata ([`tokenizer`]), a LLaMA-family
+//! model generic over burn backends ([`model`]), text generation ([`generate`]), and
+//! backend selection ([`backend`]).
+
+pub mod backend;
+pub mod bench;
+mod error;
+pub mod generate;
+pub mod gguf;
+pub mod model;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

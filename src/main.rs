@@ -1,0 +1,238 @@
+//! The `meft` command-line tool.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::tensor::backend::Backend;
+use clap::{Args, Parser, Subcommand};
+
+use meft::backend::{run_on, BackendKind, BackendTask, FloatType};
+use meft::bench::{ModelBench, ModelBenchResult, Preset};
+use meft::generate::{generate, Sampling};
+use meft::gguf::GgufFile;
+use meft::model::{Llama, LlamaConfig};
+use meft::tokenizer::TextTokenizer;
+
+/// Memory-efficient fine-tuning of LLMs on burn.
+#[derive(Parser)]
+#[command(name = "meft", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Continue a prompt with a GGUF model.
+    Generate(GenerateArgs),
+    /// Print a GGUF model's config and tensor types.
+    Info {
+        /// Path to a GGUF file.
+        #[arg(long)]
+        model: PathBuf,
+    },
+    /// Measure speed (writes JSON, prints a Markdown table).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args, Clone, Copy)]
+struct DeviceArgs {
+    /// Backend to run on.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendKind,
+    /// Float type of weights and activations.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: FloatType,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Path to a GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Text to continue.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a ChatML user turn (for instruct models).
+    #[arg(long)]
+    chat: bool,
+    /// Most new tokens to generate.
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus (top-p) mass when sampling.
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    /// Seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Forward and forward+backward tokens/s of the base model (random weights).
+    Model {
+        /// Model geometry.
+        #[arg(long, value_enum, default_value = "smollm2-135m")]
+        preset: Preset,
+        /// Number of layers (default: the preset's; LLaMA-7B has 32).
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Sequences per batch.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 512)]
+        seq: usize,
+        /// Untimed iterations.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Timed iterations.
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Where to write the JSON results.
+        #[arg(long, default_value = "bench-model.json")]
+        out: PathBuf,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+}
+
+struct GenerateTask {
+    gguf: GgufFile,
+    tokenizer: TextTokenizer,
+    prompt_ids: Vec<u32>,
+    max_tokens: usize,
+    sampling: Sampling,
+}
+
+impl BackendTask for GenerateTask {
+    type Output = Vec<u32>;
+
+    fn run<B: Backend>(self, device: B::Device) -> meft::Result<Vec<u32>> {
+        let t = Instant::now();
+        let (model, _) = Llama::<B>::from_gguf(&self.gguf, &device)?;
+        drop(self.gguf);
+        eprintln!("loaded model in {:.2}s", t.elapsed().as_secs_f64());
+        let mut shown = String::new();
+        let mut ids = Vec::new();
+        let t = Instant::now();
+        let out = generate(
+            &model,
+            &self.prompt_ids,
+            self.max_tokens,
+            self.sampling,
+            self.tokenizer.eos_id,
+            &device,
+            |id| {
+                ids.push(id);
+                if let Ok(text) = self.tokenizer.decode(&ids) {
+                    if let Some(new) = text.strip_prefix(shown.as_str()) {
+                        print!("{new}");
+                        let _ = std::io::stdout().flush();
+                    }
+                    shown = text;
+                }
+            },
+        )?;
+        println!();
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!(
+            "generated {} tokens in {:.2}s ({:.1} tok/s); ids: {:?}",
+            out.len(),
+            secs,
+            out.len() as f64 / secs,
+            out
+        );
+        Ok(out)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Generate(a) => {
+            let gguf = GgufFile::open(&a.model)?;
+            let tokenizer = TextTokenizer::from_gguf(&gguf)
+                .with_context(|| format!("building the tokenizer of {}", a.model.display()))?;
+            let text = if a.chat {
+                TextTokenizer::chatml_prompt(&a.prompt)
+            } else {
+                a.prompt.clone()
+            };
+            let prompt_ids = tokenizer.encode(&text)?;
+            let sampling = if a.temperature > 0.0 {
+                Sampling::TopP {
+                    temperature: a.temperature,
+                    top_p: a.top_p,
+                    seed: a.seed,
+                }
+            } else {
+                Sampling::Greedy
+            };
+            print!("{}", a.prompt);
+            let task = GenerateTask {
+                gguf,
+                tokenizer,
+                prompt_ids,
+                max_tokens: a.max_tokens,
+                sampling,
+            };
+            run_on(a.device.backend, a.device.dtype, task)?;
+        }
+        Command::Info { model } => {
+            let gguf = GgufFile::open(&model)?;
+            let cfg = LlamaConfig::from_gguf(&gguf)?;
+            println!("{}", serde_json::to_string_pretty(&cfg)?);
+            let mut types = std::collections::BTreeMap::<String, usize>::new();
+            for t in gguf.tensors.values() {
+                *types.entry(format!("{:?}", t.ggml_type)).or_default() += 1;
+            }
+            println!(
+                "GGUF v{}, {} tensors: {types:?}",
+                gguf.version,
+                gguf.tensors.len()
+            );
+        }
+        Command::Bench(BenchCommand::Model {
+            preset,
+            layers,
+            batch,
+            seq,
+            warmup,
+            iters,
+            out,
+            device,
+        }) => {
+            let mut config = match preset {
+                Preset::Smollm2_135m => LlamaConfig::smollm2_135m(),
+                Preset::Llama7b => LlamaConfig::llama_7b(32),
+            };
+            if let Some(n) = layers {
+                config.n_layers = n;
+            }
+            let label = format!("burn {:?} {:?}", device.backend, device.dtype).to_lowercase();
+            let bench = ModelBench {
+                config,
+                preset,
+                batch,
+                seq,
+                warmup,
+                iters,
+                label,
+            };
+            let result = run_on(device.backend, device.dtype, bench)?;
+            std::fs::write(&out, serde_json::to_string_pretty(&result)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+            print!("{}", ModelBenchResult::table(&[result]));
+        }
+    }
+    Ok(())
+}

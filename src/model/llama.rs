@@ -1,0 +1,379 @@
+//! A LLaMA-family decoder in plain burn modules, generic over the backend.
+//!
+//! Blocks are pre-norm: `h = x + Attn(RmsNorm(x))`, `y = h + Ffn(RmsNorm(h))`. Attention is
+//! grouped-query and causal, with rotary position embeddings in the "rotate-half" (NeoX/HF)
+//! form; the GGUF loader un-permutes llama.cpp's Q/K row order to match (see `load.rs`).
+//! The FFN is its own module ([`FeedForward`]): it is the seam where adapters attach.
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear};
+use burn::tensor::activation::{log_softmax, silu};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{DType, Distribution, Int, Tensor};
+
+use super::config::LlamaConfig;
+
+/// Linear layer without bias, weight `[d_in, d_out]`.
+pub(crate) fn linear<B: Backend>(weight: Tensor<B, 2>) -> Linear<B> {
+    Linear {
+        weight: Param::from_tensor(weight),
+        bias: None,
+    }
+}
+
+/// RMSNorm with the given scale.
+pub(crate) fn rms_norm<B: Backend>(gamma: Tensor<B, 1>, eps: f64) -> RmsNorm<B> {
+    RmsNorm {
+        gamma: Param::from_tensor(gamma),
+        epsilon: eps,
+    }
+}
+
+/// Upcasts half-precision tensors to f32 for reductions; f32 and f64 stay as they are.
+pub(crate) fn at_least_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    match x.dtype() {
+        DType::F16 | DType::BF16 => x.cast(DType::F32),
+        _ => x,
+    }
+}
+
+/// Root-mean-square norm `x / sqrt(mean(x²) + eps) · gamma`, reduced in at least f32 (burn's
+/// own RmsNorm always reduces in f32, which would cap f64 gradient checks at f32 precision).
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// Per-channel scale.
+    pub gamma: Param<Tensor<B, 1>>,
+    /// Added to the mean square.
+    pub epsilon: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// Normalises over the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let rms = (at_least_f32(x.clone()).square().mean_dim(D - 1) + self.epsilon).sqrt();
+        (x / rms.cast(dtype)) * self.gamma.val().unsqueeze()
+    }
+}
+
+/// SiLU `x · σ(x)`. burn's sigmoid computes in f32; f64 tensors (used by gradient checks)
+/// take an f64 formula instead.
+pub(crate) fn silu_exact<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    match x.dtype() {
+        DType::F64 => x.clone() / (x.neg().exp() + 1.0),
+        _ => silu(x),
+    }
+}
+
+/// The SwiGLU feed-forward network: `down(silu(gate(x)) ⊙ up(x))`.
+#[derive(Module, Debug)]
+pub struct FeedForward<B: Backend> {
+    /// Gate projection `[d, ffn]`.
+    pub gate: Linear<B>,
+    /// Up projection `[d, ffn]`.
+    pub up: Linear<B>,
+    /// Down projection `[ffn, d]`.
+    pub down: Linear<B>,
+}
+
+impl<B: Backend> FeedForward<B> {
+    /// Applies the FFN to `[batch, seq, d]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gated = silu_exact(self.gate.forward(x.clone())) * self.up.forward(x);
+        self.down.forward(gated)
+    }
+}
+
+/// Precomputed rotary embedding tables (`[max_seq, head_dim]`, rotate-half layout).
+#[derive(Module, Debug)]
+pub struct RotaryEmbedding<B: Backend> {
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+}
+
+impl<B: Backend> RotaryEmbedding<B> {
+    /// Builds tables for positions `0..max_seq`.
+    pub fn new(head_dim: usize, max_seq: usize, theta: f64, device: &B::Device) -> Self {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(max_seq * head_dim);
+        let mut sin = Vec::with_capacity(max_seq * head_dim);
+        for pos in 0..max_seq {
+            for i in 0..head_dim {
+                let freq = theta.powf(-2.0 * (i % half) as f64 / head_dim as f64);
+                let angle = pos as f64 * freq;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let table = |v: Vec<f32>| {
+            Tensor::<B, 1>::from_floats(v.as_slice(), device).reshape([max_seq, head_dim])
+        };
+        Self {
+            cos: table(cos),
+            sin: table(sin),
+        }
+    }
+
+    /// Rotates `[batch, heads, seq, head_dim]` for positions `start..start + seq`.
+    pub fn apply(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
+        let [_, _, seq, hd] = x.dims();
+        let cos = self
+            .cos
+            .clone()
+            .slice([start..start + seq])
+            .unsqueeze::<4>();
+        let sin = self
+            .sin
+            .clone()
+            .slice([start..start + seq])
+            .unsqueeze::<4>();
+        let x1 = x.clone().narrow(3, 0, hd / 2);
+        let x2 = x.clone().narrow(3, hd / 2, hd / 2);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos + rotated * sin
+    }
+}
+
+/// Keys and values of earlier positions, per layer, for incremental decoding.
+#[derive(Debug)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for `n_layers` blocks.
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: (0..n_layers).map(|_| None).collect(),
+        }
+    }
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dims()[2])
+    }
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Grouped-query causal self-attention.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// Query projection `[d, n_heads · head_dim]`.
+    pub wq: Linear<B>,
+    /// Key projection `[d, n_kv_heads · head_dim]`.
+    pub wk: Linear<B>,
+    /// Value projection `[d, n_kv_heads · head_dim]`.
+    pub wv: Linear<B>,
+    /// Output projection `[n_heads · head_dim, d]`.
+    pub wo: Linear<B>,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// Attends `[batch, seq, d]`; with a cache, the new keys/values are appended to it.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding<B>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let [b, t, d] = x.dims();
+        let hd = d / self.n_heads;
+        let heads = |y: Tensor<B, 3>, h: usize| y.reshape([b, t, h, hd]).swap_dims(1, 2);
+        let q = heads(self.wq.forward(x.clone()), self.n_heads);
+        let k = heads(self.wk.forward(x.clone()), self.n_kv_heads);
+        let v = heads(self.wv.forward(x), self.n_kv_heads);
+
+        let start = cache
+            .as_ref()
+            .and_then(|c| c.as_ref())
+            .map_or(0, |(k, _)| k.dims()[2]);
+        let q = rope.apply(q, start);
+        let mut k = rope.apply(k, start);
+        let mut v = v;
+        if let Some(slot) = cache {
+            if let Some((k_past, v_past)) = slot.take() {
+                k = Tensor::cat(vec![k_past, k], 2);
+                v = Tensor::cat(vec![v_past, v], 2);
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
+        let opts = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
+        let out = attention(q, k, v, None, None, opts);
+        self.wo.forward(out.swap_dims(1, 2).reshape([b, t, d]))
+    }
+
+    /// Repeats each key/value head for the query heads that share it.
+    fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let rep = self.n_heads / self.n_kv_heads;
+        if rep == 1 {
+            return x;
+        }
+        let [b, h, t, hd] = x.dims();
+        x.unsqueeze_dim::<5>(2)
+            .expand([b, h, rep, t, hd])
+            .reshape([b, h * rep, t, hd])
+    }
+}
+
+/// One pre-norm decoder block.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    /// Norm before attention.
+    pub attn_norm: RmsNorm<B>,
+    /// Self-attention.
+    pub attn: Attention<B>,
+    /// Norm before the FFN.
+    pub ffn_norm: RmsNorm<B>,
+    /// The feed-forward network.
+    pub ffn: FeedForward<B>,
+}
+
+impl<B: Backend> Block<B> {
+    /// Applies the block to `[batch, seq, d]`.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding<B>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone() + self.attn.forward(self.attn_norm.forward(x), rope, cache);
+        h.clone() + self.ffn.forward(self.ffn_norm.forward(h))
+    }
+}
+
+/// A LLaMA-family causal language model.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    /// Token embedding `[vocab, d]`.
+    pub embed: Embedding<B>,
+    /// Decoder blocks.
+    pub blocks: Vec<Block<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+    /// Separate LM head `[d, vocab]`; `None` when tied to the embedding.
+    pub lm_head: Option<Linear<B>>,
+    /// Rotary tables.
+    pub rope: RotaryEmbedding<B>,
+    /// Longest supported sequence.
+    pub max_seq_len: usize,
+}
+
+/// A training batch for causal-LM loss: `targets[b, t]` is the token after `inputs[b, t]`,
+/// and `target_mask[b, t]` is 1 where that target counts (answer tokens) and 0 elsewhere
+/// (prompt and padding).
+#[derive(Debug, Clone)]
+pub struct CausalLmBatch<B: Backend> {
+    /// Input ids `[batch, seq]`.
+    pub inputs: Tensor<B, 2, Int>,
+    /// Next-token ids `[batch, seq]`.
+    pub targets: Tensor<B, 2, Int>,
+    /// 1.0 where the target is in the loss, else 0.0, `[batch, seq]`.
+    pub target_mask: Tensor<B, 2>,
+}
+
+impl<B: Backend> Llama<B> {
+    /// A model with random weights (N(0, 0.02), norms 1) at the given geometry; for speed and
+    /// memory work, where the values do not matter.
+    pub fn init_random(cfg: &LlamaConfig, device: &B::Device) -> Self {
+        let w = |rows: usize, cols: usize| {
+            Tensor::<B, 2>::random([rows, cols], Distribution::Normal(0.0, 0.02), device)
+        };
+        let ones = |n: usize| Tensor::<B, 1>::ones([n], device);
+        let (d, kv) = (cfg.d_model, cfg.n_kv_heads * cfg.head_dim());
+        let blocks = (0..cfg.n_layers)
+            .map(|_| Block {
+                attn_norm: rms_norm(ones(d), cfg.norm_eps),
+                attn: Attention {
+                    wq: linear(w(d, d)),
+                    wk: linear(w(d, kv)),
+                    wv: linear(w(d, kv)),
+                    wo: linear(w(d, d)),
+                    n_heads: cfg.n_heads,
+                    n_kv_heads: cfg.n_kv_heads,
+                },
+                ffn_norm: rms_norm(ones(d), cfg.norm_eps),
+                ffn: FeedForward {
+                    gate: linear(w(d, cfg.ffn_hidden)),
+                    up: linear(w(d, cfg.ffn_hidden)),
+                    down: linear(w(cfg.ffn_hidden, d)),
+                },
+            })
+            .collect();
+        Self {
+            embed: Embedding {
+                weight: Param::from_tensor(w(cfg.vocab_size, d)),
+            },
+            blocks,
+            norm: rms_norm(ones(d), cfg.norm_eps),
+            lm_head: (!cfg.tie_embeddings).then(|| linear(w(d, cfg.vocab_size))),
+            rope: RotaryEmbedding::new(cfg.head_dim(), cfg.max_seq_len, cfg.rope_theta, device),
+            max_seq_len: cfg.max_seq_len,
+        }
+    }
+
+    /// Final hidden states `[batch, seq, d]` (after the last norm).
+    pub fn forward_hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let mut x = self.embed.forward(tokens);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = block.forward(x, &self.rope, slot);
+        }
+        self.norm.forward(x)
+    }
+
+    /// Logits `[batch, seq, vocab]`. Callers check lengths first ([`Llama::check_length`]).
+    pub fn forward(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let h = self.forward_hidden(tokens, cache);
+        match &self.lm_head {
+            Some(head) => head.forward(h),
+            None => h.matmul(self.embed.weight.val().transpose().unsqueeze()),
+        }
+    }
+
+    /// Mean next-token cross-entropy over the masked-in targets (computed in at least f32).
+    pub fn loss(&self, batch: &CausalLmBatch<B>) -> Tensor<B, 1> {
+        let logits = at_least_f32(self.forward(batch.inputs.clone(), None));
+        let logp = log_softmax(logits, 2);
+        let picked = logp
+            .gather(2, batch.targets.clone().unsqueeze_dim(2))
+            .squeeze_dim::<2>(2);
+        let mask = batch.target_mask.clone().cast(picked.dtype());
+        let count = mask.clone().sum().clamp_min(1.0);
+        (picked * mask).sum().neg() / count
+    }
+
+    /// Errors if `total` positions would exceed the model's context.
+    pub fn check_length(&self, total: usize) -> Result<(), crate::Error> {
+        if total > self.max_seq_len {
+            return Err(crate::Error::ContextTooLong {
+                tokens: total,
+                max: self.max_seq_len,
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,10 @@
+//! The LLaMA-family base model: config, modules, GGUF loading.
+
+mod config;
+mod llama;
+mod load;
+
+pub use config::{ConfigError, LlamaConfig};
+pub use llama::{
+    Attention, Block, CausalLmBatch, FeedForward, KvCache, Llama, RmsNorm, RotaryEmbedding,
+};
