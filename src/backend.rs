@@ -39,6 +39,47 @@ pub trait BackendTask {
     fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output>;
 }
 
+/// Checks that a device answers before real work starts. GPU runtimes report a missing
+/// driver or adapter by panicking on their own thread; this turns that into an error that
+/// names the cause instead of a crash.
+pub fn probe_device<B: Backend>(device: &B::Device, name: &str) -> Result<()> {
+    use std::sync::{Arc, Mutex};
+    let first_panic = Arc::new(Mutex::new(None::<String>));
+    let slot = first_panic.clone();
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            let msg = info
+                .payload()
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown failure".into());
+            *slot = Some(msg);
+        }
+    }));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        burn::tensor::Tensor::<B, 1>::zeros([1], device).into_data()
+    }));
+    std::panic::set_hook(previous);
+    match outcome {
+        Ok(_) => Ok(()),
+        Err(_) => {
+            let cause = first_panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let cause = cause.unwrap_or_else(|| "unknown failure".into());
+            let cause = cause
+                .split(" - searched for")
+                .next()
+                .unwrap_or(&cause)
+                .to_string();
+            Err(Error::Unsupported(format!(
+                "the {name} device is not usable: {cause}"
+            )))
+        }
+    }
+}
+
 /// Runs `task` on the chosen backend and float type, or explains why it cannot.
 pub fn run_on<T: BackendTask>(kind: BackendKind, dtype: FloatType, task: T) -> Result<T::Output> {
     match (kind, dtype) {
@@ -50,7 +91,9 @@ pub fn run_on<T: BackendTask>(kind: BackendKind, dtype: FloatType, task: T) -> R
         )),
         #[cfg(feature = "wgpu")]
         (BackendKind::Wgpu, FloatType::F32) => {
-            task.run::<burn::backend::Wgpu<f32>>(burn::backend::wgpu::WgpuDevice::default())
+            let device = burn::backend::wgpu::WgpuDevice::default();
+            probe_device::<burn::backend::Wgpu<f32>>(&device, "wgpu")?;
+            task.run::<burn::backend::Wgpu<f32>>(device)
         }
         #[cfg(feature = "wgpu")]
         (BackendKind::Wgpu, FloatType::Bf16) => Err(Error::Unsupported(
@@ -58,11 +101,15 @@ pub fn run_on<T: BackendTask>(kind: BackendKind, dtype: FloatType, task: T) -> R
         )),
         #[cfg(feature = "cuda")]
         (BackendKind::Cuda, FloatType::F32) => {
-            task.run::<burn::backend::Cuda<f32>>(burn::backend::cuda::CudaDevice::new(0))
+            let device = burn::backend::cuda::CudaDevice::new(0);
+            probe_device::<burn::backend::Cuda<f32>>(&device, "CUDA")?;
+            task.run::<burn::backend::Cuda<f32>>(device)
         }
         #[cfg(feature = "cuda")]
         (BackendKind::Cuda, FloatType::Bf16) => {
-            task.run::<burn::backend::Cuda<half::bf16>>(burn::backend::cuda::CudaDevice::new(0))
+            let device = burn::backend::cuda::CudaDevice::new(0);
+            probe_device::<burn::backend::Cuda<half::bf16>>(&device, "CUDA")?;
+            task.run::<burn::backend::Cuda<half::bf16>>(device)
         }
         #[allow(unreachable_patterns)]
         (kind, _) => Err(Error::Unsupported(format!(

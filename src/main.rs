@@ -106,6 +106,7 @@ enum BenchCommand {
 }
 
 struct GenerateTask {
+    shown_prompt: String,
     gguf: GgufFile,
     tokenizer: TextTokenizer,
     prompt_ids: Vec<u32>,
@@ -121,6 +122,7 @@ impl BackendTask for GenerateTask {
         let (model, _) = Llama::<B>::from_gguf(&self.gguf, &device)?;
         drop(self.gguf);
         eprintln!("loaded model in {:.2}s", t.elapsed().as_secs_f64());
+        print!("{}", self.shown_prompt);
         let mut shown = String::new();
         let mut ids = Vec::new();
         let t = Instant::now();
@@ -132,6 +134,9 @@ impl BackendTask for GenerateTask {
             self.tokenizer.eos_id,
             &device,
             |id| {
+                if Some(id) == self.tokenizer.eos_id {
+                    return;
+                }
                 ids.push(id);
                 if let Ok(text) = self.tokenizer.decode(&ids) {
                     if let Some(new) = text.strip_prefix(shown.as_str()) {
@@ -163,7 +168,7 @@ fn main() -> anyhow::Result<()> {
             let tokenizer = TextTokenizer::from_gguf(&gguf)
                 .with_context(|| format!("building the tokenizer of {}", a.model.display()))?;
             let text = if a.chat {
-                TextTokenizer::chatml_prompt(&a.prompt)
+                tokenizer.chatml_prompt(&a.prompt)
             } else {
                 a.prompt.clone()
             };
@@ -177,8 +182,8 @@ fn main() -> anyhow::Result<()> {
             } else {
                 Sampling::Greedy
             };
-            print!("{}", a.prompt);
             let task = GenerateTask {
+                shown_prompt: a.prompt.clone(),
                 gguf,
                 tokenizer,
                 prompt_ids,

@@ -51,6 +51,16 @@ pub struct TextTokenizer {
     pub add_bos: bool,
     /// Vocabulary size.
     pub vocab_size: usize,
+    /// The system message the model's ChatML template inserts when none is given.
+    pub default_system: Option<String>,
+}
+
+/// The literal default system message of a ChatML Jinja template, if it writes one.
+fn default_system_message(template: &str) -> Option<String> {
+    let start = template.find("<|im_start|>system\n")? + "<|im_start|>system\n".len();
+    let len = template[start..].find("<|im_end|>")?;
+    let msg = &template[start..start + len];
+    (!msg.contains("{{") && !msg.contains('\'')).then(|| msg.to_string())
 }
 
 impl TextTokenizer {
@@ -134,6 +144,11 @@ impl TextTokenizer {
                 .and_then(|v| v.as_bool())
                 .unwrap_or(false),
             vocab_size: tokens.len(),
+            default_system: gguf
+                .metadata
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.as_str())
+                .and_then(default_system_message),
         })
     }
 
@@ -159,10 +174,14 @@ impl TextTokenizer {
             .map_err(|e| TokenizerError::Build(e.to_string()))
     }
 
-    /// Formats a single user turn with the ChatML template SmolLM2 was tuned on, ending
-    /// where the assistant's answer begins.
-    pub fn chatml_prompt(user: &str) -> String {
-        format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+    /// Formats a single user turn in ChatML (with the template's default system message, if
+    /// it has one), ending where the assistant's answer begins.
+    pub fn chatml_prompt(&self, user: &str) -> String {
+        let system = match &self.default_system {
+            Some(sys) => format!("<|im_start|>system\n{sys}<|im_end|>\n"),
+            None => String::new(),
+        };
+        format!("{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
     }
 
     /// The underlying `tokenizers` object.

@@ -160,3 +160,16 @@ fn prompt_longer_than_context_and_bad_ids() {
     assert!(msg.contains("out of range"), "{msg}");
     assert!(generate(&model, &[], 1, Sampling::Greedy, None, &device, |_| {}).is_err());
 }
+
+#[test]
+fn unsupported_tokenizer_model_is_named() {
+    let gguf = GgufFile::open(common::tinycoder()).unwrap();
+    let msg = meft::tokenizer::TextTokenizer::from_gguf(&gguf)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("'llama'") && msg.contains("not supported"),
+        "{msg}"
+    );
+}

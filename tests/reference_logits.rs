@@ -96,4 +96,8 @@ fn smollm2_tokenizer_matches_reference_bpe() {
     }
     assert_eq!(tok.encode("<|im_start|><|im_end|>").unwrap(), vec![1, 2]);
     assert_eq!(tok.eos_id, Some(2));
+    assert_eq!(
+        tok.chatml_prompt("Hi"),
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
 }

@@ -266,8 +266,9 @@ pub struct Llama<B: Backend> {
     pub blocks: Vec<Block<B>>,
     /// Final norm.
     pub norm: RmsNorm<B>,
-    /// Separate LM head `[d, vocab]`; `None` when tied to the embedding.
-    pub lm_head: Option<Linear<B>>,
+    /// LM head `[d, vocab]`. For tied models it holds a transposed copy of the embedding
+    /// (the base model is frozen, so the copies stay equal).
+    pub lm_head: Linear<B>,
     /// Rotary tables.
     pub rope: RotaryEmbedding<B>,
     /// Longest supported sequence.
@@ -315,13 +316,18 @@ impl<B: Backend> Llama<B> {
                 },
             })
             .collect();
+        let embed = w(cfg.vocab_size, d);
+        let lm_head = match cfg.tie_embeddings {
+            true => embed.clone().transpose(),
+            false => w(d, cfg.vocab_size),
+        };
         Self {
             embed: Embedding {
-                weight: Param::from_tensor(w(cfg.vocab_size, d)),
+                weight: Param::from_tensor(embed),
             },
             blocks,
             norm: rms_norm(ones(d), cfg.norm_eps),
-            lm_head: (!cfg.tie_embeddings).then(|| linear(w(d, cfg.vocab_size))),
+            lm_head: linear(lm_head),
             rope: RotaryEmbedding::new(cfg.head_dim(), cfg.max_seq_len, cfg.rope_theta, device),
             max_seq_len: cfg.max_seq_len,
         }
@@ -347,11 +353,7 @@ impl<B: Backend> Llama<B> {
         tokens: Tensor<B, 2, Int>,
         cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
-        let h = self.forward_hidden(tokens, cache);
-        match &self.lm_head {
-            Some(head) => head.forward(h),
-            None => h.matmul(self.embed.weight.val().transpose().unsqueeze()),
-        }
+        self.lm_head.forward(self.forward_hidden(tokens, cache))
     }
 
     /// Mean next-token cross-entropy over the masked-in targets (computed in at least f32).

@@ -113,10 +113,16 @@ impl<B: Backend> Llama<B> {
             });
         }
         let embed = gguf.tensor_f32("token_embd.weight", &[cfg.vocab_size, d])?;
+        // A tied head is stored as its own transposed copy: the base is frozen, so the two
+        // never diverge, and backends then multiply by a contiguous [d, vocab] matrix.
         let lm_head = if cfg.tie_embeddings {
-            None
+            linear(upload(
+                transpose(&embed, cfg.vocab_size, d),
+                [d, cfg.vocab_size],
+                device,
+            ))
         } else {
-            Some(l.linear("output.weight", d, cfg.vocab_size, None)?)
+            l.linear("output.weight", d, cfg.vocab_size, None)?
         };
         let model = Self {
             embed: Embedding {
