@@ -96,16 +96,20 @@ fn random_tokens<B: Backend>(
 }
 
 /// Times `step` `warmup + iters` times, syncing the device around each timed call.
+/// Warm-up times go to stderr: on GPU backends they show kernel compilation and autotuning.
 fn time<B: Backend>(
     device: &B::Device,
+    what: &str,
     warmup: usize,
     iters: usize,
     mut step: impl FnMut(),
 ) -> Result<Vec<f64>> {
-    for _ in 0..warmup {
+    for i in 0..warmup {
+        let t = Instant::now();
         step();
+        sync::<B>(device)?;
+        eprintln!("{what}: warm-up {i} took {:.2}s", t.elapsed().as_secs_f64());
     }
-    sync::<B>(device)?;
     let mut runs = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();
@@ -136,7 +140,7 @@ impl BackendTask for ModelBench {
         let forward_runs = {
             let model = Llama::<B>::init_random(&self.config, &device);
             let inputs = random_tokens::<B>(self.batch, self.seq, vocab, 1, &device);
-            time::<B>(&device, self.warmup, self.iters, || {
+            time::<B>(&device, "forward", self.warmup, self.iters, || {
                 let _ = model.forward(inputs.clone(), None);
             })?
         };
@@ -148,7 +152,7 @@ impl BackendTask for ModelBench {
                 targets: random_tokens(self.batch, self.seq, vocab, 3, &device),
                 target_mask: Tensor::ones([self.batch, self.seq], &device),
             };
-            time::<Autodiff<B>>(&device, self.warmup, self.iters, || {
+            time::<Autodiff<B>>(&device, "forward+backward", self.warmup, self.iters, || {
                 let _grads = model.loss(&batch).backward();
             })?
         };
