@@ -80,6 +80,36 @@ pub fn probe_device<B: Backend>(device: &B::Device, name: &str) -> Result<()> {
     }
 }
 
+/// CUDA without burn's operation fusion. burn-fusion 0.21 panics in the backward pass of our
+/// bf16 model ("Ordering is bigger than operations", seen on the lent H100), so bf16 runs on
+/// this backend; `MEFT_CUDA_FUSION=0` selects it for f32 too, `=1` forces fusion for bf16.
+#[cfg(feature = "cuda")]
+pub type CudaUnfused<F> = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, F, i32, u8>;
+
+#[cfg(feature = "cuda")]
+fn cuda_fusion(default: bool) -> bool {
+    match std::env::var("MEFT_CUDA_FUSION").as_deref() {
+        Ok("0") | Ok("false") => false,
+        Ok("1") | Ok("true") => true,
+        _ => default,
+    }
+}
+
+/// Runs a task on CUDA with float type `$f`, fused or not.
+#[cfg(feature = "cuda")]
+macro_rules! run_cuda {
+    ($task:expr, $f:ty, $fused_by_default:expr) => {{
+        let device = burn::backend::cuda::CudaDevice::new(0);
+        if cuda_fusion($fused_by_default) {
+            probe_device::<burn::backend::Cuda<$f>>(&device, "CUDA")?;
+            $task.run::<burn::backend::Cuda<$f>>(device)
+        } else {
+            probe_device::<CudaUnfused<$f>>(&device, "CUDA")?;
+            $task.run::<CudaUnfused<$f>>(device)
+        }
+    }};
+}
+
 /// Runs `task` on the chosen backend and float type, or explains why it cannot.
 pub fn run_on<T: BackendTask>(kind: BackendKind, dtype: FloatType, task: T) -> Result<T::Output> {
     match (kind, dtype) {
@@ -100,17 +130,9 @@ pub fn run_on<T: BackendTask>(kind: BackendKind, dtype: FloatType, task: T) -> R
             "bf16 is not supported on the wgpu backend; use --dtype f32 or --backend cuda".into(),
         )),
         #[cfg(feature = "cuda")]
-        (BackendKind::Cuda, FloatType::F32) => {
-            let device = burn::backend::cuda::CudaDevice::new(0);
-            probe_device::<burn::backend::Cuda<f32>>(&device, "CUDA")?;
-            task.run::<burn::backend::Cuda<f32>>(device)
-        }
+        (BackendKind::Cuda, FloatType::F32) => run_cuda!(task, f32, true),
         #[cfg(feature = "cuda")]
-        (BackendKind::Cuda, FloatType::Bf16) => {
-            let device = burn::backend::cuda::CudaDevice::new(0);
-            probe_device::<burn::backend::Cuda<half::bf16>>(&device, "CUDA")?;
-            task.run::<burn::backend::Cuda<half::bf16>>(device)
-        }
+        (BackendKind::Cuda, FloatType::Bf16) => run_cuda!(task, half::bf16, false),
         #[allow(unreachable_patterns)]
         (kind, _) => Err(Error::Unsupported(format!(
             "this meft binary was built without the '{}' feature; rebuild with `cargo build --release --features {}`",
