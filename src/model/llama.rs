@@ -119,16 +119,8 @@ impl<B: Backend> RotaryEmbedding<B> {
     /// Rotates `[batch, heads, seq, head_dim]` for positions `start..start + seq`.
     pub fn apply(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
         let [_, _, seq, hd] = x.dims();
-        let cos = self
-            .cos
-            .clone()
-            .slice([start..start + seq])
-            .unsqueeze::<4>();
-        let sin = self
-            .sin
-            .clone()
-            .slice([start..start + seq])
-            .unsqueeze::<4>();
+        let cos = self.cos.clone().narrow(0, start, seq).unsqueeze::<4>();
+        let sin = self.sin.clone().narrow(0, start, seq).unsqueeze::<4>();
         let x1 = x.clone().narrow(3, 0, hd / 2);
         let x2 = x.clone().narrow(3, hd / 2, hd / 2);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);

@@ -82,12 +82,12 @@ impl GgufBuilder {
             out.extend(ty.to_le_bytes());
             out.extend(offset.to_le_bytes());
             data.extend(bytes);
-            while data.len() % 32 != 0 {
+            while !data.len().is_multiple_of(32) {
                 data.push(0);
             }
             offset = data.len() as u64;
         }
-        while out.len() % 32 != 0 {
+        while !out.len().is_multiple_of(32) {
             out.push(0);
         }
         out.extend(data);
