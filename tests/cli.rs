@@ -1,0 +1,95 @@
+//! The `meft` binary: bad input ends in a clear error and a non-zero exit, never a panic.
+
+mod common;
+
+use std::process::Command;
+
+fn meft(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_meft"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .unwrap();
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    (out.status.success(), text(out.stdout), text(out.stderr))
+}
+
+#[test]
+fn info_prints_the_config() {
+    let model = common::tinycoder();
+    let (ok, stdout, _) = meft(&["info", "--model", model.to_str().unwrap()]);
+    assert!(ok);
+    assert!(
+        stdout.contains("\"d_model\": 16") && stdout.contains("F16"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("meft-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let truncated = dir.join("truncated.gguf");
+    let bytes = std::fs::read(common::tinycoder()).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let tiny = common::tinycoder();
+    let smol = common::smollm2();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "generate",
+                "--model",
+                truncated.to_str().unwrap(),
+                "--prompt",
+                "x",
+            ],
+            "truncated",
+        ),
+        (
+            vec!["generate", "--model", "/nonexistent.gguf", "--prompt", "x"],
+            "cannot read GGUF file",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                tiny.to_str().unwrap(),
+                "--prompt",
+                "x",
+            ],
+            "tokenizer model 'llama' is not supported",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                smol.to_str().unwrap(),
+                "--prompt",
+                "x",
+                "--dtype",
+                "bf16",
+            ],
+            "bf16 is not available on the cpu",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                smol.to_str().unwrap(),
+                "--prompt",
+                "x",
+                "--max-tokens",
+                "9000",
+            ],
+            "context is 8192 tokens",
+        ),
+    ];
+    for (args, expected) in cases {
+        let (ok, _, stderr) = meft(&args);
+        assert!(!ok, "{args:?} should fail");
+        assert!(stderr.contains(expected), "{args:?}: stderr was {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
