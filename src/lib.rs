@@ -5,6 +5,8 @@
 //! model generic over burn backends ([`model`]), text generation ([`generate`]), and
 //! backend selection ([`backend`]).
 
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod bench;
 mod error;
