@@ -36,3 +36,36 @@ fn smollm2_says_paris() {
         ids.push(expected);
     }
 }
+
+#[test]
+fn cached_decoding_matches_full_causal_forward_across_cache_growth() {
+    use burn::tensor::{Int, Tensor, TensorData};
+    // 300 steps cross the cache's first capacity block (256 positions) and its regrowth.
+    let device = Default::default();
+    let gguf = GgufFile::open(common::tinycoder()).unwrap();
+    let (model, cfg) = Llama::<NdArray<f32>>::from_gguf(&gguf, &device).unwrap();
+    let prompt = [1u32, 450, 4996];
+    let out = generate(
+        &model,
+        &prompt,
+        300,
+        Sampling::Greedy,
+        None,
+        &device,
+        |_| {},
+    )
+    .unwrap();
+    let seq: Vec<i32> = prompt
+        .iter()
+        .chain(&out[..out.len() - 1])
+        .map(|&t| t as i32)
+        .collect();
+    let n = seq.len();
+    let tokens = Tensor::<NdArray<f32>, 2, Int>::from_data(TensorData::new(seq, [1, n]), &device);
+    let logits: Vec<f32> = model.forward(tokens, None).into_data().into_vec().unwrap();
+    for (i, &tok) in out.iter().enumerate() {
+        let pos = prompt.len() - 1 + i;
+        let row = &logits[pos * cfg.vocab_size..(pos + 1) * cfg.vocab_size];
+        assert_eq!(meft::generate::argmax(row), tok, "step {i}");
+    }
+}

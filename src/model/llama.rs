@@ -11,7 +11,7 @@ use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Distribution, Int, Tensor};
+use burn::tensor::{Bool, DType, Distribution, Int, Tensor, TensorData};
 
 use super::config::LlamaConfig;
 
@@ -128,10 +128,65 @@ impl<B: Backend> RotaryEmbedding<B> {
     }
 }
 
+/// Cache capacity grows in multiples of this many positions, so decoding steps reuse the
+/// same tensor shapes (GPU kernels are compiled per shape class) instead of growing by one.
+const CACHE_BLOCK: usize = 256;
+
+/// One layer's keys and values `[batch, kv_heads, capacity, head_dim]`; positions `len..`
+/// are unused and masked out of attention.
+#[derive(Debug, Clone)]
+pub struct LayerCache<B: Backend> {
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    len: usize,
+}
+
+impl<B: Backend> LayerCache<B> {
+    /// Writes `k`, `v` (`[batch, kv_heads, t, head_dim]`) after the cached positions, growing
+    /// the buffers when needed; returns the full buffers.
+    fn append(
+        slot: &mut Option<Self>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, h, t, hd] = k.dims();
+        let start = slot.as_ref().map_or(0, |c| c.len);
+        let need = start + t;
+        let cap = slot.as_ref().map_or(0, |c| c.k.dims()[2]);
+        let mut cache = match slot.take() {
+            Some(c) if cap >= need => c,
+            old => {
+                let new_cap = need.max(2 * cap).div_ceil(CACHE_BLOCK) * CACHE_BLOCK;
+                let device = k.device();
+                let mut grown = Self {
+                    k: Tensor::zeros([b, h, new_cap, hd], &device),
+                    v: Tensor::zeros([b, h, new_cap, hd], &device),
+                    len: start,
+                };
+                if let Some(old) = old.filter(|o| o.len > 0) {
+                    let keep = [0..b, 0..h, 0..old.len, 0..hd];
+                    grown.k = grown
+                        .k
+                        .slice_assign(keep.clone(), old.k.slice(keep.clone()));
+                    grown.v = grown.v.slice_assign(keep.clone(), old.v.slice(keep));
+                }
+                grown
+            }
+        };
+        let new = [0..b, 0..h, start..need, 0..hd];
+        cache.k = cache.k.slice_assign(new.clone(), k);
+        cache.v = cache.v.slice_assign(new, v);
+        cache.len = need;
+        let out = (cache.k.clone(), cache.v.clone());
+        *slot = Some(cache);
+        out
+    }
+}
+
 /// Keys and values of earlier positions, per layer, for incremental decoding.
 #[derive(Debug)]
 pub struct KvCache<B: Backend> {
-    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    layers: Vec<Option<LayerCache<B>>>,
 }
 
 impl<B: Backend> KvCache<B> {
@@ -146,7 +201,7 @@ impl<B: Backend> KvCache<B> {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dims()[2])
+            .map_or(0, |c| c.len)
     }
     /// Whether nothing is cached yet.
     pub fn is_empty(&self) -> bool {
@@ -177,7 +232,7 @@ impl<B: Backend> Attention<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RotaryEmbedding<B>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
         let hd = d / self.n_heads;
@@ -186,27 +241,44 @@ impl<B: Backend> Attention<B> {
         let k = heads(self.wk.forward(x.clone()), self.n_kv_heads);
         let v = heads(self.wv.forward(x), self.n_kv_heads);
 
-        let start = cache
-            .as_ref()
-            .and_then(|c| c.as_ref())
-            .map_or(0, |(k, _)| k.dims()[2]);
+        let start = cache.as_ref().and_then(|c| c.as_ref()).map_or(0, |c| c.len);
         let q = rope.apply(q, start);
-        let mut k = rope.apply(k, start);
-        let mut v = v;
-        if let Some(slot) = cache {
-            if let Some((k_past, v_past)) = slot.take() {
-                k = Tensor::cat(vec![k_past, k], 2);
-                v = Tensor::cat(vec![v_past, v], 2);
+        let k = rope.apply(k, start);
+        let out = match cache {
+            None => {
+                let opts = AttentionModuleOptions {
+                    scale: None,
+                    softcap: None,
+                    is_causal: true,
+                };
+                attention(q, self.repeat_kv(k), self.repeat_kv(v), None, None, opts)
             }
-            *slot = Some((k.clone(), v.clone()));
-        }
-        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
-        let opts = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: true,
+            Some(slot) => {
+                let (k, v) = LayerCache::append(slot, k, v);
+                let cap = k.dims()[2];
+                // Query i (absolute position start + i) sees keys 0..=start + i.
+                let mask: Vec<bool> = (0..t)
+                    .flat_map(|i| (0..cap).map(move |j| j > start + i))
+                    .collect();
+                let mask =
+                    Tensor::<B, 2, Bool>::from_data(TensorData::new(mask, [t, cap]), &q.device())
+                        .reshape([1, 1, t, cap])
+                        .expand([b, self.n_heads, t, cap]);
+                let opts = AttentionModuleOptions {
+                    scale: None,
+                    softcap: None,
+                    is_causal: false,
+                };
+                attention(
+                    q,
+                    self.repeat_kv(k),
+                    self.repeat_kv(v),
+                    Some(mask),
+                    None,
+                    opts,
+                )
+            }
         };
-        let out = attention(q, k, v, None, None, opts);
         self.wo.forward(out.swap_dims(1, 2).reshape([b, t, d]))
     }
 
@@ -242,7 +314,7 @@ impl<B: Backend> Block<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RotaryEmbedding<B>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let h = x.clone() + self.attn.forward(self.attn_norm.forward(x), rope, cache);
         h.clone() + self.ffn.forward(self.ffn_norm.forward(h))

@@ -6,5 +6,6 @@ mod load;
 
 pub use config::{ConfigError, LlamaConfig};
 pub use llama::{
-    Attention, Block, CausalLmBatch, FeedForward, KvCache, Llama, RmsNorm, RotaryEmbedding,
+    Attention, Block, CausalLmBatch, FeedForward, KvCache, LayerCache, Llama, RmsNorm,
+    RotaryEmbedding,
 };
