@@ -132,6 +132,29 @@ impl<B: Backend> RotaryEmbedding<B> {
 /// same tensor shapes (GPU kernels are compiled per shape class) instead of growing by one.
 const CACHE_BLOCK: usize = 256;
 
+/// Capacity a cache of capacity `cap` must have to hold `need` positions.
+fn grown_capacity(cap: usize, need: usize) -> usize {
+    if cap >= need {
+        cap
+    } else {
+        need.max(2 * cap).div_ceil(CACHE_BLOCK) * CACHE_BLOCK
+    }
+}
+
+/// The `[1, 1, t, cap]` attention mask of a decoding step: query `i` (absolute position
+/// `start + i`) sees keys `0..=start + i`; later and unused slots are masked (`true`).
+fn decode_mask<B: Backend>(
+    start: usize,
+    t: usize,
+    cap: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let mask: Vec<bool> = (0..t)
+        .flat_map(|i| (0..cap).map(move |j| j > start + i))
+        .collect();
+    Tensor::<B, 2, Bool>::from_data(TensorData::new(mask, [t, cap]), device).reshape([1, 1, t, cap])
+}
+
 /// One layer's keys and values `[batch, kv_heads, capacity, head_dim]`; positions `len..`
 /// are unused and masked out of attention.
 #[derive(Debug, Clone)]
@@ -156,7 +179,7 @@ impl<B: Backend> LayerCache<B> {
         let mut cache = match slot.take() {
             Some(c) if cap >= need => c,
             old => {
-                let new_cap = need.max(2 * cap).div_ceil(CACHE_BLOCK) * CACHE_BLOCK;
+                let new_cap = grown_capacity(cap, need);
                 let device = k.device();
                 let mut grown = Self {
                     k: Tensor::zeros([b, h, new_cap, hd], &device),
@@ -183,6 +206,9 @@ impl<B: Backend> LayerCache<B> {
     }
 }
 
+/// What one layer needs for a cached decoding step: its cache slot and the step's mask.
+pub type LayerStep<'a, B> = (&'a mut Option<LayerCache<B>>, &'a Tensor<B, 4, Bool>);
+
 /// Keys and values of earlier positions, per layer, for incremental decoding.
 #[derive(Debug)]
 pub struct KvCache<B: Backend> {
@@ -195,6 +221,13 @@ impl<B: Backend> KvCache<B> {
         Self {
             layers: (0..n_layers).map(|_| None).collect(),
         }
+    }
+    /// Positions the buffers hold before they must grow.
+    pub fn capacity(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |c| c.k.dims()[2])
     }
     /// Number of cached positions.
     pub fn len(&self) -> usize {
@@ -232,7 +265,7 @@ impl<B: Backend> Attention<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RotaryEmbedding<B>,
-        cache: Option<&mut Option<LayerCache<B>>>,
+        cache: Option<LayerStep<'_, B>>,
     ) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
         let hd = d / self.n_heads;
@@ -241,7 +274,10 @@ impl<B: Backend> Attention<B> {
         let k = heads(self.wk.forward(x.clone()), self.n_kv_heads);
         let v = heads(self.wv.forward(x), self.n_kv_heads);
 
-        let start = cache.as_ref().and_then(|c| c.as_ref()).map_or(0, |c| c.len);
+        let start = cache
+            .as_ref()
+            .and_then(|(c, _)| c.as_ref())
+            .map_or(0, |c| c.len);
         let q = rope.apply(q, start);
         let k = rope.apply(k, start);
         let out = match cache {
@@ -253,17 +289,9 @@ impl<B: Backend> Attention<B> {
                 };
                 attention(q, self.repeat_kv(k), self.repeat_kv(v), None, None, opts)
             }
-            Some(slot) => {
+            Some((slot, mask)) => {
                 let (k, v) = LayerCache::append(slot, k, v);
-                let cap = k.dims()[2];
-                // Query i (absolute position start + i) sees keys 0..=start + i.
-                let mask: Vec<bool> = (0..t)
-                    .flat_map(|i| (0..cap).map(move |j| j > start + i))
-                    .collect();
-                let mask =
-                    Tensor::<B, 2, Bool>::from_data(TensorData::new(mask, [t, cap]), &q.device())
-                        .reshape([1, 1, t, cap])
-                        .expand([b, self.n_heads, t, cap]);
+                let mask = mask.clone().expand([b, self.n_heads, t, k.dims()[2]]);
                 let opts = AttentionModuleOptions {
                     scale: None,
                     softcap: None,
@@ -314,7 +342,7 @@ impl<B: Backend> Block<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RotaryEmbedding<B>,
-        cache: Option<&mut Option<LayerCache<B>>>,
+        cache: Option<LayerStep<'_, B>>,
     ) -> Tensor<B, 3> {
         let h = x.clone() + self.attn.forward(self.attn_norm.forward(x), rope, cache);
         h.clone() + self.ffn.forward(self.ffn_norm.forward(h))
@@ -403,9 +431,18 @@ impl<B: Backend> Llama<B> {
         tokens: Tensor<B, 2, Int>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
+        let t = tokens.dims()[1];
+        // One mask per step, shared by every layer (their caches grow in step).
+        let mask = cache.as_deref().map(|c| {
+            let cap = grown_capacity(c.capacity(), c.len() + t);
+            decode_mask::<B>(c.len(), t, cap, &tokens.device())
+        });
         let mut x = self.embed.forward(tokens);
         for (i, block) in self.blocks.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let slot = cache
+                .as_deref_mut()
+                .map(|c| &mut c.layers[i])
+                .zip(mask.as_ref());
             x = block.forward(x, &self.rope, slot);
         }
         self.norm.forward(x)
