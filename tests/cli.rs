@@ -35,57 +35,37 @@ fn bad_inputs_are_clear_errors() {
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     let tiny = common::tinycoder();
     let smol = common::smollm2();
-    let cases: Vec<(Vec<&str>, &str)> = vec![
+    // `meft generate --model M --prompt x EXTRA...` and the message it must print.
+    let generate = |model: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "generate".to_string(),
+            "--model".into(),
+            model.display().to_string(),
+        ];
+        args.extend(["--prompt", "x"].iter().chain(extra).map(|a| a.to_string()));
+        args
+    };
+    let cases = [
+        (generate(&truncated, &[]), "truncated"),
         (
-            vec![
-                "generate",
-                "--model",
-                truncated.to_str().unwrap(),
-                "--prompt",
-                "x",
-            ],
-            "truncated",
-        ),
-        (
-            vec!["generate", "--model", "/nonexistent.gguf", "--prompt", "x"],
+            generate("/nonexistent.gguf".as_ref(), &[]),
             "cannot read GGUF file",
         ),
         (
-            vec![
-                "generate",
-                "--model",
-                tiny.to_str().unwrap(),
-                "--prompt",
-                "x",
-            ],
+            generate(&tiny, &[]),
             "tokenizer model 'llama' is not supported",
         ),
         (
-            vec![
-                "generate",
-                "--model",
-                smol.to_str().unwrap(),
-                "--prompt",
-                "x",
-                "--dtype",
-                "bf16",
-            ],
+            generate(&smol, &["--dtype", "bf16"]),
             "bf16 is not available on the cpu",
         ),
         (
-            vec![
-                "generate",
-                "--model",
-                smol.to_str().unwrap(),
-                "--prompt",
-                "x",
-                "--max-tokens",
-                "9000",
-            ],
+            generate(&smol, &["--max-tokens", "9000"]),
             "context is 8192 tokens",
         ),
     ];
     for (args, expected) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (ok, _, stderr) = meft(&args);
         assert!(!ok, "{args:?} should fail");
         assert!(stderr.contains(expected), "{args:?}: stderr was {stderr}");
