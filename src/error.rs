@@ -16,6 +16,12 @@ pub enum Error {
     /// A model config is inconsistent.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// An adapter config is inconsistent (with itself or with the model it wraps).
+    #[error("invalid adapter config: {0}")]
+    AdapterConfig(String),
+    /// The loss or a gradient is not finite.
+    #[error("non-finite value: {0}")]
+    NonFinite(String),
     /// The input is longer than the model's context.
     #[error("input needs {tokens} positions but the model's context is {max} tokens")]
     ContextTooLong {

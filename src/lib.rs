@@ -3,10 +3,12 @@
 //! This crate holds the pieces every method builds on: a strict GGUF reader
 //! ([`gguf`]), a tokenizer built from GGUF metadata ([`tokenizer`]), a LLaMA-family
 //! model generic over burn backends ([`model`]), text generation ([`generate`]), and
-//! backend selection ([`backend`]).
+//! backend selection ([`backend`]), and the adapters that fine-tune it ([`adapter`]): MEFT's
+//! sparse CPU-resident adapter and the dense-adapter and LoRA baselines.
 
 #![warn(missing_docs)]
 
+pub mod adapter;
 pub mod backend;
 pub mod bench;
 mod error;

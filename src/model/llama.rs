@@ -3,7 +3,8 @@
 //! Blocks are pre-norm: `h = x + Attn(RmsNorm(x))`, `y = h + Ffn(RmsNorm(h))`. Attention is
 //! grouped-query and causal, with rotary position embeddings in the "rotate-half" (NeoX/HF)
 //! form; the GGUF loader un-permutes llama.cpp's Q/K row order to match (see `load.rs`).
-//! The FFN is its own module ([`FeedForward`]): it is the seam where adapters attach.
+//! The FFN is its own module ([`FeedForward`]) inside an [`Ffn`] slot: the seam where adapters
+//! attach (see `crate::adapter`); every projection is a LoRA-adaptable [`Projection`].
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear};
@@ -14,6 +15,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Distribution, Int, Tensor, TensorData};
 
 use super::config::LlamaConfig;
+use crate::adapter::{DenseAdapterFfn, MeftFfn, Projection};
 
 /// Linear layer without bias, weight `[d_in, d_out]`.
 pub(crate) fn linear<B: Backend>(weight: Tensor<B, 2>) -> Linear<B> {
@@ -21,6 +23,11 @@ pub(crate) fn linear<B: Backend>(weight: Tensor<B, 2>) -> Linear<B> {
         weight: Param::from_tensor(weight),
         bias: None,
     }
+}
+
+/// A bias-free projection (LoRA-adaptable), weight `[d_in, d_out]`.
+pub(crate) fn proj<B: Backend>(weight: Tensor<B, 2>) -> Projection<B> {
+    Projection::new(linear(weight))
 }
 
 /// RMSNorm with the given scale.
@@ -71,11 +78,58 @@ pub(crate) fn silu_exact<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<
 #[derive(Module, Debug)]
 pub struct FeedForward<B: Backend> {
     /// Gate projection `[d, ffn]`.
-    pub gate: Linear<B>,
+    pub gate: Projection<B>,
     /// Up projection `[d, ffn]`.
-    pub up: Linear<B>,
+    pub up: Projection<B>,
     /// Down projection `[ffn, d]`.
-    pub down: Linear<B>,
+    pub down: Projection<B>,
+}
+
+impl<B: Backend> FeedForward<B> {
+    /// Model width d (the FFN's input width).
+    pub fn d_model(&self) -> usize {
+        self.gate.linear.weight.dims()[0]
+    }
+}
+
+/// The FFN slot of a block: the base FFN alone, or wrapped with an adapter.
+#[derive(Module, Debug)]
+pub enum Ffn<B: Backend> {
+    /// The base FFN.
+    Base(FeedForward<B>),
+    /// Base FFN + MEFT sparse adapter.
+    Meft(MeftFfn<B>),
+    /// Base FFN + dense parallel adapter.
+    Dense(DenseAdapterFfn<B>),
+}
+
+impl<B: Backend> Ffn<B> {
+    /// Applies the FFN (and its adapter) to `[batch, seq, d]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self {
+            Ffn::Base(f) => f.forward(x),
+            Ffn::Meft(f) => f.forward(x),
+            Ffn::Dense(f) => f.forward(x),
+        }
+    }
+
+    /// The base FFN inside.
+    pub fn base(&self) -> &FeedForward<B> {
+        match self {
+            Ffn::Base(f) => f,
+            Ffn::Meft(f) => &f.base,
+            Ffn::Dense(f) => &f.base,
+        }
+    }
+
+    /// Takes the base FFN out (dropping any adapter).
+    pub fn into_base(self) -> FeedForward<B> {
+        match self {
+            Ffn::Base(f) => f,
+            Ffn::Meft(f) => f.base,
+            Ffn::Dense(f) => f.base,
+        }
+    }
 }
 
 impl<B: Backend> FeedForward<B> {
@@ -246,13 +300,13 @@ impl<B: Backend> KvCache<B> {
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     /// Query projection `[d, n_heads · head_dim]`.
-    pub wq: Linear<B>,
+    pub wq: Projection<B>,
     /// Key projection `[d, n_kv_heads · head_dim]`.
-    pub wk: Linear<B>,
+    pub wk: Projection<B>,
     /// Value projection `[d, n_kv_heads · head_dim]`.
-    pub wv: Linear<B>,
+    pub wv: Projection<B>,
     /// Output projection `[n_heads · head_dim, d]`.
-    pub wo: Linear<B>,
+    pub wo: Projection<B>,
     /// Query heads.
     pub n_heads: usize,
     /// Key/value heads.
@@ -332,8 +386,8 @@ pub struct Block<B: Backend> {
     pub attn: Attention<B>,
     /// Norm before the FFN.
     pub ffn_norm: RmsNorm<B>,
-    /// The feed-forward network.
-    pub ffn: FeedForward<B>,
+    /// The feed-forward network (with its adapter, if any).
+    pub ffn: Ffn<B>,
 }
 
 impl<B: Backend> Block<B> {
@@ -393,19 +447,19 @@ impl<B: Backend> Llama<B> {
             .map(|_| Block {
                 attn_norm: rms_norm(ones(d), cfg.norm_eps),
                 attn: Attention {
-                    wq: linear(w(d, d)),
-                    wk: linear(w(d, kv)),
-                    wv: linear(w(d, kv)),
-                    wo: linear(w(d, d)),
+                    wq: proj(w(d, d)),
+                    wk: proj(w(d, kv)),
+                    wv: proj(w(d, kv)),
+                    wo: proj(w(d, d)),
                     n_heads: cfg.n_heads,
                     n_kv_heads: cfg.n_kv_heads,
                 },
                 ffn_norm: rms_norm(ones(d), cfg.norm_eps),
-                ffn: FeedForward {
-                    gate: linear(w(d, cfg.ffn_hidden)),
-                    up: linear(w(d, cfg.ffn_hidden)),
-                    down: linear(w(cfg.ffn_hidden, d)),
-                },
+                ffn: Ffn::Base(FeedForward {
+                    gate: proj(w(d, cfg.ffn_hidden)),
+                    up: proj(w(d, cfg.ffn_hidden)),
+                    down: proj(w(cfg.ffn_hidden, d)),
+                }),
             })
             .collect();
         let embed = w(cfg.vocab_size, d);

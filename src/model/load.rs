@@ -6,7 +6,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
 use super::config::LlamaConfig;
-use super::llama::{linear, rms_norm, Attention, Block, FeedForward, Llama, RotaryEmbedding};
+use super::llama::{linear, rms_norm, Attention, Block, FeedForward, Ffn, Llama, RotaryEmbedding};
+use crate::adapter::Projection;
 use crate::gguf::{GgufError, GgufFile};
 
 /// Uploads host data of the given shape to the device in the backend's float type.
@@ -15,10 +16,10 @@ fn upload<B: Backend, const D: usize>(
     shape: [usize; D],
     device: &B::Device,
 ) -> Tensor<B, D> {
-    Tensor::from_data(
-        TensorData::new(data, shape).convert::<B::FloatElem>(),
-        device,
-    )
+    // Explicit dtype: a device's default dtype is set by the first backend that touches it.
+    let data = TensorData::new(data, shape).convert::<B::FloatElem>();
+    let dtype = data.dtype;
+    Tensor::from_data(data, (device, dtype))
 }
 
 /// Transposes a row-major `[rows, cols]` matrix.
@@ -97,19 +98,19 @@ impl<B: Backend> Llama<B> {
             blocks.push(Block {
                 attn_norm: rms_norm(l.vector(&n("attn_norm"), d)?, cfg.norm_eps),
                 attn: Attention {
-                    wq: l.linear(&n("attn_q"), d, d, Some(cfg.n_heads))?,
-                    wk: l.linear(&n("attn_k"), d, kv, Some(cfg.n_kv_heads))?,
-                    wv: l.linear(&n("attn_v"), d, kv, None)?,
-                    wo: l.linear(&n("attn_output"), d, d, None)?,
+                    wq: Projection::new(l.linear(&n("attn_q"), d, d, Some(cfg.n_heads))?),
+                    wk: Projection::new(l.linear(&n("attn_k"), d, kv, Some(cfg.n_kv_heads))?),
+                    wv: Projection::new(l.linear(&n("attn_v"), d, kv, None)?),
+                    wo: Projection::new(l.linear(&n("attn_output"), d, d, None)?),
                     n_heads: cfg.n_heads,
                     n_kv_heads: cfg.n_kv_heads,
                 },
                 ffn_norm: rms_norm(l.vector(&n("ffn_norm"), d)?, cfg.norm_eps),
-                ffn: FeedForward {
-                    gate: l.linear(&n("ffn_gate"), d, cfg.ffn_hidden, None)?,
-                    up: l.linear(&n("ffn_up"), d, cfg.ffn_hidden, None)?,
-                    down: l.linear(&n("ffn_down"), cfg.ffn_hidden, d, None)?,
-                },
+                ffn: Ffn::Base(FeedForward {
+                    gate: Projection::new(l.linear(&n("ffn_gate"), d, cfg.ffn_hidden, None)?),
+                    up: Projection::new(l.linear(&n("ffn_up"), d, cfg.ffn_hidden, None)?),
+                    down: Projection::new(l.linear(&n("ffn_down"), cfg.ffn_hidden, d, None)?),
+                }),
             });
         }
         let embed = gguf.tensor_f32("token_embd.weight", &[cfg.vocab_size, d])?;

@@ -6,6 +6,6 @@ mod load;
 
 pub use config::{ConfigError, LlamaConfig};
 pub use llama::{
-    Attention, Block, CausalLmBatch, FeedForward, KvCache, LayerCache, LayerStep, Llama, RmsNorm,
-    RotaryEmbedding,
+    Attention, Block, CausalLmBatch, FeedForward, Ffn, KvCache, LayerCache, LayerStep, Llama,
+    RmsNorm, RotaryEmbedding,
 };

@@ -1,0 +1,347 @@
+//! [`MeftFfn`]: a frozen base FFN with the MEFT sparse adapter beside it, and
+//! [`SparseAdapter`], the adapter itself (usable beside any burn module).
+//!
+//! Per forward call (M tokens, width d, union U of active rows):
+//! 1. compute device: router scores `r = x·W_r` (`M × E`) and each token's top-P experts;
+//! 2. device → host: x, the chosen experts and their gates;
+//! 3. host: score the probed experts' neurons, top-K per token, union U ([`select_active`]);
+//! 4. host → device: the `|U| × 2d` rows `[k | v]` (a fresh leaf when training) and indices;
+//! 5. compute device: `y = relu(g ⊙ (x·K_Uᵀ)) ⊙ mask · V_U`, differentiable in x, the router
+//!    and the rows. After `backward`, [`SparseAdapter::collect_grads`] reads the rows'
+//!    gradients back and adds them to the store for the sparse optimizer.
+//!
+//! Step 5 is written with plain burn ops (it is the reference the cubecl kernels are tested
+//! against); its `M × |U|` score matrix is what the fused kernels remove.
+
+use std::any::Any;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::activation::relu;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{IndexingUpdateOp, Tensor, TensorData};
+
+use super::config::MeftConfig;
+use super::selection::{select_active, ActiveNeurons, Routing, SelectionRule};
+use super::store::AdapterStore;
+use crate::adapter::transfer::{int_to_device, int_to_host, to_device, to_host_f32, TransferStats};
+use crate::model::FeedForward;
+use crate::{Error, Result};
+
+/// Rows shipped for one forward call, kept until their gradients are collected.
+struct TapeEntry {
+    rows: Vec<u32>,
+    /// The device leaf, a `Tensor<B, 2>` of the autodiff backend used in the forward.
+    leaf: Box<dyn Any + Send>,
+}
+
+struct Shared {
+    config: MeftConfig,
+    layer: usize,
+    store: RwLock<AdapterStore>,
+    tape: Mutex<Vec<TapeEntry>>,
+    stats: Mutex<TransferStats>,
+    last_active: Mutex<Option<ActiveNeurons>>,
+}
+
+/// The host side of one layer's MEFT adapter: config, parameter store, the rows awaiting
+/// gradients, and traffic counters. Clones share the same store (it is the parameters).
+#[derive(Clone)]
+pub struct SparseAdapter {
+    inner: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SparseAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SparseAdapter")
+            .field("layer", &self.inner.layer)
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+fn poisoned<T>(_: T) -> Error {
+    Error::Other("meft: adapter state lock poisoned by an earlier panic".into())
+}
+
+impl SparseAdapter {
+    /// An adapter over `store` for layer `layer`; the config must match the store.
+    pub fn new(config: MeftConfig, layer: usize, store: AdapterStore) -> Result<Self> {
+        config.validate(store.d_model())?;
+        if store.neurons() != config.neurons {
+            return Err(Error::AdapterConfig(format!(
+                "meft: the store has {} neurons, the config {}",
+                store.neurons(),
+                config.neurons
+            )));
+        }
+        Ok(Self {
+            inner: Arc::new(Shared {
+                config,
+                layer,
+                store: RwLock::new(store),
+                tape: Mutex::new(Vec::new()),
+                stats: Mutex::new(TransferStats::default()),
+                last_active: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The adapter's config.
+    pub fn config(&self) -> &MeftConfig {
+        &self.inner.config
+    }
+
+    /// The model layer it belongs to.
+    pub fn layer(&self) -> usize {
+        self.inner.layer
+    }
+
+    /// Runs `f` with the store (read access).
+    pub fn with_store<R>(&self, f: impl FnOnce(&AdapterStore) -> R) -> Result<R> {
+        Ok(f(&*self.inner.store.read().map_err(poisoned)?))
+    }
+
+    /// Runs `f` with the store (write access).
+    pub fn with_store_mut<R>(&self, f: impl FnOnce(&mut AdapterStore) -> R) -> Result<R> {
+        Ok(f(&mut *self.inner.store.write().map_err(poisoned)?))
+    }
+
+    /// Traffic since the last [`SparseAdapter::reset_stats`].
+    pub fn stats(&self) -> TransferStats {
+        *self.inner.stats.lock().expect("stats lock")
+    }
+
+    /// Zeroes the traffic counters.
+    pub fn reset_stats(&self) {
+        *self.inner.stats.lock().expect("stats lock") = TransferStats::default();
+    }
+
+    /// The active neurons of the latest forward call.
+    pub fn last_active(&self) -> Option<ActiveNeurons> {
+        self.inner.last_active.lock().expect("active lock").clone()
+    }
+
+    /// Router weight `[d, E]` at init: row e = scale × mean of expert e's keys (a centroid).
+    pub fn router_init(&self) -> Vec<f32> {
+        let cfg = &self.inner.config;
+        let (e_count, size) = (cfg.expert_count(), cfg.expert_size());
+        let store = self.inner.store.read().expect("store lock");
+        let d = store.d_model();
+        let mut w = vec![0f32; d * e_count];
+        for e in 0..e_count {
+            let block = store.key_block(e * size, size);
+            let mean = block
+                .mean_axis(ndarray::Axis(0))
+                .expect("expert is not empty");
+            for (i, m) in mean.iter().enumerate() {
+                w[i * e_count + e] = (cfg.router_init_scale as f32) * m;
+            }
+        }
+        w
+    }
+
+    /// The adapter's output `[M, d]` for hidden states `x` `[M, d]`, routed by `router`.
+    pub fn forward<B: Backend>(&self, x: Tensor<B, 2>, router: &Linear<B>) -> Tensor<B, 2> {
+        let cfg = &self.inner.config;
+        let device = x.device();
+        let [m, d] = x.dims();
+        let training = B::ad_enabled(&device);
+        let dtype = x.dtype();
+        let mut st = TransferStats {
+            calls: 1,
+            ..Default::default()
+        };
+
+        let scores = router.forward(x.clone());
+        let (gates, experts) = scores
+            .clone()
+            .detach()
+            .topk_with_indices(cfg.experts_per_token, 1);
+        let (x_host, b) = to_host_f32(x.clone().detach(), &mut st.copy_secs);
+        st.hidden_to_host += b;
+        let (experts, b1) = int_to_host(experts, &mut st.copy_secs);
+        let (gates, b2) = to_host_f32(gates, &mut st.copy_secs);
+        st.routing_to_host += b1 + b2;
+
+        let rule = SelectionRule {
+            expert_size: cfg.expert_size(),
+            top_k: cfg.top_k,
+            router_gate: cfg.router_gate,
+            max_active: cfg.max_active_per_batch,
+        };
+        let routing = Routing {
+            experts: experts.iter().map(|&e| e as u32).collect(),
+            gates,
+            per_token: cfg.experts_per_token,
+        };
+        let store = self.inner.store.read().expect("store lock");
+        let start = Instant::now();
+        let active = select_active(&store, &x_host, &routing, &rule);
+        st.select_secs += start.elapsed().as_secs_f64();
+        let u = active.rows.len();
+        st.active_rows += u as u64;
+
+        let out = if u == 0 {
+            drop(store);
+            Tensor::zeros([m, d], (&device, dtype))
+        } else {
+            let start = Instant::now();
+            let rows_host = store.gather_rows(&active.rows);
+            drop(store);
+            st.gather_secs += start.elapsed().as_secs_f64();
+            let (mut rows, b) =
+                to_device::<B, 2>(rows_host, [u, 2 * d], &device, dtype, &mut st.copy_secs);
+            st.rows_to_device += b;
+            if training {
+                rows = rows.require_grad();
+                self.inner.tape.lock().expect("tape lock").push(TapeEntry {
+                    rows: active.rows.clone(),
+                    leaf: Box::new(rows.clone()),
+                });
+            }
+            let keys = rows.clone().slice([0..u, 0..d]);
+            let values = rows.slice([0..u, d..2 * d]);
+
+            let k = cfg.top_k;
+            let slots = active.slots.iter().map(|&s| s as i64).collect();
+            let (slots, b) = int_to_device::<B, 2>(slots, [m, k], &device, &mut st.copy_secs);
+            st.indices_to_device += b;
+            let ones = Tensor::ones([m, k], (&device, dtype));
+            let mask = Tensor::<B, 2>::zeros([m, u + 1], (&device, dtype))
+                .scatter(1, slots, ones, IndexingUpdateOp::Add)
+                .slice([0..m, 0..u]);
+
+            let mut pre = x.matmul(keys.transpose());
+            if cfg.router_gate {
+                let size = cfg.expert_size() as u32;
+                let ids = active.rows.iter().map(|&j| (j / size) as i64).collect();
+                let (ids, b) = int_to_device::<B, 1>(ids, [u], &device, &mut st.copy_secs);
+                st.indices_to_device += b;
+                pre = pre * scores.select(1, ids);
+            }
+            (relu(pre) * mask).matmul(values)
+        };
+        *self.inner.last_active.lock().expect("active lock") = Some(active);
+        self.inner.stats.lock().expect("stats lock").add(&st);
+        out
+    }
+
+    /// After `backward`, moves the gradients of every row shipped since the last call into the
+    /// store's pending gradients (summed per row). Returns the number of rows collected.
+    ///
+    /// Errors if a gradient is not finite (nothing is added then) or if the forward ran on a
+    /// different backend than `AB`.
+    pub fn collect_grads<AB: AutodiffBackend>(&self, grads: &AB::Gradients) -> Result<usize> {
+        let entries: Vec<TapeEntry> =
+            std::mem::take(&mut *self.inner.tape.lock().map_err(poisoned)?);
+        let mut st = TransferStats::default();
+        let mut collected = Vec::new();
+        for entry in entries {
+            let leaf = entry.leaf.downcast::<Tensor<AB, 2>>().map_err(|_| {
+                Error::Other(
+                    "meft: gradients collected on a different backend than the forward".into(),
+                )
+            })?;
+            let Some(grad) = leaf.grad(grads) else {
+                continue; // The output did not reach the loss: zero gradient, nothing to add.
+            };
+            let (g, b) = to_host_f32(grad, &mut st.copy_secs);
+            st.row_grads_to_host += b;
+            if let Some(i) = g.iter().position(|v| !v.is_finite()) {
+                let w = 2 * self.inner.store.read().map_err(poisoned)?.d_model();
+                return Err(Error::NonFinite(format!(
+                    "gradient of adapter row {} in layer {} is {}",
+                    entry.rows[i / w],
+                    self.inner.layer,
+                    g[i]
+                )));
+            }
+            collected.push((entry.rows, g));
+        }
+        let mut store = self.inner.store.write().map_err(poisoned)?;
+        let mut n = 0;
+        for (rows, g) in collected {
+            n += rows.len();
+            store.accumulate_grads(&rows, g)?;
+        }
+        self.inner.stats.lock().map_err(poisoned)?.add(&st);
+        Ok(n)
+    }
+
+    /// Drops rows shipped by forward calls whose gradients will not be collected (e.g. after
+    /// an evaluation pass on an autodiff backend).
+    pub fn clear_tape(&self) {
+        self.inner.tape.lock().expect("tape lock").clear();
+    }
+}
+
+/// A frozen base FFN plus the MEFT sparse adapter: `FFN(x) + V_Uᵀ relu(top-K scores)`.
+#[derive(Module, Debug)]
+pub struct MeftFfn<B: Backend> {
+    /// The base FFN (frozen).
+    pub base: FeedForward<B>,
+    /// Bias-free router `[d, E]` on the compute device (trainable).
+    pub router: Linear<B>,
+    /// Host side: store, selection, traffic counters.
+    #[module(skip)]
+    pub adapter: SparseAdapter,
+}
+
+impl<B: Backend> MeftFfn<B> {
+    /// Wraps `base` with a fresh adapter for layer `layer`: keys and values drawn per the
+    /// config (seed + layer), router rows at the experts' scaled centroids.
+    pub fn new(base: FeedForward<B>, config: &MeftConfig, layer: usize) -> Result<Self> {
+        let d = base.d_model();
+        config.validate(d)?;
+        let store = AdapterStore::init_random(
+            config.neurons,
+            d,
+            config.key_init_std,
+            config.value_init_std,
+            config.seed.wrapping_add(layer as u64),
+        );
+        Self::with_store(base, config.clone(), layer, store)
+    }
+
+    /// Wraps `base` with an adapter over an existing store (router at the centroids).
+    pub fn with_store(
+        base: FeedForward<B>,
+        config: MeftConfig,
+        layer: usize,
+        store: AdapterStore,
+    ) -> Result<Self> {
+        let d = base.d_model();
+        if store.d_model() != d {
+            return Err(Error::AdapterConfig(format!(
+                "meft: the store's width {} does not match the FFN's input width {d}",
+                store.d_model()
+            )));
+        }
+        let experts = config.expert_count();
+        let adapter = SparseAdapter::new(config, layer, store)?;
+        let device = base.gate.linear.weight.device();
+        // The base's dtype, not the device default (which the first backend on a device sets).
+        let dtype = base.gate.linear.weight.dtype();
+        let w = TensorData::new(adapter.router_init(), [d, experts]).convert_dtype(dtype);
+        let w = Tensor::from_data(w, (&device, dtype));
+        Ok(Self {
+            base,
+            router: Linear {
+                weight: Param::from_tensor(w),
+                bias: None,
+            },
+            adapter,
+        })
+    }
+
+    /// Applies base FFN and adapter to `[batch, seq, d]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, d] = x.dims();
+        let base = self.base.forward(x.clone());
+        let y = self.adapter.forward(x.reshape([b * t, d]), &self.router);
+        base + y.reshape([b, t, d])
+    }
+}

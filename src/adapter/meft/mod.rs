@@ -1,0 +1,21 @@
+//! MEFT (arXiv 2406.04984): a large key/value adapter beside each FFN whose parameters and
+//! optimizer state stay in host memory; a router on the compute device picks experts, the CPU
+//! scores only their neurons and ships the top-K rows per token.
+//!
+//! - [`config`]: sizes, routing, init ([`MeftConfig`]).
+//! - [`store`]: the host parameter store ([`AdapterStore`]).
+//! - [`selection`]: CPU scoring and top-K ([`select_active`]).
+//! - [`layer`]: the burn module ([`MeftFfn`]) and its host side ([`SparseAdapter`]).
+//! - [`optim`]: sparse AdamW on the touched rows ([`SparseAdamW`]).
+
+pub mod config;
+pub mod layer;
+pub mod optim;
+pub mod selection;
+pub mod store;
+
+pub use config::MeftConfig;
+pub use layer::{MeftFfn, SparseAdapter};
+pub use optim::{SparseAdamW, SparseStepStats};
+pub use selection::{select_active, ActiveNeurons, Routing, SelectionRule};
+pub use store::AdapterStore;

@@ -1,0 +1,286 @@
+//! Active-neuron selection on the CPU: score the probed experts' neurons, keep the top-K per
+//! token, form the batch's union of active rows (optionally capped by score).
+//!
+//! Scoring is grouped by expert: the tokens that probed expert e form a matrix X_e and one
+//! GEMM `X_e · K_eᵀ` scores all of them, so each key block is read once per call however many
+//! tokens probe it.
+
+use ndarray::{Array2, ArrayView2};
+use rayon::prelude::*;
+
+use super::store::AdapterStore;
+
+/// The router's choice per token: `experts[t·P + p]` with gate (router score) `gates[t·P + p]`.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// Probed experts per token (`tokens × P`).
+    pub experts: Vec<u32>,
+    /// Their router scores (`tokens × P`).
+    pub gates: Vec<f32>,
+    /// Experts probed per token (P).
+    pub per_token: usize,
+}
+
+/// How to select: expert size, K, gate on/off, optional batch cap.
+#[derive(Debug, Clone, Copy)]
+pub struct SelectionRule {
+    /// Neurons per expert.
+    pub expert_size: usize,
+    /// Active neurons per token (K).
+    pub top_k: usize,
+    /// Multiply neuron scores by the expert's router score.
+    pub router_gate: bool,
+    /// Cap on distinct active neurons per call.
+    pub max_active: Option<usize>,
+}
+
+/// The active neurons of one forward call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActiveNeurons {
+    /// Tokens in the call.
+    pub tokens: usize,
+    /// Slots per token (K).
+    pub top_k: usize,
+    /// Distinct active neurons, ascending: the rows shipped to the device.
+    pub rows: Vec<u32>,
+    /// Per token, K indices into `rows`; unused slots hold `rows.len()` (padding).
+    pub slots: Vec<u32>,
+    /// Neuron scores computed on the CPU (for the cost model: tokens × candidates).
+    pub scored: usize,
+    /// (token, neuron) pairs removed by the batch cap.
+    pub dropped_by_cap: usize,
+}
+
+impl ActiveNeurons {
+    /// The padding slot value.
+    pub fn pad(&self) -> u32 {
+        self.rows.len() as u32
+    }
+}
+
+/// Selects each token's top-K neurons among its probed experts and the batch's union.
+///
+/// A neuron's score is `g · (k_j · x_t)` (or `k_j · x_t` without the gate). Only neurons with a
+/// positive score are active: the rest are zeroed by the ReLU, contribute nothing to the output
+/// and receive zero gradient, so leaving them out is exact. Ties are broken towards the lower
+/// neuron index, so selection is deterministic.
+pub fn select_active(
+    store: &AdapterStore,
+    x: &[f32],
+    routing: &Routing,
+    rule: &SelectionRule,
+) -> ActiveNeurons {
+    let d = store.d_model();
+    let tokens = x.len() / d;
+    let p = routing.per_token;
+    let size = rule.expert_size;
+    let experts = store.neurons() / size;
+
+    // Invert the routing: for each expert, the (token, probe slot) pairs that chose it.
+    let mut count = vec![0usize; experts + 1];
+    for &e in &routing.experts {
+        count[e as usize + 1] += 1;
+    }
+    for e in 0..experts {
+        count[e + 1] += count[e];
+    }
+    let offsets = count.clone();
+    let mut users = vec![0u32; routing.experts.len()];
+    let mut rank_in_expert = vec![0u32; routing.experts.len()];
+    for (i, &e) in routing.experts.iter().enumerate() {
+        let e = e as usize;
+        rank_in_expert[i] = (count[e] - offsets[e]) as u32;
+        users[count[e]] = (i / p) as u32;
+        count[e] += 1;
+    }
+
+    // One GEMM per probed expert: its users' hidden states × its keys.
+    let xs = ArrayView2::from_shape((tokens, d), x).expect("x is tokens × d");
+    let block_scores: Vec<Array2<f32>> = (0..experts)
+        .into_par_iter()
+        .map(|e| {
+            let who = &users[offsets[e]..offsets[e + 1]];
+            if who.is_empty() {
+                return Array2::zeros((0, size));
+            }
+            let xe = xs.select(
+                ndarray::Axis(0),
+                &who.iter().map(|&t| t as usize).collect::<Vec<_>>(),
+            );
+            xe.dot(&store.key_block(e * size, size).t())
+        })
+        .collect();
+
+    // Per token: gather candidates, keep the top-K positive scores.
+    let per_token: Vec<Vec<(u32, f32)>> = (0..tokens)
+        .into_par_iter()
+        .map(|t| {
+            let mut cand = Vec::with_capacity(p * size);
+            for slot in t * p..(t + 1) * p {
+                let e = routing.experts[slot] as usize;
+                let gate = if rule.router_gate {
+                    routing.gates[slot]
+                } else {
+                    1.0
+                };
+                let row = block_scores[e].row(rank_in_expert[slot] as usize);
+                for (i, &s) in row.iter().enumerate() {
+                    cand.push(((e * size + i) as u32, gate * s));
+                }
+            }
+            top_k_positive(cand, rule.top_k)
+        })
+        .collect();
+
+    let mut rows: Vec<u32> = per_token.iter().flatten().map(|&(j, _)| j).collect();
+    rows.par_sort_unstable();
+    rows.dedup();
+
+    let mut per_token = per_token;
+    let mut dropped_by_cap = 0;
+    if let Some(cap) = rule.max_active.filter(|&c| rows.len() > c) {
+        // A row's priority is its best score in the batch; keep the `cap` best rows.
+        let mut best = vec![f32::NEG_INFINITY; rows.len()];
+        for &(j, s) in per_token.iter().flatten() {
+            let i = rows.binary_search(&j).expect("row is in the union");
+            best[i] = best[i].max(s);
+        }
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_unstable_by(|&a, &b| best[b].total_cmp(&best[a]).then(rows[a].cmp(&rows[b])));
+        let mut kept: Vec<u32> = order[..cap].iter().map(|&i| rows[i]).collect();
+        kept.sort_unstable();
+        for list in per_token.iter_mut() {
+            let before = list.len();
+            list.retain(|(j, _)| kept.binary_search(j).is_ok());
+            dropped_by_cap += before - list.len();
+        }
+        rows = kept;
+    }
+
+    let k = rule.top_k;
+    let pad = rows.len() as u32;
+    let mut slots = vec![pad; tokens * k];
+    slots
+        .par_chunks_mut(k)
+        .zip(per_token.par_iter())
+        .for_each(|(dst, list)| {
+            for (slot, (j, _)) in dst.iter_mut().zip(list) {
+                *slot = rows.binary_search(j).expect("row is in the union") as u32;
+            }
+        });
+    ActiveNeurons {
+        tokens,
+        top_k: k,
+        rows,
+        slots,
+        scored: tokens * p * size,
+        dropped_by_cap,
+    }
+}
+
+/// The `k` highest-scoring candidates with a positive score (ties: lower index first).
+fn top_k_positive(mut cand: Vec<(u32, f32)>, k: usize) -> Vec<(u32, f32)> {
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if cand.len() > k {
+        cand.select_nth_unstable_by(k - 1, order);
+        cand.truncate(k);
+    }
+    cand.retain(|&(_, s)| s > 0.0);
+    cand.sort_unstable_by(order);
+    cand
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Brute force over all neurons of the probed experts.
+    fn brute(
+        store: &AdapterStore,
+        x: &[f32],
+        r: &Routing,
+        rule: &SelectionRule,
+    ) -> Vec<Vec<(u32, f32)>> {
+        let d = store.d_model();
+        (0..x.len() / d)
+            .map(|t| {
+                let xt = &x[t * d..][..d];
+                let mut c = Vec::new();
+                for s in t * r.per_token..(t + 1) * r.per_token {
+                    let e = r.experts[s] as usize;
+                    for j in e * rule.expert_size..(e + 1) * rule.expert_size {
+                        let dot: f32 = store.key(j).iter().zip(xt).map(|(a, b)| a * b).sum();
+                        let g = if rule.router_gate { r.gates[s] } else { 1.0 };
+                        c.push((j as u32, g * dot));
+                    }
+                }
+                let mut top = top_k_positive(c, rule.top_k);
+                top.sort_by_key(|&(j, _)| j);
+                top
+            })
+            .collect()
+    }
+
+    #[test]
+    fn grouped_scoring_matches_brute_force_and_cap_keeps_best() {
+        let (n, d, tokens) = (48, 6, 9);
+        let store = AdapterStore::init_random(n, d, 1.0, 1.0, 3);
+        let x: Vec<f32> = (0..tokens * d)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let routing = Routing {
+            experts: (0..tokens * 2)
+                .map(|i| ((i * 5 + i / 2) % 8) as u32)
+                .collect(),
+            gates: (0..tokens * 2)
+                .map(|i| if i % 3 == 0 { -0.5 } else { 1.5 })
+                .collect(),
+            per_token: 2,
+        };
+        for gate in [false, true] {
+            let rule = SelectionRule {
+                expert_size: 6,
+                top_k: 4,
+                router_gate: gate,
+                max_active: None,
+            };
+            let a = select_active(&store, &x, &routing, &rule);
+            let want = brute(&store, &x, &routing, &rule);
+            for (t, w) in want.iter().enumerate() {
+                let mut got: Vec<u32> = a.slots[t * 4..][..4]
+                    .iter()
+                    .filter(|&&s| s != a.pad())
+                    .map(|&s| a.rows[s as usize])
+                    .collect();
+                got.sort();
+                let w: Vec<u32> = w.iter().map(|&(j, _)| j).collect();
+                assert_eq!(got, w, "token {t}, gate {gate}");
+            }
+            // Best batch-wide score per row: the cap must keep the highest ones.
+            let mut best = std::collections::BTreeMap::<u32, f32>::new();
+            for &(j, s) in want.iter().flatten() {
+                let b = best.entry(j).or_insert(f32::MIN);
+                *b = b.max(s);
+            }
+            let capped = select_active(
+                &store,
+                &x,
+                &routing,
+                &SelectionRule {
+                    max_active: Some(5),
+                    ..rule
+                },
+            );
+            assert_eq!(capped.rows.len(), 5.min(a.rows.len()));
+            assert!(capped.rows.iter().all(|j| a.rows.contains(j)));
+            let kept_min = capped.rows.iter().map(|j| best[j]).fold(f32::MAX, f32::min);
+            let dropped_max = best
+                .iter()
+                .filter(|(j, _)| !capped.rows.contains(j))
+                .map(|(_, &s)| s)
+                .fold(f32::MIN, f32::max);
+            assert!(kept_min >= dropped_max, "cap dropped by index, not score");
+            assert!(capped.dropped_by_cap > 0);
+        }
+    }
+}
