@@ -149,3 +149,20 @@ fn feature_name(kind: BackendKind) -> &'static str {
         BackendKind::Cuda => "cuda",
     }
 }
+
+/// Bytes the CUDA memory pool of device 0 has in use and reserved (cubecl's own accounting;
+/// the pool keeps freed pages, so "reserved" is the high-water mark of the process). `None`
+/// in builds without CUDA. Only call it on runs that use CUDA: it initialises the device.
+pub fn cuda_memory() -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    {
+        use cubecl::Runtime;
+        let client = cubecl::cuda::CudaRuntime::client(&burn::backend::cuda::CudaDevice::new(0));
+        client
+            .memory_usage()
+            .ok()
+            .map(|u| (u.bytes_in_use, u.bytes_reserved))
+    }
+    #[cfg(not(feature = "cuda"))]
+    None
+}

@@ -8,8 +8,11 @@ use anyhow::Context;
 use burn::tensor::backend::Backend;
 use clap::{Args, Parser, Subcommand};
 
+use meft::adapter::MeftConfig;
 use meft::backend::{run_on, BackendKind, BackendTask, FloatType};
-use meft::bench::{ModelBench, ModelBenchResult, Preset};
+use meft::bench::{
+    AdapterBench, AdapterBenchResult, AdapterMethod, ModelBench, ModelBenchResult, Preset,
+};
 use meft::generate::{generate, Sampling};
 use meft::gguf::GgufFile;
 use meft::model::{Llama, LlamaConfig};
@@ -99,6 +102,51 @@ enum BenchCommand {
         iters: usize,
         /// Where to write the JSON results.
         #[arg(long, default_value = "bench-model.json")]
+        out: PathBuf,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// One FFN layer with an adapter: a full training step, MEFT (host store) and/or the dense
+    /// on-device adapter of the same N, side by side (random weights).
+    Adapter {
+        /// Which adapters to measure, in order.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "meft,dense")]
+        methods: Vec<AdapterMethod>,
+        /// Model width d (LLaMA-7B: 4096).
+        #[arg(long, default_value_t = 4096)]
+        d_model: usize,
+        /// Base FFN hidden size (LLaMA-7B: 11008).
+        #[arg(long, default_value_t = 11008)]
+        ffn_hidden: usize,
+        /// Adapter neurons N.
+        #[arg(long, default_value_t = 65536)]
+        neurons: usize,
+        /// Active neurons per token K.
+        #[arg(long, default_value_t = 64)]
+        top_k: usize,
+        /// Experts E (default 4·sqrt(N)).
+        #[arg(long)]
+        experts: Option<usize>,
+        /// Experts probed per token.
+        #[arg(long, default_value_t = 8)]
+        experts_per_token: usize,
+        /// Cap on distinct active neurons per step.
+        #[arg(long)]
+        max_active: Option<usize>,
+        /// Sequences per batch.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        /// Untimed steps.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Where to write the JSON results.
+        #[arg(long, default_value = "bench-adapter.json")]
         out: PathBuf,
         #[command(flatten)]
         device: DeviceArgs,
@@ -237,6 +285,51 @@ fn main() -> anyhow::Result<()> {
             std::fs::write(&out, serde_json::to_string_pretty(&result)?)
                 .with_context(|| format!("writing {}", out.display()))?;
             print!("{}", ModelBenchResult::table(&[result]));
+        }
+        Command::Bench(BenchCommand::Adapter {
+            methods,
+            d_model,
+            ffn_hidden,
+            neurons,
+            top_k,
+            experts,
+            experts_per_token,
+            max_active,
+            batch,
+            seq,
+            warmup,
+            iters,
+            out,
+            device,
+        }) => {
+            let meft = MeftConfig {
+                experts,
+                experts_per_token,
+                top_k,
+                max_active_per_batch: max_active,
+                ..MeftConfig::new(neurons)
+            };
+            let mut results = Vec::new();
+            for method in methods {
+                let label = format!("burn {:?} {:?}", device.backend, device.dtype).to_lowercase();
+                let bench = AdapterBench {
+                    method,
+                    d_model,
+                    ffn_hidden,
+                    meft: meft.clone(),
+                    batch,
+                    seq,
+                    warmup,
+                    iters,
+                    cuda: device.backend == BackendKind::Cuda,
+                    label,
+                };
+                results.push(run_on(device.backend, device.dtype, bench)?);
+                // Write after each method, so a later failure keeps what was measured.
+                std::fs::write(&out, serde_json::to_string_pretty(&results)?)
+                    .with_context(|| format!("writing {}", out.display()))?;
+            }
+            print!("{}", AdapterBenchResult::table(&results));
         }
     }
     Ok(())

@@ -28,8 +28,13 @@ pub struct TransferStats {
     pub row_grads_to_host: u64,
     /// Active rows sent (count, summed over calls).
     pub active_rows: u64,
-    /// Seconds spent in copies (including waiting for the device to produce the data).
-    pub copy_secs: f64,
+    /// Seconds reading hidden states and routing back (includes waiting for the device to
+    /// produce them).
+    pub readback_secs: f64,
+    /// Seconds creating the rows and indices on the device.
+    pub upload_secs: f64,
+    /// Seconds reading row gradients back.
+    pub grads_secs: f64,
     /// Seconds spent scoring and selecting on the CPU.
     pub select_secs: f64,
     /// Seconds spent gathering rows on the CPU.
@@ -56,7 +61,9 @@ impl TransferStats {
         self.indices_to_device += other.indices_to_device;
         self.row_grads_to_host += other.row_grads_to_host;
         self.active_rows += other.active_rows;
-        self.copy_secs += other.copy_secs;
+        self.readback_secs += other.readback_secs;
+        self.upload_secs += other.upload_secs;
+        self.grads_secs += other.grads_secs;
         self.select_secs += other.select_secs;
         self.gather_secs += other.gather_secs;
     }
@@ -72,7 +79,10 @@ pub fn to_device<B: Backend, const D: usize>(
     secs: &mut f64,
 ) -> (Tensor<B, D>, u64) {
     let start = Instant::now();
-    let data = TensorData::new(data, shape).convert_dtype(dtype);
+    let mut data = TensorData::new(data, shape);
+    if data.dtype != dtype {
+        data = data.convert_dtype(dtype);
+    }
     let t = Tensor::<B, D>::from_data(data, (device, dtype));
     *secs += start.elapsed().as_secs_f64();
     let bytes = (shape.iter().product::<usize>() * t.dtype().size()) as u64;
@@ -99,11 +109,11 @@ pub fn int_to_device<B: Backend, const D: usize>(
 pub fn to_host_f32<B: Backend, const D: usize>(t: Tensor<B, D>, secs: &mut f64) -> (Vec<f32>, u64) {
     let start = Instant::now();
     let bytes = (t.shape().num_elements() * t.dtype().size()) as u64;
-    let data = t.into_data();
-    let out = data
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .expect("converted to f32");
+    let mut data = t.into_data();
+    if data.dtype != DType::F32 {
+        data = data.convert::<f32>();
+    }
+    let out = data.into_vec::<f32>().expect("converted to f32");
     *secs += start.elapsed().as_secs_f64();
     (out, bytes)
 }

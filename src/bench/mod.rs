@@ -1,5 +1,7 @@
 //! Benchmarks behind `meft bench`. Each writes JSON and prints a Markdown table.
 
+mod adapter;
 mod model;
 
+pub use adapter::{AdapterBench, AdapterBenchResult, AdapterMethod};
 pub use model::{ModelBench, ModelBenchResult, Preset};

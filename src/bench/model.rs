@@ -71,13 +71,13 @@ pub struct ModelBenchResult {
     pub train_runs_ms: Vec<f64>,
 }
 
-fn median(xs: &[f64]) -> f64 {
+pub(crate) fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
-fn sync<B: Backend>(device: &B::Device) -> Result<()> {
+pub(crate) fn sync<B: Backend>(device: &B::Device) -> Result<()> {
     B::sync(device).map_err(|e| Error::Other(format!("device sync failed: {e:?}")))
 }
 
@@ -97,7 +97,7 @@ fn random_tokens<B: Backend>(
 
 /// Times `step` `warmup + iters` times, syncing the device around each timed call.
 /// Warm-up times go to stderr: on GPU backends they show kernel compilation and autotuning.
-fn time<B: Backend>(
+pub(crate) fn time<B: Backend>(
     device: &B::Device,
     what: &str,
     warmup: usize,

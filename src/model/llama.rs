@@ -86,6 +86,24 @@ pub struct FeedForward<B: Backend> {
 }
 
 impl<B: Backend> FeedForward<B> {
+    /// Random N(0, 0.02) weights at width `d` and hidden size `hidden`, frozen (for speed and
+    /// memory work, where the values do not matter).
+    pub fn init_random(d: usize, hidden: usize, device: &B::Device) -> Self {
+        let w = |rows: usize, cols: usize| {
+            proj(Tensor::<B, 2>::random(
+                [rows, cols],
+                Distribution::Normal(0.0, 0.02),
+                device,
+            ))
+        };
+        Self {
+            gate: w(d, hidden),
+            up: w(d, hidden),
+            down: w(hidden, d),
+        }
+        .no_grad()
+    }
+
     /// Model width d (the FFN's input width).
     pub fn d_model(&self) -> usize {
         self.gate.linear.weight.dims()[0]

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use burn::module::{Module, Param};
+use rayon::prelude::*;
 use burn::nn::Linear;
 use burn::tensor::activation::relu;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -160,10 +161,10 @@ impl SparseAdapter {
             .clone()
             .detach()
             .topk_with_indices(cfg.experts_per_token, 1);
-        let (x_host, b) = to_host_f32(x.clone().detach(), &mut st.copy_secs);
+        let (x_host, b) = to_host_f32(x.clone().detach(), &mut st.readback_secs);
         st.hidden_to_host += b;
-        let (experts, b1) = int_to_host(experts, &mut st.copy_secs);
-        let (gates, b2) = to_host_f32(gates, &mut st.copy_secs);
+        let (experts, b1) = int_to_host(experts, &mut st.readback_secs);
+        let (gates, b2) = to_host_f32(gates, &mut st.readback_secs);
         st.routing_to_host += b1 + b2;
 
         let rule = SelectionRule {
@@ -193,7 +194,7 @@ impl SparseAdapter {
             drop(store);
             st.gather_secs += start.elapsed().as_secs_f64();
             let (mut rows, b) =
-                to_device::<B, 2>(rows_host, [u, 2 * d], &device, dtype, &mut st.copy_secs);
+                to_device::<B, 2>(rows_host, [u, 2 * d], &device, dtype, &mut st.upload_secs);
             st.rows_to_device += b;
             if training {
                 rows = rows.require_grad();
@@ -207,7 +208,7 @@ impl SparseAdapter {
 
             let k = cfg.top_k;
             let slots = active.slots.iter().map(|&s| s as i64).collect();
-            let (slots, b) = int_to_device::<B, 2>(slots, [m, k], &device, &mut st.copy_secs);
+            let (slots, b) = int_to_device::<B, 2>(slots, [m, k], &device, &mut st.upload_secs);
             st.indices_to_device += b;
             let ones = Tensor::ones([m, k], (&device, dtype));
             let mask = Tensor::<B, 2>::zeros([m, u + 1], (&device, dtype))
@@ -218,7 +219,7 @@ impl SparseAdapter {
             if cfg.router_gate {
                 let size = cfg.expert_size() as u32;
                 let ids = active.rows.iter().map(|&j| (j / size) as i64).collect();
-                let (ids, b) = int_to_device::<B, 1>(ids, [u], &device, &mut st.copy_secs);
+                let (ids, b) = int_to_device::<B, 1>(ids, [u], &device, &mut st.upload_secs);
                 st.indices_to_device += b;
                 pre = pre * scores.select(1, ids);
             }
@@ -248,9 +249,9 @@ impl SparseAdapter {
             let Some(grad) = leaf.grad(grads) else {
                 continue; // The output did not reach the loss: zero gradient, nothing to add.
             };
-            let (g, b) = to_host_f32(grad, &mut st.copy_secs);
+            let (g, b) = to_host_f32(grad, &mut st.grads_secs);
             st.row_grads_to_host += b;
-            if let Some(i) = g.iter().position(|v| !v.is_finite()) {
+            if let Some(i) = g.par_iter().position_any(|v| !v.is_finite()) {
                 let w = 2 * self.inner.store.read().map_err(poisoned)?.d_model();
                 return Err(Error::NonFinite(format!(
                     "gradient of adapter row {} in layer {} is {}",
