@@ -18,11 +18,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use burn::module::{Module, Param};
-use rayon::prelude::*;
 use burn::nn::Linear;
 use burn::tensor::activation::relu;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{IndexingUpdateOp, Tensor, TensorData};
+use rayon::prelude::*;
 
 use super::config::MeftConfig;
 use super::selection::{select_active, ActiveNeurons, Routing, SelectionRule};

@@ -116,14 +116,13 @@ pub fn select_active(
         .into_par_iter()
         .map(|t| {
             let mut cand = Vec::with_capacity(p * size);
-            for slot in t * p..(t + 1) * p {
-                let e = routing.experts[slot] as usize;
-                let gate = if rule.router_gate {
-                    routing.gates[slot]
-                } else {
-                    1.0
-                };
-                let row = block_scores[e].row(rank_in_expert[slot] as usize);
+            let probes = t * p..(t + 1) * p;
+            let chosen = routing.experts[probes.clone()].iter();
+            let gates = routing.gates[probes.clone()].iter();
+            for ((&e, &g), &rank) in chosen.zip(gates).zip(&rank_in_expert[probes]) {
+                let e = e as usize;
+                let gate = if rule.router_gate { g } else { 1.0 };
+                let row = block_scores[e].row(rank as usize);
                 for (i, &s) in row.iter().enumerate() {
                     cand.push(((e * size + i) as u32, gate * s));
                 }
