@@ -586,3 +586,62 @@ fn sparse_training_lowers_the_loss() {
     let (first, last) = (losses[0], *losses.last().unwrap());
     assert!(last < first - 0.2, "loss {first} -> {last}: {losses:?}");
 }
+
+#[test]
+fn training_and_inference_select_the_same_neurons() {
+    let (b, t, d, n) = (2, 6, 8, 256);
+    let cfg = MeftConfig {
+        experts_per_token: 3,
+        top_k: 8,
+        ..MeftConfig::new(n)
+    };
+    let store = AdapterStore::init_random(n, d, 0.5, 0.5, 21);
+    let layer = MeftFfn::<B>::with_store(ffn(d, 16, 22), cfg, 0, store).unwrap();
+    let xv = randn(b * t * d, 1.0, 23);
+    let train = layer.forward(tensor::<B, 3>(xv.clone(), [b, t, d]).require_grad());
+    let train_active = layer.adapter.last_active().unwrap();
+    layer.adapter.clear_tape();
+    let eval = layer.valid();
+    let infer = eval.forward(tensor::<NdArray<f32>, 3>(xv, [b, t, d]));
+    assert_eq!(layer.adapter.last_active().unwrap(), train_active);
+    assert_eq!(floats(train.inner()), floats(infer));
+}
+
+#[test]
+fn wrapping_a_subset_of_layers() {
+    let model = Llama::<B>::init_random(&tiny(), &Default::default());
+    let cfg = AdapterConfig::Meft(MeftConfig {
+        experts_per_token: 2,
+        top_k: 4,
+        ..MeftConfig::new(64)
+    });
+    let (model, adapters) = wrap(model, &cfg, &Layers::Only(vec![1])).unwrap();
+    assert!(matches!(model.blocks[0].ffn, Ffn::Base(_)));
+    assert!(matches!(model.blocks[1].ffn, Ffn::Meft(_)));
+    assert_eq!(adapters.sparse.len(), 1);
+    assert_eq!(adapters.sparse[0].layer(), 1);
+    let e = wrap(model, &cfg, &Layers::Only(vec![1])).unwrap_err();
+    assert!(e.to_string().contains("already has an adapter"), "{e}");
+}
+
+#[test]
+fn non_finite_gradients_are_refused_and_nothing_is_added() {
+    let (b, t, d, n) = (1, 4, 8, 64);
+    let cfg = MeftConfig {
+        experts: Some(8),
+        experts_per_token: 2,
+        top_k: 4,
+        ..MeftConfig::new(n)
+    };
+    let store = AdapterStore::init_random(n, d, 0.5, 0.5, 31);
+    let layer = MeftFfn::<B>::with_store(ffn(d, 16, 32), cfg, 3, store).unwrap();
+    let y = layer.forward(tensor::<B, 3>(randn(b * t * d, 1.0, 33), [b, t, d]));
+    let grads = (y * f32::NAN).sum().backward();
+    let e = layer.adapter.collect_grads::<B>(&grads).unwrap_err();
+    assert!(e.to_string().contains("layer 3"), "{e}");
+    let pending = layer
+        .adapter
+        .with_store(|s| s.pending_rows().len())
+        .unwrap();
+    assert_eq!(pending, 0);
+}

@@ -187,6 +187,8 @@ mod tests {
         c.experts_per_token = 1;
         c.top_k = 9;
         assert!(c.validate(8).unwrap_err().to_string().contains("probed"));
-        assert!(MeftConfig::new(64).validate(8).is_ok());
+        assert!(MeftConfig::new(4096).validate(8).is_ok());
+        // 32 experts of 2 neurons, 8 probed: 16 candidates cannot fill K = 64.
+        assert!(MeftConfig::new(64).validate(8).is_err());
     }
 }
