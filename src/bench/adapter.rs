@@ -87,6 +87,10 @@ pub struct AdapterBenchResult {
     pub collect_ms: f64,
     /// Optimizer step(s), ms.
     pub optimizer_ms: f64,
+    /// Of the optimizer: sparse AdamW over the touched rows on the CPU, ms (MEFT).
+    pub sparse_adamw_ms: f64,
+    /// Sparse AdamW cost per touched row (2·d floats), ns (MEFT).
+    pub sparse_adamw_ns_per_row: f64,
     /// Of the forward: CPU scoring + top-K, ms (MEFT).
     pub select_ms: f64,
     /// Of the forward: CPU row gather, ms (MEFT).
@@ -122,6 +126,8 @@ struct Phases {
     backward: Vec<f64>,
     collect: Vec<f64>,
     optimizer: Vec<f64>,
+    sparse: Vec<f64>,
+    sparse_rows: usize,
     step: Vec<f64>,
 }
 
@@ -161,6 +167,8 @@ impl BackendTask for AdapterBench {
             backward_ms: 0.0,
             collect_ms: 0.0,
             optimizer_ms: 0.0,
+            sparse_adamw_ms: 0.0,
+            sparse_adamw_ns_per_row: 0.0,
             select_ms: 0.0,
             gather_ms: 0.0,
             readback_ms: 0.0,
@@ -218,7 +226,7 @@ impl BackendTask for AdapterBench {
                     let s3 = Instant::now();
                     let gp = GradientsParams::from_grads(grads, &layer);
                     layer = router_opt.step(1e-4, layer, gp);
-                    sparse.step(std::slice::from_ref(&adapter))?;
+                    let sp = sparse.step(std::slice::from_ref(&adapter))?;
                     sync::<AB<B>>(&device)?;
                     let o = ms(s3);
                     if timed {
@@ -226,6 +234,8 @@ impl BackendTask for AdapterBench {
                         ph.backward.push(bw);
                         ph.collect.push(c);
                         ph.optimizer.push(o);
+                        ph.sparse.push(sp.secs * 1e3);
+                        ph.sparse_rows += sp.rows;
                         ph.step.push(ms(s0));
                     } else {
                         eprintln!("meft: warm-up step {i} took {:.0} ms", ms(s0));
@@ -239,6 +249,9 @@ impl BackendTask for AdapterBench {
                 result.upload_ms = st.upload_secs * 1e3 / k;
                 result.grads_read_ms = st.grads_secs * 1e3 / k;
                 result.active_rows = st.active_rows as f64 / k;
+                result.sparse_adamw_ms = median(&ph.sparse);
+                let total_ms: f64 = ph.sparse.iter().sum();
+                result.sparse_adamw_ns_per_row = total_ms * 1e6 / ph.sparse_rows.max(1) as f64;
                 result.bytes_to_device = st.to_device() as f64 / k;
                 result.bytes_to_host = st.to_host() as f64 / k;
             }
