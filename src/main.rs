@@ -12,6 +12,7 @@ use meft::adapter::MeftConfig;
 use meft::backend::{run_on, BackendKind, BackendTask, FloatType};
 use meft::bench::{
     AdapterBench, AdapterBenchResult, AdapterMethod, ModelBench, ModelBenchResult, Preset,
+    TransferBench, TransferBenchResult,
 };
 use meft::generate::{generate, Sampling};
 use meft::gguf::GgufFile;
@@ -102,6 +103,28 @@ enum BenchCommand {
         iters: usize,
         /// Where to write the JSON results.
         #[arg(long, default_value = "bench-model.json")]
+        out: PathBuf,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Adapter rows host → device and gradients back: the adapter's transfer path (pinned
+    /// staging on un-fused CUDA f32) vs burn's from_data/into_data vs a raw pinned copy; every
+    /// transfer is checked byte for byte.
+    Transfer {
+        /// Model width d (a row is 2·d floats).
+        #[arg(long, default_value_t = 4096)]
+        d_model: usize,
+        /// Store size N.
+        #[arg(long, default_value_t = 65536)]
+        neurons: usize,
+        /// Row counts to ship.
+        #[arg(long, value_delimiter = ',', default_value = "2048,16384,41216")]
+        rows: Vec<usize>,
+        /// Timed repeats per size.
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Where to write the JSON results.
+        #[arg(long, default_value = "bench-transfer.json")]
         out: PathBuf,
         #[command(flatten)]
         device: DeviceArgs,
@@ -285,6 +308,27 @@ fn main() -> anyhow::Result<()> {
             std::fs::write(&out, serde_json::to_string_pretty(&result)?)
                 .with_context(|| format!("writing {}", out.display()))?;
             print!("{}", ModelBenchResult::table(&[result]));
+        }
+        Command::Bench(BenchCommand::Transfer {
+            d_model,
+            neurons,
+            rows,
+            iters,
+            out,
+            device,
+        }) => {
+            let label = format!("burn {:?} {:?}", device.backend, device.dtype).to_lowercase();
+            let bench = TransferBench {
+                d_model,
+                neurons,
+                rows,
+                iters,
+                label,
+            };
+            let results = run_on(device.backend, device.dtype, bench)?;
+            std::fs::write(&out, serde_json::to_string_pretty(&results)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+            print!("{}", TransferBenchResult::table(&results));
         }
         Command::Bench(BenchCommand::Adapter {
             methods,

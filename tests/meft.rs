@@ -106,9 +106,9 @@ fn all_experts_all_neurons_equals_the_dense_adapter() {
         );
         let (y1, y2) = (sparse.forward(x1.clone()), dense.forward(x2.clone()));
         assert_close(&floats(y1.clone()), &floats(y2.clone()), 1e-5, "output");
-        let g1 = (y1 * w.clone()).sum().backward();
+        let mut g1 = (y1 * w.clone()).sum().backward();
         let g2 = (y2 * w).sum().backward();
-        sparse.adapter.collect_grads::<B>(&g1).unwrap();
+        sparse.adapter.collect_grads::<B>(&mut g1).unwrap();
         let (gk, gv) = store_grads(&sparse);
         assert_close(
             &gk,
@@ -200,10 +200,10 @@ fn top_k_with_router_equals_the_masked_dense_reference() {
 
         let x1 = tensor::<B, 3>(xv.clone(), [b, t, d]).require_grad();
         let y1 = sparse.forward(x1.clone());
-        let g1 = (y1.clone() * tensor::<B, 3>(wv.clone(), [b, t, d]))
+        let mut g1 = (y1.clone() * tensor::<B, 3>(wv.clone(), [b, t, d]))
             .sum()
             .backward();
-        sparse.adapter.collect_grads::<B>(&g1).unwrap();
+        sparse.adapter.collect_grads::<B>(&mut g1).unwrap();
         let (gk, gv) = store_grads(&sparse);
 
         let x2 = tensor::<B, 2>(xv, [m, d]).require_grad();
@@ -286,8 +286,8 @@ fn gradients_match_finite_differences() {
     let x =
         Tensor::<B64, 3>::from_data(TensorData::new(xv.clone(), [b, t, d]), f64s).require_grad();
     let w = Tensor::<B64, 3>::from_data(TensorData::new(wv.clone(), [b, t, d]), f64s);
-    let grads = (layer.forward(x.clone()) * w).sum().backward();
-    layer.adapter.collect_grads::<B64>(&grads).unwrap();
+    let mut grads = (layer.forward(x.clone()) * w).sum().backward();
+    layer.adapter.collect_grads::<B64>(&mut grads).unwrap();
     let dx: Vec<f64> = x.grad(&grads).unwrap().into_data().into_vec().unwrap();
 
     // Loss on the inner (non-autodiff) backend: nothing is recorded for gradients.
@@ -429,8 +429,8 @@ fn bytes_moved_are_active_rows_plus_routing() {
     let store = AdapterStore::init_random(n, d, 0.5, 0.5, 9);
     let layer = MeftFfn::<B>::with_store(ffn(d, 16, 10), cfg.clone(), 0, store).unwrap();
     let x = tensor::<B, 3>(randn(b * t * d, 1.0, 11), [b, t, d]).require_grad();
-    let grads = layer.forward(x).sum().backward();
-    layer.adapter.collect_grads::<B>(&grads).unwrap();
+    let mut grads = layer.forward(x).sum().backward();
+    layer.adapter.collect_grads::<B>(&mut grads).unwrap();
     let s = layer.adapter.stats();
     let u = layer.adapter.last_active().unwrap().rows.len() as u64;
     let (m, d, k, p) = (6u64, d as u64, 4u64, 2u64);
@@ -537,14 +537,14 @@ fn wrapping_freezes_the_base_and_starts_from_it() {
             1e-6,
             "init is a no-op",
         );
-        let grads = model.loss(&batch(&device)).backward();
+        let mut grads = model.loss(&batch(&device)).backward();
         let frozen = model.blocks[1].attn.wk.linear.weight.val().grad(&grads);
         assert!(frozen.is_none(), "{cfg:?}: base weights must be frozen");
         assert!(model.embed.weight.val().grad(&grads).is_none());
         match (&cfg, &model.blocks[0].ffn) {
             (AdapterConfig::Meft(_), Ffn::Meft(f)) => {
                 assert!(f.router.weight.val().grad(&grads).is_some());
-                assert!(adapters.collect_grads::<B>(&grads).unwrap() > 0);
+                assert!(adapters.collect_grads::<B>(&mut grads).unwrap() > 0);
             }
             (AdapterConfig::Dense(_), Ffn::Dense(f)) => {
                 assert!(f.values.val().grad(&grads).is_some());
@@ -578,8 +578,8 @@ fn sparse_training_lowers_the_loss() {
     for _ in 0..15 {
         let loss = model.loss(&data);
         losses.push(loss.clone().into_scalar());
-        let grads = loss.backward();
-        adapters.collect_grads::<B>(&grads).unwrap();
+        let mut grads = loss.backward();
+        adapters.collect_grads::<B>(&mut grads).unwrap();
         let step = opt.step(&adapters.sparse).unwrap();
         assert!(step.rows > 0);
     }
@@ -636,8 +636,8 @@ fn non_finite_gradients_are_refused_and_nothing_is_added() {
     let store = AdapterStore::init_random(n, d, 0.5, 0.5, 31);
     let layer = MeftFfn::<B>::with_store(ffn(d, 16, 32), cfg, 3, store).unwrap();
     let y = layer.forward(tensor::<B, 3>(randn(b * t * d, 1.0, 33), [b, t, d]));
-    let grads = (y * f32::NAN).sum().backward();
-    let e = layer.adapter.collect_grads::<B>(&grads).unwrap_err();
+    let mut grads = (y * f32::NAN).sum().backward();
+    let e = layer.adapter.collect_grads::<B>(&mut grads).unwrap_err();
     assert!(e.to_string().contains("layer 3"), "{e}");
     let pending = layer
         .adapter

@@ -23,6 +23,13 @@ run() {
     echo "peak nvidia-smi MiB: $(sort -n "$tmp/smi.txt" | tail -1)"; } | tee -a "$OUT/log.md"
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$OUT/log.md"
+# Un-fused CUDA by default: the adapter's pinned staging path serves that backend (f32).
+export MEFT_CUDA_FUSION=${MEFT_CUDA_FUSION:-0}
+echo "MEFT_CUDA_FUSION=$MEFT_CUDA_FUSION" | tee -a "$OUT/log.md"
+if [ -z "${SKIP_TRANSFER:-}" ]; then
+  { echo "## transfer"; timeout 240 "$BIN" bench transfer --backend cuda --dtype f32 \
+      --out "$OUT/transfer.json" 2>&1 | grep -v XDG_RUNTIME; } | tee -a "$OUT/log.md"
+fi
 for m in ${METHODS:-meft dense}; do
   for shape in ${SHAPES:-4x256 1x256}; do
     run "$m-$shape" --methods "$m" --batch "${shape%x*}" --seq "${shape#*x}"

@@ -82,7 +82,7 @@ pub struct Adapters {
 
 impl Adapters {
     /// Moves the row gradients of all MEFT adapters to their stores (call after `backward`).
-    pub fn collect_grads<AB: AutodiffBackend>(&self, grads: &AB::Gradients) -> Result<usize> {
+    pub fn collect_grads<AB: AutodiffBackend>(&self, grads: &mut AB::Gradients) -> Result<usize> {
         let mut n = 0;
         for a in &self.sparse {
             n += a.collect_grads::<AB>(grads)?;

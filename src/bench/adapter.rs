@@ -217,11 +217,11 @@ impl BackendTask for AdapterBench {
                         gpu_after_forward = memory(self.cuda).map(|m| m.0);
                     }
                     let s1 = Instant::now();
-                    let grads = y.sum().backward();
+                    let mut grads = y.sum().backward();
                     sync::<AB<B>>(&device)?;
                     let bw = ms(s1);
                     let s2 = Instant::now();
-                    adapter.collect_grads::<AB<B>>(&grads)?;
+                    adapter.collect_grads::<AB<B>>(&mut grads)?;
                     let c = ms(s2);
                     let s3 = Instant::now();
                     let gp = GradientsParams::from_grads(grads, &layer);

@@ -2,6 +2,8 @@
 
 mod adapter;
 mod model;
+mod transfer;
 
 pub use adapter::{AdapterBench, AdapterBenchResult, AdapterMethod};
+pub use transfer::{TransferBench, TransferBenchResult};
 pub use model::{ModelBench, ModelBenchResult, Preset};

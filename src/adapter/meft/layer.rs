@@ -27,7 +27,9 @@ use rayon::prelude::*;
 use super::config::MeftConfig;
 use super::selection::{select_active, ActiveNeurons, Routing, SelectionRule};
 use super::store::AdapterStore;
-use crate::adapter::transfer::{int_to_device, int_to_host, to_device, to_host_f32, TransferStats};
+use crate::adapter::transfer::{
+    int_to_device, int_to_host, to_host_f32, upload_rows, TransferStats,
+};
 use crate::model::FeedForward;
 use crate::{Error, Result};
 
@@ -189,12 +191,11 @@ impl SparseAdapter {
             drop(store);
             Tensor::zeros([m, d], (&device, dtype))
         } else {
-            let start = Instant::now();
-            let rows_host = store.gather_rows(&active.rows);
+            let fill = |dst: &mut [f32]| store.gather_rows_into(&active.rows, dst);
+            let (mut rows, b, gather) =
+                upload_rows::<B>([u, 2 * d], &device, dtype, fill, &mut st.upload_secs);
             drop(store);
-            st.gather_secs += start.elapsed().as_secs_f64();
-            let (mut rows, b) =
-                to_device::<B, 2>(rows_host, [u, 2 * d], &device, dtype, &mut st.upload_secs);
+            st.gather_secs += gather;
             st.rows_to_device += b;
             if training {
                 rows = rows.require_grad();
@@ -231,11 +232,12 @@ impl SparseAdapter {
     }
 
     /// After `backward`, moves the gradients of every row shipped since the last call into the
-    /// store's pending gradients (summed per row). Returns the number of rows collected.
+    /// store's pending gradients (summed per row), removing them from `grads`. Returns the
+    /// number of rows collected.
     ///
     /// Errors if a gradient is not finite (nothing is added then) or if the forward ran on a
     /// different backend than `AB`.
-    pub fn collect_grads<AB: AutodiffBackend>(&self, grads: &AB::Gradients) -> Result<usize> {
+    pub fn collect_grads<AB: AutodiffBackend>(&self, grads: &mut AB::Gradients) -> Result<usize> {
         let entries: Vec<TapeEntry> =
             std::mem::take(&mut *self.inner.tape.lock().map_err(poisoned)?);
         let mut st = TransferStats::default();
@@ -246,7 +248,8 @@ impl SparseAdapter {
                     "meft: gradients collected on a different backend than the forward".into(),
                 )
             })?;
-            let Some(grad) = leaf.grad(grads) else {
+            // Removing the gradient leaves the read-back the only owner (no copy on ndarray).
+            let Some(grad) = leaf.grad_remove(grads) else {
                 continue; // The output did not reach the loss: zero gradient, nothing to add.
             };
             let (g, b) = to_host_f32(grad, &mut st.grads_secs);

@@ -179,14 +179,19 @@ impl AdapterStore {
 
     /// Copies rows `[k_j | v_j]` for the given neurons into one `rows.len() × 2d` buffer.
     pub fn gather_rows(&self, rows: &[u32]) -> Vec<f32> {
-        let w = 2 * self.d;
-        let mut out = vec![0f32; rows.len() * w];
-        out.par_chunks_mut(w)
-            .zip(rows.par_iter())
-            .for_each(|(dst, &j)| {
-                dst.copy_from_slice(&self.params[j as usize * w..][..w]);
-            });
+        let mut out = vec![0f32; rows.len() * 2 * self.d];
+        self.gather_rows_into(rows, &mut out);
         out
+    }
+
+    /// Copies rows `[k_j | v_j]` into `out` (`rows.len() × 2d`, e.g. a pinned staging buffer),
+    /// in parallel.
+    pub fn gather_rows_into(&self, rows: &[u32], out: &mut [f32]) {
+        let w = 2 * self.d;
+        out[..rows.len() * w]
+            .par_chunks_mut(w)
+            .zip(rows.par_iter())
+            .for_each(|(dst, &j)| dst.copy_from_slice(&self.params[j as usize * w..][..w]));
     }
 
     /// Adds gradients `grads` (`rows.len() × 2d`, rows distinct) to the pending gradients.

@@ -1,0 +1,303 @@
+//! Host ↔ device traffic of the sparse adapter, counted at the one place it happens.
+//!
+//! Every tensor the adapter sends to the compute device or reads back goes through
+//! [`upload_rows`] / [`to_device`] / [`to_host_f32`], which add the bytes actually moved (in the
+//! device tensor's dtype) to a [`TransferStats`] category. On an all-CPU placement the same
+//! calls count the bytes that *would* cross PCIe.
+//!
+//! On the un-fused CUDA backend in f32 (`MEFT_CUDA_FUSION=0`), rows and row gradients go through
+//! pinned staging (`pinned_cuda.rs`); every other backend uses burn's `from_data`/`into_data`.
+//! The choice is made on the concrete backend type at run time, so the adapter code stays
+//! generic over `B: Backend`.
+
+#[cfg(feature = "cuda")]
+mod pinned_cuda;
+
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use serde::Serialize;
+
+/// Bytes moved per category, summed since the last reset.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct TransferStats {
+    /// Forward calls counted.
+    pub calls: u64,
+    /// Hidden states read back for CPU scoring (device → host).
+    pub hidden_to_host: u64,
+    /// Router choices and gates read back (device → host).
+    pub routing_to_host: u64,
+    /// Active `[key | value]` rows sent (host → device).
+    pub rows_to_device: u64,
+    /// Slot and expert indices sent (host → device).
+    pub indices_to_device: u64,
+    /// Row gradients read back (device → host).
+    pub row_grads_to_host: u64,
+    /// Active rows sent (count, summed over calls).
+    pub active_rows: u64,
+    /// Seconds reading hidden states and routing back (includes waiting for the device to
+    /// produce them).
+    pub readback_secs: f64,
+    /// Seconds creating the rows and indices on the device.
+    pub upload_secs: f64,
+    /// Seconds reading row gradients back.
+    pub grads_secs: f64,
+    /// Seconds spent scoring and selecting on the CPU.
+    pub select_secs: f64,
+    /// Seconds spent gathering rows on the CPU.
+    pub gather_secs: f64,
+}
+
+impl TransferStats {
+    /// All host → device bytes.
+    pub fn to_device(&self) -> u64 {
+        self.rows_to_device + self.indices_to_device
+    }
+
+    /// All device → host bytes.
+    pub fn to_host(&self) -> u64 {
+        self.hidden_to_host + self.routing_to_host + self.row_grads_to_host
+    }
+
+    /// Adds `other` into `self`.
+    pub fn add(&mut self, other: &TransferStats) {
+        self.calls += other.calls;
+        self.hidden_to_host += other.hidden_to_host;
+        self.routing_to_host += other.routing_to_host;
+        self.rows_to_device += other.rows_to_device;
+        self.indices_to_device += other.indices_to_device;
+        self.row_grads_to_host += other.row_grads_to_host;
+        self.active_rows += other.active_rows;
+        self.readback_secs += other.readback_secs;
+        self.upload_secs += other.upload_secs;
+        self.grads_secs += other.grads_secs;
+        self.select_secs += other.select_secs;
+        self.gather_secs += other.gather_secs;
+    }
+}
+
+/// Creates the `[rows, cols]` float tensor of `dtype` whose host contents `fill` writes (a
+/// parallel row gather): straight into pinned memory where the backend allows it, else into a
+/// buffer handed to `from_data`. Returns the tensor, the bytes moved and the seconds `fill` took.
+pub fn upload_rows<B: Backend>(
+    shape: [usize; 2],
+    device: &B::Device,
+    dtype: DType,
+    mut fill: impl FnMut(&mut [f32]),
+    secs: &mut f64,
+) -> (Tensor<B, 2>, u64, f64) {
+    let start = Instant::now();
+    let mut fill_secs = 0.0;
+    #[allow(unused_mut)] // mutably borrowed only by the CUDA path
+    let mut timed_fill = |dst: &mut [f32]| {
+        let t = Instant::now();
+        fill(dst);
+        fill_secs = t.elapsed().as_secs_f64();
+    };
+    #[cfg(feature = "cuda")]
+    if dtype == DType::F32 {
+        if let Some(t) = cuda::upload::<B>(shape, device, &mut timed_fill) {
+            *secs += start.elapsed().as_secs_f64() - fill_secs;
+            return (t, (shape[0] * shape[1] * 4) as u64, fill_secs);
+        }
+    }
+    let mut host = vec![0f32; shape[0] * shape[1]];
+    timed_fill(&mut host);
+    let mut upload = 0.0;
+    let (t, bytes) = to_device::<B, 2>(host, shape, device, dtype, &mut upload);
+    *secs += start.elapsed().as_secs_f64() - fill_secs;
+    (t, bytes, fill_secs)
+}
+
+/// Creates a float tensor of `dtype` on `device` from host floats (converted on the host, so
+/// a half-precision device tensor moves half the bytes); returns it and the bytes moved.
+pub fn to_device<B: Backend, const D: usize>(
+    data: Vec<f32>,
+    shape: [usize; D],
+    device: &B::Device,
+    dtype: DType,
+    secs: &mut f64,
+) -> (Tensor<B, D>, u64) {
+    let start = Instant::now();
+    let mut data = TensorData::new(data, shape);
+    if data.dtype != dtype {
+        data = data.convert_dtype(dtype);
+    }
+    let t = Tensor::<B, D>::from_data(data, (device, dtype));
+    *secs += start.elapsed().as_secs_f64();
+    let bytes = (shape.iter().product::<usize>() * t.dtype().size()) as u64;
+    (t, bytes)
+}
+
+/// Creates an int tensor on `device` from host indices; returns it and the bytes moved.
+pub fn int_to_device<B: Backend, const D: usize>(
+    data: Vec<i64>,
+    shape: [usize; D],
+    device: &B::Device,
+    secs: &mut f64,
+) -> (Tensor<B, D, Int>, u64) {
+    let start = Instant::now();
+    let data = TensorData::new(data, shape).convert::<B::IntElem>();
+    let t = Tensor::<B, D, Int>::from_data(data, device);
+    *secs += start.elapsed().as_secs_f64();
+    let bytes = (shape.iter().product::<usize>() * t.dtype().size()) as u64;
+    (t, bytes)
+}
+
+/// Reads a float tensor back as f32; returns the floats and the bytes moved (in the tensor's
+/// own dtype).
+pub fn to_host_f32<B: Backend, const D: usize>(t: Tensor<B, D>, secs: &mut f64) -> (Vec<f32>, u64) {
+    let start = Instant::now();
+    let bytes = (t.shape().num_elements() * t.dtype().size()) as u64;
+    #[cfg(feature = "cuda")]
+    let t = match cuda::download::<B, D>(t) {
+        Ok(v) => {
+            *secs += start.elapsed().as_secs_f64();
+            return (v, bytes);
+        }
+        Err(t) => t,
+    };
+    let mut data = t.into_data();
+    if data.dtype != DType::F32 {
+        data = data.convert::<f32>();
+    }
+    let out = f32s_from_bytes(data.as_bytes());
+    *secs += start.elapsed().as_secs_f64();
+    (out, bytes)
+}
+
+/// Host f32s from raw little-endian bytes, copied in parallel. (burn 0.21's
+/// `TensorData::into_vec::<f32>` went through a per-element checked cast here: 0.2 GB/s.)
+fn f32s_from_bytes(bytes: &[u8]) -> Vec<f32> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let mut out = vec![0f32; bytes.len() / 4];
+    match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+        Ok(src) => out
+            .par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| d.copy_from_slice(s)),
+        Err(_) => out
+            .par_chunks_mut(CHUNK)
+            .zip(bytes.par_chunks(4 * CHUNK))
+            .for_each(|(d, s)| {
+                for (x, b) in d.iter_mut().zip(s.chunks_exact(4)) {
+                    *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }),
+    }
+    out
+}
+
+/// Reads an int tensor back as i64; returns the ints and the bytes moved.
+pub fn int_to_host<B: Backend, const D: usize>(
+    t: Tensor<B, D, Int>,
+    secs: &mut f64,
+) -> (Vec<i64>, u64) {
+    let start = Instant::now();
+    let bytes = (t.shape().num_elements() * t.dtype().size()) as u64;
+    let out = t
+        .into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .expect("converted to i64");
+    *secs += start.elapsed().as_secs_f64();
+    (out, bytes)
+}
+
+/// Seconds for one raw pinned host → device copy of `bytes` on the CUDA device (the ceiling the
+/// row uploads are compared with); `None` without CUDA or on another backend.
+pub fn raw_pinned_h2d_secs<B: Backend>(device: &B::Device, bytes: usize) -> Option<f64> {
+    #[cfg(feature = "cuda")]
+    {
+        let device = (device as &dyn std::any::Any).downcast_ref::<cubecl::cuda::CudaDevice>()?;
+        pinned_cuda::time_raw_h2d(device, bytes).ok()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (device, bytes);
+        None
+    }
+}
+
+/// Run-time dispatch to the pinned path for the concrete un-fused CUDA f32 backend (plain or
+/// under autodiff). A tensor of the concrete type is built and handed back as `Tensor<B, _>`
+/// through `Any`, which succeeds exactly when `B` is that type.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::any::{Any, TypeId};
+
+    use burn::backend::Autodiff;
+    use burn::tensor::backend::Backend;
+    use burn::tensor::{Tensor, TensorPrimitive};
+    use cubecl::cuda::CudaDevice;
+
+    use super::pinned_cuda;
+    use crate::backend::CudaUnfused;
+
+    type C = CudaUnfused<f32>;
+
+    fn cast<T: 'static, U: 'static>(t: T) -> Option<U> {
+        (Box::new(t) as Box<dyn Any>).downcast::<U>().ok().map(|b| *b)
+    }
+
+    /// Pinned upload when `B` is `C` or `Autodiff<C>`; `None` otherwise (or on a CUDA error,
+    /// which is reported on stderr once and leaves the generic path to do the work).
+    pub fn upload<B: Backend>(
+        shape: [usize; 2],
+        device: &B::Device,
+        fill: &mut dyn FnMut(&mut [f32]),
+    ) -> Option<Tensor<B, 2>> {
+        let plain = TypeId::of::<B>() == TypeId::of::<C>();
+        let autodiff = TypeId::of::<B>() == TypeId::of::<Autodiff<C>>();
+        if !(plain || autodiff) {
+            return None;
+        }
+        let device = (device as &dyn Any).downcast_ref::<CudaDevice>()?;
+        let cube = match pinned_cuda::upload_f32(device, shape, fill) {
+            Ok(t) => t,
+            Err(e) => {
+                warn_once(&e);
+                return None;
+            }
+        };
+        let t = Tensor::<C, 2>::from_primitive(TensorPrimitive::Float(cube));
+        if plain {
+            cast(t)
+        } else {
+            cast(Tensor::<Autodiff<C>, 2>::from_inner(t))
+        }
+    }
+
+    /// Pinned read-back when `B` is `C` or `Autodiff<C>` and the tensor is f32; otherwise the
+    /// tensor is handed back for the generic path.
+    pub fn download<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, Tensor<B, D>> {
+        if t.dtype() != burn::tensor::DType::F32 {
+            return Err(t);
+        }
+        let inner: Tensor<C, D> = if TypeId::of::<B>() == TypeId::of::<C>() {
+            cast(t).expect("B is C")
+        } else if TypeId::of::<B>() == TypeId::of::<Autodiff<C>>() {
+            cast::<_, Tensor<Autodiff<C>, D>>(t).expect("B is Autodiff<C>").inner()
+        } else {
+            return Err(t);
+        };
+        let cube = inner.clone().into_primitive().tensor();
+        match pinned_cuda::download_f32(cube) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                warn_once(&e);
+                // Hand the tensor back as B for the generic path.
+                let back: Option<Tensor<B, D>> = cast(inner.clone())
+                    .or_else(|| cast(Tensor::<Autodiff<C>, D>::from_inner(inner)));
+                Err(back.expect("B is C or Autodiff<C>"))
+            }
+        }
+    }
+
+    fn warn_once(e: &crate::Error) {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| eprintln!("meft: pinned staging unavailable ({e}); using from_data"));
+    }
+}
