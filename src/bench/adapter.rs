@@ -102,6 +102,8 @@ pub struct AdapterBenchResult {
     pub upload_ms: f64,
     /// Of the gradient hand-off: the read-back itself, ms (MEFT).
     pub grads_read_ms: f64,
+    /// Of the gradient hand-off: adding into the store's pending gradients, ms (MEFT).
+    pub accumulate_ms: f64,
     /// Distinct active rows per step (MEFT).
     pub active_rows: f64,
     /// Host → device bytes per step (MEFT).
@@ -174,6 +176,7 @@ impl BackendTask for AdapterBench {
             readback_ms: 0.0,
             upload_ms: 0.0,
             grads_read_ms: 0.0,
+            accumulate_ms: 0.0,
             active_rows: 0.0,
             bytes_to_device: 0.0,
             bytes_to_host: 0.0,
@@ -248,6 +251,7 @@ impl BackendTask for AdapterBench {
                 result.readback_ms = st.readback_secs * 1e3 / k;
                 result.upload_ms = st.upload_secs * 1e3 / k;
                 result.grads_read_ms = st.grads_secs * 1e3 / k;
+                result.accumulate_ms = st.accumulate_secs * 1e3 / k;
                 result.active_rows = st.active_rows as f64 / k;
                 result.sparse_adamw_ms = median(&ph.sparse);
                 let total_ms: f64 = ph.sparse.iter().sum();

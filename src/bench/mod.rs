@@ -5,5 +5,5 @@ mod model;
 mod transfer;
 
 pub use adapter::{AdapterBench, AdapterBenchResult, AdapterMethod};
-pub use transfer::{TransferBench, TransferBenchResult};
 pub use model::{ModelBench, ModelBenchResult, Preset};
+pub use transfer::{TransferBench, TransferBenchResult};

@@ -109,9 +109,10 @@ impl BackendTask for TransferBench {
                 let s = Instant::now();
                 let data = t.clone().into_data();
                 into_data.push(s.elapsed().as_secs_f64() * 1e3);
-                let generic: Vec<f32> = data.convert::<f32>().into_vec().map_err(|e| {
-                    Error::Other(format!("transfer bench: reading back: {e:?}"))
-                })?;
+                let generic: Vec<f32> = data
+                    .convert::<f32>()
+                    .into_vec()
+                    .map_err(|e| Error::Other(format!("transfer bench: reading back: {e:?}")))?;
                 check(&generic, &want, "into_data of the adapter upload")?;
 
                 let s = Instant::now();
@@ -164,7 +165,11 @@ fn check(got: &[f32], want: &[f32], what: &str) -> Result<()> {
             want.len()
         )));
     }
-    if let Some(i) = got.iter().zip(want).position(|(a, b)| a.to_bits() != b.to_bits()) {
+    if let Some(i) = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a.to_bits() != b.to_bits())
+    {
         return Err(Error::Other(format!(
             "transfer bench: {what}: float {i} is {} but {} was sent",
             got[i], want[i]

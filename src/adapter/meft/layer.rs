@@ -28,7 +28,7 @@ use super::config::MeftConfig;
 use super::selection::{select_active, ActiveNeurons, Routing, SelectionRule};
 use super::store::AdapterStore;
 use crate::adapter::transfer::{
-    int_to_device, int_to_host, to_host_f32, upload_rows, TransferStats,
+    int_to_device, int_to_host, read_f32, to_host_f32, upload_rows, TransferStats,
 };
 use crate::model::FeedForward;
 use crate::{Error, Result};
@@ -235,13 +235,13 @@ impl SparseAdapter {
     /// store's pending gradients (summed per row), removing them from `grads`. Returns the
     /// number of rows collected.
     ///
-    /// Errors if a gradient is not finite (nothing is added then) or if the forward ran on a
-    /// different backend than `AB`.
+    /// Errors if a gradient is not finite (that row block is not added) or if the forward ran
+    /// on a different backend than `AB`.
     pub fn collect_grads<AB: AutodiffBackend>(&self, grads: &mut AB::Gradients) -> Result<usize> {
         let entries: Vec<TapeEntry> =
             std::mem::take(&mut *self.inner.tape.lock().map_err(poisoned)?);
         let mut st = TransferStats::default();
-        let mut collected = Vec::new();
+        let mut collected = 0;
         for entry in entries {
             let leaf = entry.leaf.downcast::<Tensor<AB, 2>>().map_err(|_| {
                 Error::Other(
@@ -252,25 +252,28 @@ impl SparseAdapter {
             let Some(grad) = leaf.grad_remove(grads) else {
                 continue; // The output did not reach the loss: zero gradient, nothing to add.
             };
-            let (g, b) = to_host_f32(grad, &mut st.grads_secs);
+            // Checked and added straight from the read-back buffer.
+            let rows = &entry.rows;
+            let layer = self.inner.layer;
+            let (res, b) = read_f32(grad, &mut st.grads_secs, |g| {
+                if let Some(i) = g.par_iter().position_any(|v| !v.is_finite()) {
+                    let w = g.len() / rows.len().max(1);
+                    return Err(Error::NonFinite(format!(
+                        "gradient of adapter row {} in layer {layer} is {}",
+                        rows[i / w],
+                        g[i]
+                    )));
+                }
+                let start = Instant::now();
+                let mut store = self.inner.store.write().map_err(poisoned)?;
+                store.accumulate_grads_from(rows, g)?;
+                Ok(start.elapsed().as_secs_f64())
+            });
             st.row_grads_to_host += b;
-            if let Some(i) = g.par_iter().position_any(|v| !v.is_finite()) {
-                let w = 2 * self.inner.store.read().map_err(poisoned)?.d_model();
-                return Err(Error::NonFinite(format!(
-                    "gradient of adapter row {} in layer {} is {}",
-                    entry.rows[i / w],
-                    self.inner.layer,
-                    g[i]
-                )));
-            }
-            collected.push((entry.rows, g));
+            st.accumulate_secs += res?;
+            collected += entry.rows.len();
         }
-        let mut store = self.inner.store.write().map_err(poisoned)?;
-        let mut n = 0;
-        for (rows, g) in collected {
-            n += rows.len();
-            store.accumulate_grads(&rows, g)?;
-        }
+        let n = collected;
         self.inner.stats.lock().map_err(poisoned)?.add(&st);
         Ok(n)
     }

@@ -196,6 +196,12 @@ impl AdapterStore {
 
     /// Adds gradients `grads` (`rows.len() × 2d`, rows distinct) to the pending gradients.
     pub fn accumulate_grads(&mut self, rows: &[u32], grads: Vec<f32>) -> Result<()> {
+        self.accumulate_grads_from(rows, &grads)
+    }
+
+    /// As [`AdapterStore::accumulate_grads`], from a borrowed buffer (e.g. the device read-back
+    /// itself). The pending buffer keeps its capacity across steps, so its pages stay mapped.
+    pub fn accumulate_grads_from(&mut self, rows: &[u32], grads: &[f32]) -> Result<()> {
         let w = 2 * self.d;
         if grads.len() != rows.len() * w {
             return Err(Error::Other(format!(
@@ -215,7 +221,8 @@ impl AdapterStore {
                 self.pending_slot[j as usize] = slot as u32;
             }
             self.pending_rows = rows.to_vec();
-            self.pending_grads = grads;
+            self.pending_grads.clear();
+            self.pending_grads.par_extend(grads.par_iter().copied());
             return Ok(());
         }
         // Rows seen before are summed in place (in parallel); new rows are appended.

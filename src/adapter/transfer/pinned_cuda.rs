@@ -1,11 +1,10 @@
 //! Pinned staging on CUDA: adapter rows are gathered straight into page-locked host memory and
-//! copied with `cuMemcpy*Async` into device buffers that cubecl allocated; row gradients come
-//! back the same way. burn 0.21's `from_data` copies every upload into a fresh pageable `Vec`
-//! before the copy, and cubecl reads above 100 MB into pageable memory; on the lent H100 that
-//! path moved rows at 0.7 GB/s against 55 GB/s pinned (BENCHMARKS.md).
+//! copied with `cuMemcpyHtoDAsync` into a device buffer that cubecl allocated. burn 0.21's
+//! `from_data` copies every upload into a fresh pageable `Vec` first; on the lent H100 that path
+//! moved rows at 0.6 GB/s, this one at 54 GB/s (`meft bench transfer`, BENCHMARKS.md).
 //!
-//! Unsafe code is confined to this file: allocation and release of the pinned buffers and the
-//! two copies. Invariants:
+//! Unsafe code is confined to this file: allocation and release of the pinned buffer and the
+//! copies. Invariants:
 //! - the buffers are owned by one process-wide [`Engine`] behind a mutex, so a copy never races
 //!   with another use of the same buffer, and every copy is waited for before the lock is
 //!   released (no copy outlives the slice it reads or writes);
@@ -22,7 +21,6 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::{CudaDevice, CudaRuntime};
 use cubecl::Runtime;
 use cudarc::driver::{result, sys};
-use rayon::prelude::*;
 
 use crate::backend::CudaUnfused;
 use crate::{Error, Result};
@@ -47,7 +45,8 @@ impl Pinned {
         if self.bytes < bytes {
             self.release();
             // SAFETY: plain allocation; the pointer is checked and owned by `self`.
-            let ptr = unsafe { result::malloc_host(bytes, 0) }.map_err(cuda_err("cuMemHostAlloc"))?;
+            let ptr =
+                unsafe { result::malloc_host(bytes, 0) }.map_err(cuda_err("cuMemHostAlloc"))?;
             self.ptr = ptr as *mut u8;
             self.bytes = bytes;
         }
@@ -72,12 +71,11 @@ impl Drop for Pinned {
     }
 }
 
-/// The process-wide staging state: context, our copy stream, one buffer each way.
+/// The process-wide staging state: context, our copy stream, the upload buffer.
 struct Engine {
     ctx: sys::CUcontext,
     stream: sys::CUstream,
     up: Pinned,
-    down: Pinned,
 }
 
 // SAFETY: the raw CUDA handles are only used while holding `ENGINE`'s lock, after making the
@@ -99,7 +97,8 @@ fn with_engine<R>(f: impl FnOnce(&mut Engine) -> Result<R>) -> Result<R> {
         let dev = result::device::get(0).map_err(cuda_err("cuDeviceGet"))?;
         // SAFETY: `dev` came from `device::get`; retaining the primary context is what cubecl
         // does for the same device, so both share one context.
-        let ctx = unsafe { result::primary_ctx::retain(dev) }.map_err(cuda_err("retain context"))?;
+        let ctx =
+            unsafe { result::primary_ctx::retain(dev) }.map_err(cuda_err("retain context"))?;
         // SAFETY: `ctx` is the live primary context just retained.
         unsafe { result::ctx::set_current(ctx) }.map_err(cuda_err("cuCtxSetCurrent"))?;
         let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
@@ -108,7 +107,6 @@ fn with_engine<R>(f: impl FnOnce(&mut Engine) -> Result<R>) -> Result<R> {
             ctx,
             stream,
             up: Pinned::empty(),
-            down: Pinned::empty(),
         });
     }
     let engine = guard.as_mut().expect("initialised above");
@@ -153,36 +151,6 @@ pub fn upload_f32(
             handle,
             DType::F32,
         ))
-    })
-}
-
-/// Reads an f32 tensor back through pinned memory.
-pub fn download_f32(t: CubeTensor<CudaRuntime>) -> Result<Vec<f32>> {
-    if t.dtype != DType::F32 {
-        return Err(Error::Other(format!("pinned read-back of a {:?} tensor", t.dtype)));
-    }
-    let t = burn_cubecl::kernel::into_contiguous(t);
-    let n = t.meta.shape().num_elements();
-    sync_cubecl(&t.device)?;
-    let res = t
-        .client
-        .get_resource(t.handle.clone())
-        .map_err(|e| Error::Other(format!("cubecl resource: {e:?}")))?;
-    with_engine(|e| {
-        let host = e.down.f32s(n)?;
-        // SAFETY: the source is a live, contiguous cubecl allocation of n f32s whose producers
-        // have finished (synchronised above); the destination is our pinned buffer, read only
-        // after the copy is waited for.
-        unsafe {
-            result::memcpy_dtoh_async(&mut host[..], res.resource().ptr, e.stream)
-                .map_err(cuda_err("cuMemcpyDtoHAsync"))?;
-            result::stream::synchronize(e.stream).map_err(cuda_err("cuStreamSynchronize"))?;
-        }
-        let mut out = vec![0f32; n];
-        out.par_chunks_mut(1 << 16)
-            .zip(host.par_chunks(1 << 16))
-            .for_each(|(d, s)| d.copy_from_slice(s));
-        Ok(out)
     })
 }
 
