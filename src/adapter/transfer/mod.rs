@@ -299,3 +299,20 @@ mod cuda {
         WARNED.call_once(|| eprintln!("meft: pinned staging unavailable ({e}); using from_data"));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f32s_from_aligned_and_unaligned_bytes() {
+        let want: Vec<f32> = (0..70_000).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let bytes: Vec<u8> = want.iter().flat_map(|v| v.to_le_bytes()).collect();
+        // A one-byte offset makes the slice unaligned for f32: the fallback path decodes it.
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&bytes);
+        assert_eq!(f32s_from_bytes(&shifted[1..]), want);
+        let aligned: &[u8] = bytemuck::cast_slice(&want);
+        assert_eq!(f32s_from_bytes(aligned), want);
+    }
+}

@@ -1,0 +1,35 @@
+//! The transfer path on the CPU (ndarray on both sides): rows uploaded and read back through
+//! the adapter's transfer functions arrive byte for byte, at several sizes.
+
+use burn::backend::NdArray;
+use meft::backend::BackendTask;
+use meft::bench::TransferBench;
+
+#[test]
+fn staged_rows_arrive_byte_for_byte() {
+    let bench = TransferBench {
+        d_model: 48,
+        neurons: 1000,
+        rows: vec![1, 37, 1000],
+        iters: 2,
+        label: "cpu".into(),
+    };
+    // The bench errors if any transfer differs from the rows gathered.
+    let results = bench.run::<NdArray>(Default::default()).unwrap();
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[1].bytes, 37 * 2 * 48 * 4);
+    assert!(results.iter().all(|r| r.raw_pinned_gbps.is_none()));
+}
+
+#[test]
+fn bad_row_counts_are_errors() {
+    let bench = TransferBench {
+        d_model: 8,
+        neurons: 10,
+        rows: vec![11],
+        iters: 1,
+        label: "cpu".into(),
+    };
+    let e = bench.run::<NdArray>(Default::default()).unwrap_err();
+    assert!(e.to_string().contains("row counts"), "{e}");
+}
