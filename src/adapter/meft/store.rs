@@ -7,8 +7,8 @@
 //!
 //! burn tensors are immutable values, so a multi-GB table that is updated a few rows at a time
 //! cannot be one without copying it every step; the store therefore owns plain row-major
-//! buffers (ndarray's layout) and does its scoring GEMMs through `ndarray`, its gathers and
-//! updates with rayon.
+//! buffers (ndarray's layout; [`AdapterStore::key_block`] lends `ndarray` views) and does its
+//! scoring, gathers and updates with rayon.
 
 use ndarray::{ArrayView2, ShapeBuilder};
 use rand::rngs::StdRng;
