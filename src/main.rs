@@ -305,8 +305,7 @@ fn main() -> anyhow::Result<()> {
                 label,
             };
             let result = run_on(device.backend, device.dtype, bench)?;
-            std::fs::write(&out, serde_json::to_string_pretty(&result)?)
-                .with_context(|| format!("writing {}", out.display()))?;
+            write_json(&out, &result)?;
             print!("{}", ModelBenchResult::table(&[result]));
         }
         Command::Bench(BenchCommand::Transfer {
@@ -326,8 +325,7 @@ fn main() -> anyhow::Result<()> {
                 label,
             };
             let results = run_on(device.backend, device.dtype, bench)?;
-            std::fs::write(&out, serde_json::to_string_pretty(&results)?)
-                .with_context(|| format!("writing {}", out.display()))?;
+            write_json(&out, &results)?;
             print!("{}", TransferBenchResult::table(&results));
         }
         Command::Bench(BenchCommand::Adapter {
@@ -370,11 +368,16 @@ fn main() -> anyhow::Result<()> {
                 };
                 results.push(run_on(device.backend, device.dtype, bench)?);
                 // Write after each method, so a later failure keeps what was measured.
-                std::fs::write(&out, serde_json::to_string_pretty(&results)?)
-                    .with_context(|| format!("writing {}", out.display()))?;
+                write_json(&out, &results)?;
             }
             print!("{}", AdapterBenchResult::table(&results));
         }
     }
     Ok(())
+}
+
+/// Writes benchmark results as pretty JSON.
+fn write_json(out: &std::path::Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    std::fs::write(out, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("writing {}", out.display()))
 }

@@ -137,6 +137,30 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
+/// Runs `f`, waits for the device, returns its result and the milliseconds taken.
+fn synced<B: Backend, T>(device: &B::Device, f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    let start = Instant::now();
+    let out = f()?;
+    sync::<B>(device)?;
+    Ok((out, ms(start)))
+}
+
+impl Phases {
+    /// Records one step's phases (ms) if it is timed, else reports the warm-up step.
+    fn record(&mut self, method: &str, step: usize, timed: bool, phases: [f64; 4], total: f64) {
+        if timed {
+            let [f, b, c, o] = phases;
+            self.forward.push(f);
+            self.backward.push(b);
+            self.collect.push(c);
+            self.optimizer.push(o);
+            self.step.push(total);
+        } else {
+            eprintln!("{method}: warm-up step {step} took {total:.0} ms");
+        }
+    }
+}
+
 impl BackendTask for AdapterBench {
     type Output = AdapterBenchResult;
 
@@ -213,35 +237,23 @@ impl BackendTask for AdapterBench {
                         adapter.reset_stats();
                     }
                     let s0 = Instant::now();
-                    let y = layer.forward(x.clone());
-                    sync::<AB<B>>(&device)?;
-                    let f = ms(s0);
+                    let (y, f) = synced::<AB<B>, _>(&device, || Ok(layer.forward(x.clone())))?;
                     if gpu_after_forward.is_none() {
                         gpu_after_forward = memory(self.cuda).map(|m| m.0);
                     }
-                    let s1 = Instant::now();
-                    let mut grads = y.sum().backward();
-                    sync::<AB<B>>(&device)?;
-                    let bw = ms(s1);
+                    let (mut grads, bw) = synced::<AB<B>, _>(&device, || Ok(y.sum().backward()))?;
                     let s2 = Instant::now();
                     adapter.collect_grads::<AB<B>>(&mut grads)?;
                     let c = ms(s2);
-                    let s3 = Instant::now();
-                    let gp = GradientsParams::from_grads(grads, &layer);
-                    layer = router_opt.step(1e-4, layer, gp);
-                    let sp = sparse.step(std::slice::from_ref(&adapter))?;
-                    sync::<AB<B>>(&device)?;
-                    let o = ms(s3);
+                    let (sp, o) = synced::<AB<B>, _>(&device, || {
+                        let gp = GradientsParams::from_grads(grads, &layer);
+                        layer = router_opt.step(1e-4, layer.clone(), gp);
+                        sparse.step(std::slice::from_ref(&adapter))
+                    })?;
+                    ph.record("meft", i, timed, [f, bw, c, o], ms(s0));
                     if timed {
-                        ph.forward.push(f);
-                        ph.backward.push(bw);
-                        ph.collect.push(c);
-                        ph.optimizer.push(o);
                         ph.sparse.push(sp.secs * 1e3);
                         ph.sparse_rows += sp.rows;
-                        ph.step.push(ms(s0));
-                    } else {
-                        eprintln!("meft: warm-up step {i} took {:.0} ms", ms(s0));
                     }
                 }
                 let st = adapter.stats();
@@ -271,30 +283,17 @@ impl BackendTask for AdapterBench {
                 let mut opt = AdamWConfig::new().init::<AB<B>, DenseAdapterFfn<AB<B>>>();
                 for i in 0..self.warmup + self.iters {
                     let s0 = Instant::now();
-                    let y = layer.forward(x.clone());
-                    sync::<AB<B>>(&device)?;
-                    let f = ms(s0);
+                    let (y, f) = synced::<AB<B>, _>(&device, || Ok(layer.forward(x.clone())))?;
                     if gpu_after_forward.is_none() {
                         gpu_after_forward = memory(self.cuda).map(|m| m.0);
                     }
-                    let s1 = Instant::now();
-                    let grads = y.sum().backward();
-                    sync::<AB<B>>(&device)?;
-                    let bw = ms(s1);
-                    let s3 = Instant::now();
-                    let gp = GradientsParams::from_grads(grads, &layer);
-                    layer = opt.step(1e-4, layer, gp);
-                    sync::<AB<B>>(&device)?;
-                    let o = ms(s3);
-                    if i >= self.warmup {
-                        ph.forward.push(f);
-                        ph.backward.push(bw);
-                        ph.collect.push(0.0);
-                        ph.optimizer.push(o);
-                        ph.step.push(ms(s0));
-                    } else {
-                        eprintln!("dense: warm-up step {i} took {:.0} ms", ms(s0));
-                    }
+                    let (grads, bw) = synced::<AB<B>, _>(&device, || Ok(y.sum().backward()))?;
+                    let ((), o) = synced::<AB<B>, _>(&device, || {
+                        let gp = GradientsParams::from_grads(grads, &layer);
+                        layer = opt.step(1e-4, layer.clone(), gp);
+                        Ok(())
+                    })?;
+                    ph.record("dense", i, i >= self.warmup, [f, bw, 0.0, o], ms(s0));
                 }
             }
         }
