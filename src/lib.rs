@@ -15,6 +15,7 @@ mod error;
 pub mod generate;
 pub mod gguf;
 pub mod model;
+pub mod timeline;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

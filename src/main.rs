@@ -129,12 +129,19 @@ enum BenchCommand {
         #[command(flatten)]
         device: DeviceArgs,
     },
-    /// One FFN layer with an adapter: a full training step, MEFT (host store) and/or the dense
-    /// on-device adapter of the same N, side by side (random weights).
+    /// A stack of FFN layers with adapters: a full training step, MEFT (host store; overlapped
+    /// or serial) and/or the dense on-device adapter of the same N, side by side (random weights).
     Adapter {
         /// Which adapters to measure, in order.
-        #[arg(long, value_enum, value_delimiter = ',', default_value = "meft,dense")]
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "meft,meft-serial,dense")]
         methods: Vec<AdapterMethod>,
+        /// Stacked layers (each with its own FFN and adapter).
+        #[arg(long, default_value_t = 1)]
+        layers: usize,
+        /// Also write the MEFT runs' timelines (timed steps) to this JSON file, for
+        /// `scripts/plot_timeline.py`.
+        #[arg(long)]
+        timeline: Option<PathBuf>,
         /// Model width d (LLaMA-7B: 4096).
         #[arg(long, default_value_t = 4096)]
         d_model: usize,
@@ -330,6 +337,8 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Adapter {
             methods,
+            layers,
+            timeline,
             d_model,
             ffn_hidden,
             neurons,
@@ -358,6 +367,8 @@ fn main() -> anyhow::Result<()> {
                     method,
                     d_model,
                     ffn_hidden,
+                    layers,
+                    keep_timeline: timeline.is_some(),
                     meft: meft.clone(),
                     batch,
                     seq,
@@ -368,7 +379,28 @@ fn main() -> anyhow::Result<()> {
                 };
                 results.push(run_on(device.backend, device.dtype, bench)?);
                 // Write after each method, so a later failure keeps what was measured.
-                write_json(&out, &results)?;
+                if let Some(path) = &timeline {
+                    let runs: Vec<_> = results
+                        .iter()
+                        .filter(|r| !r.timeline.is_empty())
+                        .map(|r| serde_json::json!({"method": r.method, "layers": r.layers,
+                            "batch": r.batch, "seq": r.seq, "step_ms": r.step_ms,
+                            "exposed_transfer_ms": r.exposed_transfer_ms,
+                            "transfer_ms": r.transfer_ms, "step_starts": r.step_starts,
+                            "spans": r.timeline}))
+                        .collect();
+                    write_json(path, &runs)?;
+                }
+                let light: Vec<_> = results
+                    .iter()
+                    .cloned()
+                    .map(|mut r| {
+                        r.timeline.clear();
+                        r.step_starts.clear();
+                        r
+                    })
+                    .collect();
+                write_json(&out, &light)?;
             }
             print!("{}", AdapterBenchResult::table(&results));
         }

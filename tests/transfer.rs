@@ -33,3 +33,26 @@ fn bad_row_counts_are_errors() {
     let e = bench.run::<NdArray>(Default::default()).unwrap_err();
     assert!(e.to_string().contains("row counts"), "{e}");
 }
+
+/// On the GPU (run there by `scripts/gpu/pipeline.sh`): rows shipped through pinned staging —
+/// in ~32 MiB chunks, the last one ragged — arrive byte for byte, and the raw pinned ceiling is
+/// measured beside them.
+#[cfg(feature = "cuda")]
+#[test]
+fn staged_rows_arrive_byte_for_byte_on_cuda() {
+    use meft::backend::CudaUnfused;
+    // 2·d = 8192 floats per row: 1024 rows per 32 MiB chunk.
+    let bench = TransferBench {
+        d_model: 4096,
+        neurons: 8192,
+        rows: vec![1, 1000, 1024, 1025, 5000],
+        iters: 2,
+        label: "cuda".into(),
+    };
+    let results = bench
+        .run::<CudaUnfused<f32>>(Default::default())
+        .expect("a CUDA device");
+    assert_eq!(results.len(), 5);
+    assert!(results.iter().all(|r| r.raw_pinned_gbps.is_some()));
+    assert!(results.iter().all(|r| r.upload_gbps > 0.0));
+}

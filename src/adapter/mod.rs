@@ -5,11 +5,16 @@
 //! - [`meft`]: the MEFT sparse adapter (host store, router, top-K, sparse AdamW).
 //! - [`dense`]: the dense parallel adapter baseline (same N, all on the compute device).
 //! - [`lora`]: the LoRA baseline.
-//! - [`transfer`]: host ↔ device traffic counters.
+//! - [`metrics`]: transfer metrics for burn-train's dashboard ([`TransferMetric`]).
+//! - [`placement`]: where each part lives ([`Hybrid`]: model on the compute backend, stores on
+//!   the host).
+//! - [`transfer`]: host ↔ device traffic (pinned staging, counters).
 
 pub mod dense;
 pub mod lora;
 pub mod meft;
+pub mod metrics;
+pub mod placement;
 pub mod transfer;
 
 use burn::module::Module;
@@ -18,7 +23,9 @@ use serde::{Deserialize, Serialize};
 
 pub use dense::{DenseAdapterConfig, DenseAdapterFfn};
 pub use lora::{LoraConfig, LoraDelta, LoraTarget, Projection};
-pub use meft::{MeftConfig, MeftFfn, SparseAdamW, SparseAdapter};
+pub use meft::{HostWorker, MeftConfig, MeftFfn, SparseAdamW, SparseAdapter};
+pub use metrics::{TransferMetric, TransferQuantity};
+pub use placement::{HostStore, Hybrid, Placement};
 pub use transfer::TransferStats;
 
 use crate::model::{Ffn, Llama};
@@ -88,6 +95,47 @@ impl Adapters {
             n += a.collect_grads::<AB>(grads)?;
         }
         Ok(n)
+    }
+
+    /// Moves every MEFT adapter's row gradients out of `grads` and queues them on `worker`, in
+    /// layer order (read back, checked, added, and with `optimizer` applied, off this thread).
+    /// Returns at once; each layer's next forward waits for its own update, and
+    /// [`Adapters::wait_updates`] waits for all. A failed earlier update is reported here first.
+    ///
+    /// Waits for `device` first (the backward must be done before its gradients are read), so
+    /// the worker's read-backs are copies only.
+    pub fn hand_off<AB: AutodiffBackend>(
+        &self,
+        grads: &mut AB::Gradients,
+        optimizer: Option<SparseAdamW>,
+        worker: &HostWorker,
+        device: &AB::Device,
+    ) -> Result<()> {
+        self.wait_updates()?;
+        let start = std::time::Instant::now();
+        AB::sync(device).map_err(|e| Error::Other(format!("device sync failed: {e:?}")))?;
+        crate::timeline::record("wait device", crate::timeline::SpanKind::Wait, start);
+        let taken = self
+            .sparse
+            .iter()
+            .map(|a| a.take_grads::<AB>(grads))
+            .collect::<Result<Vec<_>>>()?;
+        for (a, g) in self.sparse.iter().zip(taken) {
+            a.hand_off(g, optimizer, worker)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every handed-off update; returns the first error one of them hit.
+    pub fn wait_updates(&self) -> Result<()> {
+        let mut first = Ok(());
+        for a in &self.sparse {
+            let r = a.wait_update();
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
     }
 
     /// Traffic of all MEFT adapters, summed.

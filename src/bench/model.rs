@@ -71,7 +71,11 @@ pub struct ModelBenchResult {
     pub train_runs_ms: Vec<f64>,
 }
 
+/// The median; NaN for no values (serialised as `null`).
 pub(crate) fn median(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]

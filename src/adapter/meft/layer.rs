@@ -26,10 +26,13 @@ use rayon::prelude::*;
 
 use super::config::MeftConfig;
 use super::selection::{select_active, ActiveNeurons, Routing, SelectionRule};
+use super::optim::SparseAdamW;
 use super::store::AdapterStore;
+use super::worker::{HostWorker, RowGrad, UpdateGate};
 use crate::adapter::transfer::{
     int_to_device, int_to_host, read_f32, to_host_f32, upload_rows, TransferStats,
 };
+use crate::timeline::{self, SpanKind};
 use crate::model::FeedForward;
 use crate::{Error, Result};
 
@@ -47,6 +50,7 @@ struct Shared {
     tape: Mutex<Vec<TapeEntry>>,
     stats: Mutex<TransferStats>,
     last_active: Mutex<Option<ActiveNeurons>>,
+    update: UpdateGate,
 }
 
 /// The host side of one layer's MEFT adapter: config, parameter store, the rows awaiting
@@ -88,6 +92,7 @@ impl SparseAdapter {
                 tape: Mutex::new(Vec::new()),
                 stats: Mutex::new(TransferStats::default()),
                 last_active: Mutex::new(None),
+                update: UpdateGate::default(),
             }),
         })
     }
@@ -148,26 +153,69 @@ impl SparseAdapter {
 
     /// The adapter's output `[M, d]` for hidden states `x` `[M, d]`, routed by `router`.
     pub fn forward<B: Backend>(&self, x: Tensor<B, 2>, router: &Linear<B>) -> Tensor<B, 2> {
+        let routed = self.route(x, router);
+        self.apply(routed)
+    }
+
+    /// First half of [`SparseAdapter::forward`]: router scores and each token's top experts
+    /// on the device, then hidden states and routing read back to the host. Device work queued
+    /// between this and [`SparseAdapter::apply`] (e.g. the base FFN) runs while the host
+    /// selects and gathers.
+    pub fn route<B: Backend>(&self, x: Tensor<B, 2>, router: &Linear<B>) -> Routed<B> {
         let cfg = &self.inner.config;
-        let device = x.device();
-        let [m, d] = x.dims();
-        let training = B::ad_enabled(&device);
-        let dtype = x.dtype();
+        timeline::set_layer(Some(self.inner.layer));
         let mut st = TransferStats {
             calls: 1,
             ..Default::default()
         };
-
         let scores = router.forward(x.clone());
         let (gates, experts) = scores
             .clone()
             .detach()
             .topk_with_indices(cfg.experts_per_token, 1);
+        // Wait for the device first, so the read-back's time is the copy alone.
+        let start = Instant::now();
+        let _ = B::sync(&x.device());
+        timeline::record("wait device", SpanKind::Wait, start);
+        let start = Instant::now();
         let (x_host, b) = to_host_f32(x.clone().detach(), &mut st.readback_secs);
         st.hidden_to_host += b;
         let (experts, b1) = int_to_host(experts, &mut st.readback_secs);
         let (gates, b2) = to_host_f32(gates, &mut st.readback_secs);
         st.routing_to_host += b1 + b2;
+        st.exposed_secs += start.elapsed().as_secs_f64();
+        timeline::record("d2h hidden+routing", SpanKind::Transfer, start);
+        let routing = Routing {
+            experts: experts.iter().map(|&e| e as u32).collect(),
+            gates,
+            per_token: cfg.experts_per_token,
+        };
+        Routed {
+            x,
+            scores,
+            x_host,
+            routing,
+            stats: st,
+        }
+    }
+
+    /// Second half of [`SparseAdapter::forward`]: waits for this layer's handed-off update (if
+    /// any), selects the active neurons on the host, ships their rows, and computes the output.
+    pub fn apply<B: Backend>(&self, routed: Routed<B>) -> Tensor<B, 2> {
+        let Routed {
+            x,
+            scores,
+            x_host,
+            routing,
+            stats: mut st,
+        } = routed;
+        let cfg = &self.inner.config;
+        let device = x.device();
+        let [m, d] = x.dims();
+        let training = B::ad_enabled(&device);
+        let dtype = x.dtype();
+        timeline::set_layer(Some(self.inner.layer));
+        st.wait_update_secs += self.inner.update.wait();
 
         let rule = SelectionRule {
             expert_size: cfg.expert_size(),
@@ -175,15 +223,11 @@ impl SparseAdapter {
             router_gate: cfg.router_gate,
             max_active: cfg.max_active_per_batch,
         };
-        let routing = Routing {
-            experts: experts.iter().map(|&e| e as u32).collect(),
-            gates,
-            per_token: cfg.experts_per_token,
-        };
         let store = self.inner.store.read().expect("store lock");
         let start = Instant::now();
         let active = select_active(&store, &x_host, &routing, &rule);
         st.select_secs += start.elapsed().as_secs_f64();
+        timeline::record("select", SpanKind::Work, start);
         let u = active.rows.len();
         st.active_rows += u as u64;
 
@@ -191,12 +235,16 @@ impl SparseAdapter {
             drop(store);
             Tensor::zeros([m, d], (&device, dtype))
         } else {
-            let fill = |dst: &mut [f32]| store.gather_rows_into(&active.rows, dst);
-            let (mut rows, b, gather) =
+            let fill = |r: std::ops::Range<usize>, dst: &mut [f32]| {
+                store.gather_rows_into(&active.rows[r], dst)
+            };
+            let (mut rows, up) =
                 upload_rows::<B>([u, 2 * d], &device, dtype, fill, &mut st.upload_secs);
             drop(store);
-            st.gather_secs += gather;
-            st.rows_to_device += b;
+            st.gather_secs += up.gather_secs;
+            st.rows_to_device += up.bytes;
+            st.exposed_secs += up.exposed_secs;
+            st.copy_secs += up.copy_secs;
             if training {
                 rows = rows.require_grad();
                 self.inner.tape.lock().expect("tape lock").push(TapeEntry {
@@ -228,20 +276,19 @@ impl SparseAdapter {
         };
         *self.inner.last_active.lock().expect("active lock") = Some(active);
         self.inner.stats.lock().expect("stats lock").add(&st);
+        timeline::set_layer(None);
         out
     }
 
-    /// After `backward`, moves the gradients of every row shipped since the last call into the
-    /// store's pending gradients (summed per row), removing them from `grads`. Returns the
-    /// number of rows collected.
-    ///
-    /// Errors if a gradient is not finite (that row block is not added) or if the forward ran
-    /// on a different backend than `AB`.
-    pub fn collect_grads<AB: AutodiffBackend>(&self, grads: &mut AB::Gradients) -> Result<usize> {
+    /// Moves the gradients of every row shipped since the last call out of `grads` (still on
+    /// the device, not read back yet). Errors if the forward ran on another backend than `AB`.
+    pub fn take_grads<AB: AutodiffBackend>(
+        &self,
+        grads: &mut AB::Gradients,
+    ) -> Result<Vec<RowGrad>> {
         let entries: Vec<TapeEntry> =
             std::mem::take(&mut *self.inner.tape.lock().map_err(poisoned)?);
-        let mut st = TransferStats::default();
-        let mut collected = 0;
+        let mut out = Vec::with_capacity(entries.len());
         for entry in entries {
             let leaf = entry.leaf.downcast::<Tensor<AB, 2>>().map_err(|_| {
                 Error::Other(
@@ -252,30 +299,119 @@ impl SparseAdapter {
             let Some(grad) = leaf.grad_remove(grads) else {
                 continue; // The output did not reach the loss: zero gradient, nothing to add.
             };
-            // Checked and added straight from the read-back buffer.
-            let rows = &entry.rows;
-            let layer = self.inner.layer;
-            let (res, b) = read_f32(grad, &mut st.grads_secs, |g| {
+            out.push(RowGrad {
+                rows: entry.rows,
+                read: Box::new(move |secs, f| read_f32(grad, secs, |g| f(g)).1),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Reads `grads` back, checks them, and adds them to the store's pending gradients; with
+    /// `optimizer`, then updates the touched rows (straight from the read-back buffer when they
+    /// are this step's only gradients). Returns the rows received.
+    ///
+    /// A non-finite gradient is an [`Error::NonFinite`] naming the row; that block is not
+    /// added, and with `optimizer` nothing of this layer is updated.
+    pub fn absorb(&self, grads: Vec<RowGrad>, optimizer: Option<&SparseAdamW>) -> Result<usize> {
+        let mut st = TransferStats::default();
+        let layer = self.inner.layer;
+        timeline::set_layer(Some(layer));
+        let direct = optimizer.is_some()
+            && grads.len() == 1
+            && self.with_store(|s| s.pending_rows().is_empty())?;
+        let mut received = 0;
+        let mut result = Ok(());
+        for RowGrad { rows, read } in grads {
+            received += rows.len();
+            let start = Instant::now();
+            let mut read_secs = 0.0;
+            let mut consume = |g: &[f32]| {
+                timeline::record("d2h row grads", SpanKind::Transfer, start);
                 if let Some(i) = g.par_iter().position_any(|v| !v.is_finite()) {
                     let w = g.len() / rows.len().max(1);
-                    return Err(Error::NonFinite(format!(
+                    result = Err(Error::NonFinite(format!(
                         "gradient of adapter row {} in layer {layer} is {}",
                         rows[i / w],
                         g[i]
                     )));
+                    return;
                 }
-                let start = Instant::now();
-                let mut store = self.inner.store.write().map_err(poisoned)?;
-                store.accumulate_grads_from(rows, g)?;
-                Ok(start.elapsed().as_secs_f64())
-            });
-            st.row_grads_to_host += b;
-            st.accumulate_secs += res?;
-            collected += entry.rows.len();
+                let t = Instant::now();
+                let Ok(mut store) = self.inner.store.write() else {
+                    result = Err(poisoned(()));
+                    return;
+                };
+                result = match (direct, optimizer) {
+                    (true, Some(opt)) => {
+                        let r = opt.step_rows(&mut store, &rows, g).map(|_| ());
+                        st.optimizer_secs += t.elapsed().as_secs_f64();
+                        timeline::record("sparse AdamW", SpanKind::Work, t);
+                        r
+                    }
+                    _ => {
+                        let r = store.accumulate_grads_from(&rows, g);
+                        st.accumulate_secs += t.elapsed().as_secs_f64();
+                        timeline::record("accumulate grads", SpanKind::Work, t);
+                        r
+                    }
+                };
+            };
+            st.row_grads_to_host += read(&mut read_secs, &mut consume);
+            st.grads_secs += read_secs;
+            if result.is_err() {
+                break;
+            }
         }
-        let n = collected;
+        if result.is_ok() && !direct {
+            if let Some(opt) = optimizer {
+                let t = Instant::now();
+                self.with_store_mut(|s| opt.step_store(s))?;
+                st.optimizer_secs += t.elapsed().as_secs_f64();
+                timeline::record("sparse AdamW", SpanKind::Work, t);
+            }
+        }
         self.inner.stats.lock().map_err(poisoned)?.add(&st);
-        Ok(n)
+        timeline::set_layer(None);
+        result.map(|()| received)
+    }
+
+    /// After `backward`, moves the gradients of every row shipped since the last call into the
+    /// store's pending gradients (summed per row), removing them from `grads`. Returns the
+    /// number of rows collected. Synchronous: [`SparseAdapter::hand_off`] is the overlapped form.
+    ///
+    /// Errors if a gradient is not finite (that row block is not added) or if the forward ran
+    /// on a different backend than `AB`.
+    pub fn collect_grads<AB: AutodiffBackend>(&self, grads: &mut AB::Gradients) -> Result<usize> {
+        let taken = self.take_grads::<AB>(grads)?;
+        self.absorb(taken, None)
+    }
+
+    /// Queues `grads` on `worker`: read back, checked, added, and (with `optimizer`) applied to
+    /// the rows, off the calling thread. This layer's next forward waits for it before
+    /// selecting; [`SparseAdapter::wait_update`] waits for it and reports its error.
+    pub fn hand_off(
+        &self,
+        grads: Vec<RowGrad>,
+        optimizer: Option<SparseAdamW>,
+        worker: &HostWorker,
+    ) -> Result<()> {
+        self.inner.update.open();
+        let me = self.clone();
+        let job = Box::new(move || {
+            let r = me.absorb(grads, optimizer.as_ref());
+            me.inner.update.close(r.err());
+        });
+        worker.submit(job).inspect_err(|_| self.inner.update.close(None))
+    }
+
+    /// Waits for this layer's handed-off updates; returns the first error one of them hit.
+    pub fn wait_update(&self) -> Result<()> {
+        self.inner.update.wait();
+        match self.inner.update.take_error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Drops rows shipped by forward calls whose gradients will not be collected (e.g. after
@@ -283,6 +419,15 @@ impl SparseAdapter {
     pub fn clear_tape(&self) {
         self.inner.tape.lock().expect("tape lock").clear();
     }
+}
+
+/// Routing of one forward call, read back to the host (see [`SparseAdapter::route`]).
+pub struct Routed<B: Backend> {
+    x: Tensor<B, 2>,
+    scores: Tensor<B, 2>,
+    x_host: Vec<f32>,
+    routing: Routing,
+    stats: TransferStats,
 }
 
 /// A frozen base FFN plus the MEFT sparse adapter: `FFN(x) + V_Uᵀ relu(top-K scores)`.
@@ -347,8 +492,11 @@ impl<B: Backend> MeftFfn<B> {
     /// Applies base FFN and adapter to `[batch, seq, d]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
-        let base = self.base.forward(x.clone());
-        let y = self.adapter.forward(x.reshape([b * t, d]), &self.router);
+        // Routing first (it reads back), then the base FFN: its kernels run on the device
+        // while the host selects and gathers the active rows.
+        let routed = self.adapter.route(x.clone().reshape([b * t, d]), &self.router);
+        let base = self.base.forward(x);
+        let y = self.adapter.apply(routed);
         base + y.reshape([b, t, d])
     }
 }

@@ -7,15 +7,18 @@
 //! - [`selection`]: CPU scoring and top-K ([`select_active`]).
 //! - [`layer`]: the burn module ([`MeftFfn`]) and its host side ([`SparseAdapter`]).
 //! - [`optim`]: sparse AdamW on the touched rows ([`SparseAdamW`]).
+//! - [`worker`]: the background thread that absorbs row gradients ([`HostWorker`]).
 
 pub mod config;
 pub mod layer;
 pub mod optim;
 pub mod selection;
 pub mod store;
+pub mod worker;
 
 pub use config::MeftConfig;
-pub use layer::{MeftFfn, SparseAdapter};
+pub use layer::{MeftFfn, Routed, SparseAdapter};
 pub use optim::{SparseAdamW, SparseStepStats};
 pub use selection::{select_active, ActiveNeurons, Routing, SelectionRule};
 pub use store::AdapterStore;
+pub use worker::{HostWorker, RowGrad};

@@ -69,7 +69,6 @@ impl SparseAdamW {
 
     /// Updates one store; returns the rows updated.
     pub fn step_store(&self, store: &mut super::store::AdapterStore) -> usize {
-        let w = 2 * store.d_model();
         let n = store.pending_rows.len();
         if n == 0 {
             return 0;
@@ -78,6 +77,61 @@ impl SparseAdamW {
             .map(|j| store.pending_slot(j))
             .collect();
         let grads = std::mem::take(&mut store.pending_grads);
+        self.apply(store, &slots, &grads);
+        store.pending_grads = grads;
+        store.clear_pending();
+        n
+    }
+
+    /// Updates `rows` straight from their gradients `grads` (`rows.len() × 2d`, row-major),
+    /// without staging them in the store's pending gradients: the hand-off's fast path for a
+    /// layer whose rows got exactly one gradient block this step. Same result as
+    /// `accumulate_grads_from` + [`SparseAdamW::step_store`].
+    ///
+    /// Errors (and changes nothing) if the store still has pending gradients, a row repeats or
+    /// is out of range, or the sizes disagree.
+    pub fn step_rows(
+        &self,
+        store: &mut super::store::AdapterStore,
+        rows: &[u32],
+        grads: &[f32],
+    ) -> Result<usize> {
+        let w = 2 * store.d_model();
+        if !store.pending_rows.is_empty() || grads.len() != rows.len() * w {
+            return Err(Error::Other(format!(
+                "sparse AdamW: direct step needs no pending rows ({}) and {} × {w} floats ({})",
+                store.pending_rows.len(),
+                rows.len(),
+                grads.len()
+            )));
+        }
+        let mut slots = vec![None; store.neurons()];
+        for (i, &j) in rows.iter().enumerate() {
+            match slots.get_mut(j as usize) {
+                Some(s @ None) => *s = Some(i),
+                Some(Some(_)) => {
+                    return Err(Error::Other(format!("sparse AdamW: row {j} given twice")))
+                }
+                None => {
+                    return Err(Error::Other(format!(
+                        "sparse AdamW: row {j} of a {}-row store",
+                        store.neurons()
+                    )))
+                }
+            }
+        }
+        self.apply(store, &slots, grads);
+        Ok(rows.len())
+    }
+
+    /// AdamW on every row `j` with `slots[j] = Some(s)`, gradient `grads[s·2d ..][.. 2d]`.
+    fn apply(
+        &self,
+        store: &mut super::store::AdapterStore,
+        slots: &[Option<usize>],
+        grads: &[f32],
+    ) {
+        let w = 2 * store.d_model();
         let hp = *self;
         store
             .params
@@ -92,9 +146,6 @@ impl SparseAdamW {
                     hp.update_row(p, m, v, &grads[s * w..][..w], *t);
                 }
             });
-        store.pending_grads = grads;
-        store.clear_pending();
-        n
     }
 
     /// burn's AdamW on one row at bias-correction time `t`.

@@ -7,13 +7,15 @@
 //! copies. Invariants:
 //! - the buffers are owned by one process-wide [`Engine`] behind a mutex, so a copy never races
 //!   with another use of the same buffer, and every copy is waited for before the lock is
-//!   released (no copy outlives the slice it reads or writes);
+//!   released (no copy outlives the slice it reads or writes); the chunks of one pipelined upload
+//!   are disjoint regions of the buffer, each written once before its copy is issued;
 //! - the device side is a cubecl allocation kept alive by its handle during the copy; cubecl's
 //!   stream is synchronised before the copy, so no queued kernel still uses (or produces) that
 //!   memory;
 //! - all calls run in CUDA's primary context of device 0, the one cubecl uses.
 
 use std::sync::Mutex;
+use std::time::Instant;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::DType;
@@ -23,6 +25,7 @@ use cubecl::Runtime;
 use cudarc::driver::{result, sys};
 
 use crate::backend::CudaUnfused;
+use crate::timeline::{self, SpanKind};
 use crate::{Error, Result};
 
 /// A page-locked host buffer (grown on demand, never shrunk).
@@ -76,6 +79,20 @@ struct Engine {
     ctx: sys::CUcontext,
     stream: sys::CUstream,
     up: Pinned,
+    /// Timing events, two per chunk of an upload (grown on demand, never destroyed).
+    events: Vec<sys::CUevent>,
+}
+
+impl Engine {
+    /// At least `n` timing events.
+    fn events(&mut self, n: usize) -> Result<&[sys::CUevent]> {
+        while self.events.len() < n {
+            let ev = result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+                .map_err(cuda_err("cuEventCreate"))?;
+            self.events.push(ev);
+        }
+        Ok(&self.events[..n])
+    }
 }
 
 // SAFETY: the raw CUDA handles are only used while holding `ENGINE`'s lock, after making the
@@ -107,6 +124,7 @@ fn with_engine<R>(f: impl FnOnce(&mut Engine) -> Result<R>) -> Result<R> {
             ctx,
             stream,
             up: Pinned::empty(),
+            events: Vec::new(),
         });
     }
     let engine = guard.as_mut().expect("initialised above");
@@ -119,39 +137,101 @@ fn sync_cubecl(device: &CudaDevice) -> Result<()> {
     CudaUnfused::<f32>::sync(device).map_err(|e| Error::Other(format!("device sync failed: {e:?}")))
 }
 
-/// Creates an f32 `[rows, cols]` tensor on `device` whose contents `fill` writes straight into
-/// pinned host memory (e.g. a parallel row gather).
+/// Timing of one pipelined upload.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UploadTiming {
+    /// Seconds in `fill` (the row gather), summed over chunks.
+    pub fill_secs: f64,
+    /// Seconds waiting for the copies after the last gather: the part not hidden by gathering.
+    pub tail_secs: f64,
+    /// Seconds the copy engine spent copying (the chunks' copies, timed by CUDA events).
+    pub copy_secs: f64,
+}
+
+/// Creates an f32 `[rows, cols]` tensor on `device` whose rows `fill(range, dst)` writes straight
+/// into pinned host memory (`dst` holds rows `range`, row-major).
+///
+/// Pipelined: rows are filled in chunks of ~32 MiB and each chunk's `cuMemcpyHtoDAsync` is
+/// issued as soon as it is filled, so the copy of chunk i runs while chunk i + 1 is gathered.
+/// Every chunk has its own region of the staging buffer, so no chunk waits for another's copy.
 pub fn upload_f32(
     device: &CudaDevice,
     shape: [usize; 2],
-    fill: impl FnOnce(&mut [f32]),
-) -> Result<CubeTensor<CudaRuntime>> {
-    let n = shape[0] * shape[1];
+    fill: &mut dyn FnMut(std::ops::Range<usize>, &mut [f32]),
+) -> Result<(CubeTensor<CudaRuntime>, UploadTiming)> {
+    let [rows, cols] = shape;
+    let n = rows * cols;
     let client = CudaRuntime::client(device);
+    let handle = client.empty(n * 4);
+    // The destination may reuse memory that queued kernels of this thread's stream still use.
+    sync_cubecl(device)?;
+    let res = client
+        .get_resource(handle.clone())
+        .map_err(|e| Error::Other(format!("cubecl resource: {e:?}")))?;
+    let dst = res.resource().ptr;
+    let mut timing = UploadTiming::default();
+    let ranges: Vec<_> = super::row_chunks(rows, cols).collect();
+    let chunks = ranges.len();
     with_engine(|e| {
+        let events = e.events(1 + 2 * chunks)?.to_vec();
         let host = e.up.f32s(n)?;
-        fill(host);
-        let handle = client.empty(n * 4);
-        sync_cubecl(device)?;
-        let res = client
-            .get_resource(handle.clone())
-            .map_err(|e| Error::Other(format!("cubecl resource: {e:?}")))?;
-        // SAFETY: the destination is a live cubecl allocation of at least n·4 bytes (kept alive
-        // by `res` and `handle`), unused by queued kernels (synchronised above); the source is
-        // our pinned buffer, not touched until the copy is waited for just below.
-        unsafe {
-            result::memcpy_htod_async(res.resource().ptr, &host[..], e.stream)
-                .map_err(cuda_err("cuMemcpyHtoDAsync"))?;
-            result::stream::synchronize(e.stream).map_err(cuda_err("cuStreamSynchronize"))?;
+        let mut origin = None;
+        for (c, r) in ranges.iter().enumerate() {
+            let (row, end) = (r.start, r.end);
+            let chunk = &mut host[row * cols..end * cols];
+            let t = Instant::now();
+            fill(row..end, chunk);
+            timing.fill_secs += t.elapsed().as_secs_f64();
+            timeline::record("gather rows", SpanKind::Work, t);
+            // SAFETY: the destination range [row·cols·4, end·cols·4) lies inside a live cubecl
+            // allocation of n·4 bytes (kept alive by `res` and `handle`), unused by queued kernels
+            // (synchronised above); the source chunk is a region of our pinned buffer that is not
+            // written again before the stream is synchronised below. The events are ours.
+            unsafe {
+                if c == 0 {
+                    result::event::record(events[0], e.stream).map_err(cuda_err("cuEventRecord"))?;
+                    origin = Some(Instant::now());
+                }
+                result::event::record(events[1 + 2 * c], e.stream)
+                    .map_err(cuda_err("cuEventRecord"))?;
+                result::memcpy_htod_async(dst + (row * cols * 4) as u64, &*chunk, e.stream)
+                    .map_err(cuda_err("cuMemcpyHtoDAsync"))?;
+                result::event::record(events[2 + 2 * c], e.stream)
+                    .map_err(cuda_err("cuEventRecord"))?;
+            }
         }
-        Ok(CubeTensor::new_contiguous(
-            client.clone(),
-            device.clone(),
-            shape.into(),
-            handle,
-            DType::F32,
-        ))
-    })
+        let t = Instant::now();
+        // SAFETY: waits for the copies above; afterwards nothing reads the pinned buffer.
+        unsafe { result::stream::synchronize(e.stream) }
+            .map_err(cuda_err("cuStreamSynchronize"))?;
+        timing.tail_secs = t.elapsed().as_secs_f64();
+        for c in 0..chunks {
+            // SAFETY: all events were recorded on our stream, which has completed.
+            let (from, to) = unsafe {
+                (
+                    result::event::elapsed(events[0], events[1 + 2 * c]),
+                    result::event::elapsed(events[0], events[2 + 2 * c]),
+                )
+            };
+            let (from, to) = (
+                from.map_err(cuda_err("cuEventElapsedTime"))? as f64 / 1e3,
+                to.map_err(cuda_err("cuEventElapsedTime"))? as f64 / 1e3,
+            );
+            timing.copy_secs += to - from;
+            if let Some(o) = origin {
+                timeline::record_between("copy", "h2d rows", SpanKind::Transfer, o, from, to);
+            }
+        }
+        Ok(())
+    })?;
+    let tensor = CubeTensor::new_contiguous(
+        client.clone(),
+        device.clone(),
+        shape.into(),
+        handle,
+        DType::F32,
+    );
+    Ok((tensor, timing))
 }
 
 /// The pinned host → device ceiling in this process: seconds for one `cuMemcpyHtoDAsync` of
