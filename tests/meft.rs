@@ -444,11 +444,9 @@ fn bytes_moved_are_active_rows_plus_routing() {
         "slot and expert indices"
     );
     assert_eq!(s.hidden_to_host, m * d * 4, "hidden states");
-    assert_eq!(
-        s.routing_to_host,
-        m * p * (8 + 4),
-        "router choices and gates"
-    );
+    let e = 64u64;
+    assert!(p < e);
+    assert_eq!(s.routing_to_host, m * e * 4, "router scores");
     assert_eq!(s.active_rows, u);
     let full_table = n as u64 * 2 * d * 4;
     assert!(

@@ -35,17 +35,17 @@ fn bad_row_counts_are_errors() {
 }
 
 /// On the GPU (run there by `scripts/gpu/pipeline.sh`): rows shipped through pinned staging —
-/// in ~32 MiB chunks, the last one ragged — arrive byte for byte, and the raw pinned ceiling is
-/// measured beside them.
+/// in 128 MiB chunks (4 096 rows of 2·4 096 floats), the last one ragged — arrive byte for byte,
+/// and the raw pinned ceiling is measured beside them.
 #[cfg(feature = "cuda")]
 #[test]
 fn staged_rows_arrive_byte_for_byte_on_cuda() {
     use meft::backend::CudaUnfused;
-    // 2·d = 8192 floats per row: 1024 rows per 32 MiB chunk.
+    // 2·d = 8192 floats per row: 4096 rows per 128 MiB chunk.
     let bench = TransferBench {
         d_model: 4096,
-        neurons: 8192,
-        rows: vec![1, 1000, 1024, 1025, 5000],
+        neurons: 10_000,
+        rows: vec![1, 1000, 4096, 4097, 10_000],
         iters: 2,
         label: "cuda".into(),
     };

@@ -5,7 +5,7 @@
 # memory figure is that run's alone; nvidia-smi samples every 100 ms). Also the CUDA transfer
 # test (bytes arriving == rows gathered) and `meft bench transfer` (pipelined upload vs raw).
 #
-# usage: [LAYERS=4] [SHAPES='4x256 1x256'] [METHODS='meft meft-serial dense'] \
+# usage: [LAYERS=4] [SHAPES='4x256 1x256'] [METHODS='meft meft-serial dense'] [WARMUP=3 ITERS=8] \
 #        scripts/gpu/pipeline.sh /path/to/meft /path/to/transfer-test-binary OUT_DIR
 set -euo pipefail
 BIN=$1
@@ -34,7 +34,8 @@ run() {
   mkdir -p "$tmp"
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$tmp/smi.txt" &
   local smi=$!
-  timeout 300 "$BIN" bench adapter --backend cuda --dtype f32 --layers "$LAYERS" "$@" \
+  timeout 300 "$BIN" bench adapter --backend cuda --dtype f32 --layers "$LAYERS" \
+    --warmup "${WARMUP:-3}" --iters "${ITERS:-8}" "$@" \
     --out "$OUT/$name.json" >"$tmp/table.md" 2>"$tmp/log.txt" || echo "$name failed: $?" >>"$tmp/log.txt"
   kill "$smi" 2>/dev/null || true
   { echo "## $name: --layers $LAYERS $*"; grep -v XDG_RUNTIME "$tmp/log.txt"; cat "$tmp/table.md";

@@ -208,7 +208,10 @@ impl Phases {
 fn stack_forward<B: Backend, L>(layers: &[L], x: Tensor<B, 3>, f: impl Fn(&L, Tensor<B, 3>) -> Tensor<B, 3>) -> Tensor<B, 3> {
     let mut h = x;
     for l in layers {
-        h = h.clone() + f(l, h);
+        let y = f(l, h.clone());
+        let t = Instant::now();
+        h = h + y;
+        timeline::record("residual (queue)", SpanKind::Wait, t);
     }
     h
 }

@@ -30,7 +30,7 @@ use super::optim::SparseAdamW;
 use super::store::AdapterStore;
 use super::worker::{HostWorker, RowGrad, UpdateGate};
 use crate::adapter::transfer::{
-    int_to_device, int_to_host, read_f32, to_host_f32, upload_rows, TransferStats,
+    int_to_device, read_f32, to_host_f32, upload_rows, TransferStats,
 };
 use crate::timeline::{self, SpanKind};
 use crate::model::FeedForward;
@@ -168,11 +168,9 @@ impl SparseAdapter {
             calls: 1,
             ..Default::default()
         };
+        let start = Instant::now();
         let scores = router.forward(x.clone());
-        let (gates, experts) = scores
-            .clone()
-            .detach()
-            .topk_with_indices(cfg.experts_per_token, 1);
+        timeline::record("router (queue)", SpanKind::Wait, start);
         // Wait for the device first, so the read-back's time is the copy alone.
         let start = Instant::now();
         let _ = B::sync(&x.device());
@@ -180,16 +178,14 @@ impl SparseAdapter {
         let start = Instant::now();
         let (x_host, b) = to_host_f32(x.clone().detach(), &mut st.readback_secs);
         st.hidden_to_host += b;
-        let (experts, b1) = int_to_host(experts, &mut st.readback_secs);
-        let (gates, b2) = to_host_f32(gates, &mut st.readback_secs);
-        st.routing_to_host += b1 + b2;
+        // The whole score matrix comes back (M × E floats, a few MB): each token's top experts
+        // are picked on the host, far faster than burn's generic top-k on the device.
+        let (routing, b) = read_f32(scores.clone().detach(), &mut st.readback_secs, |s| {
+            Routing::from_scores(s, cfg.expert_count(), cfg.experts_per_token)
+        });
+        st.routing_to_host += b;
         st.exposed_secs += start.elapsed().as_secs_f64();
         timeline::record("d2h hidden+routing", SpanKind::Transfer, start);
-        let routing = Routing {
-            experts: experts.iter().map(|&e| e as u32).collect(),
-            gates,
-            per_token: cfg.experts_per_token,
-        };
         Routed {
             x,
             scores,
@@ -245,6 +241,7 @@ impl SparseAdapter {
             st.rows_to_device += up.bytes;
             st.exposed_secs += up.exposed_secs;
             st.copy_secs += up.copy_secs;
+            let queued = Instant::now();
             if training {
                 rows = rows.require_grad();
                 self.inner.tape.lock().expect("tape lock").push(TapeEntry {
@@ -272,7 +269,9 @@ impl SparseAdapter {
                 st.indices_to_device += b;
                 pre = pre * scores.select(1, ids);
             }
-            (relu(pre) * mask).matmul(values)
+            let y = (relu(pre) * mask).matmul(values);
+            timeline::record("adapter (queue)", SpanKind::Wait, queued);
+            y
         };
         *self.inner.last_active.lock().expect("active lock") = Some(active);
         self.inner.stats.lock().expect("stats lock").add(&st);
@@ -495,7 +494,9 @@ impl<B: Backend> MeftFfn<B> {
         // Routing first (it reads back), then the base FFN: its kernels run on the device
         // while the host selects and gathers the active rows.
         let routed = self.adapter.route(x.clone().reshape([b * t, d]), &self.router);
+        let start = std::time::Instant::now();
         let base = self.base.forward(x);
+        timeline::record("base FFN (queue)", SpanKind::Wait, start);
         let y = self.adapter.apply(routed);
         base + y.reshape([b, t, d])
     }

@@ -19,6 +19,51 @@ pub struct Routing {
     pub per_token: usize,
 }
 
+impl Routing {
+    /// Each token's top `per_token` experts by router score, from the scores `tokens × experts`
+    /// read back from the device (a few MB even for thousands of experts; on the CPU this is
+    /// ~1 ms, where burn 0.21's generic top-k on CUDA took ~110 ms for 1 024 × 1 024).
+    ///
+    /// Highest score first; ties go to the lower expert index; NaN scores rank last.
+    pub fn from_scores(scores: &[f32], experts: usize, per_token: usize) -> Routing {
+        let p = per_token.min(experts);
+        let tokens = if experts == 0 { 0 } else { scores.len() / experts };
+        let mut out_e = vec![0u32; tokens * p];
+        let mut out_g = vec![0f32; tokens * p];
+        let rank = |row: &[f32], a: u32, b: u32| {
+            let (x, y) = (row[a as usize], row[b as usize]);
+            match (x.is_nan(), y.is_nan()) {
+                (false, false) => y.total_cmp(&x).then(a.cmp(&b)),
+                (true, false) => std::cmp::Ordering::Greater,
+                (false, true) => std::cmp::Ordering::Less,
+                (true, true) => a.cmp(&b),
+            }
+        };
+        out_e
+            .par_chunks_mut(p.max(1))
+            .zip(out_g.par_chunks_mut(p.max(1)))
+            .zip(scores.par_chunks(experts.max(1)))
+            .for_each_init(Vec::new, |idx, ((e_out, g_out), row)| {
+                idx.clear();
+                idx.extend(0..experts as u32);
+                if p < experts {
+                    idx.select_nth_unstable_by(p, |&a, &b| rank(row, a, b));
+                }
+                let top = &mut idx[..p];
+                top.sort_unstable_by(|&a, &b| rank(row, a, b));
+                for (i, &e) in top.iter().enumerate() {
+                    e_out[i] = e;
+                    g_out[i] = row[e as usize];
+                }
+            });
+        Routing {
+            experts: out_e,
+            gates: out_g,
+            per_token: p,
+        }
+    }
+}
+
 /// How to select: expert size, K, gate on/off, optional batch cap.
 #[derive(Debug, Clone, Copy)]
 pub struct SelectionRule {
@@ -211,6 +256,21 @@ fn top_k_positive(mut cand: Vec<(u32, f32)>, k: usize) -> Vec<(u32, f32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routing_from_scores_is_each_tokens_top_p() {
+        let scores = vec![
+            0.1, 0.9, -2.0, 0.9, 0.5, // token 0: tie between experts 1 and 3
+            f32::NAN, -1.0, -3.0, -0.5, -2.0, // token 1: NaN ranks last
+        ];
+        let r = Routing::from_scores(&scores, 5, 3);
+        assert_eq!(r.per_token, 3);
+        assert_eq!(r.experts, vec![1, 3, 4, 8 - 5, 1, 4]);
+        assert_eq!(r.gates, vec![0.9, 0.9, 0.5, -0.5, -1.0, -2.0]);
+        // P ≥ E: every expert, sorted.
+        let r = Routing::from_scores(&scores[..5], 5, 9);
+        assert_eq!(r.experts, vec![1, 3, 4, 0, 2]);
+    }
 
     /// Brute force over all neurons of the probed experts.
     fn brute(

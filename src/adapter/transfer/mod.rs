@@ -15,6 +15,7 @@
 #[cfg(feature = "cuda")]
 mod pinned_cuda;
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
@@ -120,14 +121,56 @@ impl TransferStats {
     }
 }
 
-/// Bytes per pipelined upload chunk: about 32 MiB, so a chunk's copy (≈ 0.6 ms at 55 GB/s)
-/// overlaps the next chunk's gather without many per-copy overheads.
-pub const CHUNK_BYTES: usize = 32 << 20;
+/// Default bytes per pipelined upload chunk: 128 MiB. Gathering a chunk and copying the previous
+/// one compete for host memory bandwidth; on the lent H100 host (16 cores), for 1.35 GB of
+/// rows, 128 MiB chunks gave the shortest gather + copy (32.2 ms, vs 51.2 ms unpipelined) with
+/// the copies still at 0.84 of the pinned peak; 32 MiB: 33.7 ms at 0.79; 8 MiB: 38.1 ms at 0.67
+/// (BENCHMARKS.md, "pipelined row upload").
+pub const CHUNK_BYTES: usize = 128 << 20;
+
+/// Bytes per upload chunk: [`CHUNK_BYTES`], or `MEFT_UPLOAD_CHUNK_MB` MiB (0: one chunk, i.e.
+/// gather everything, then copy — no overlap).
+pub fn chunk_bytes() -> usize {
+    static BYTES: OnceLock<usize> = OnceLock::new();
+    *BYTES.get_or_init(|| match std::env::var("MEFT_UPLOAD_CHUNK_MB").ok() {
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(0) => usize::MAX,
+            Ok(mb) => mb << 20,
+            Err(_) => {
+                eprintln!("meft: MEFT_UPLOAD_CHUNK_MB={v:?} is not a number; using 128");
+                CHUNK_BYTES
+            }
+        },
+        None => CHUNK_BYTES,
+    })
+}
+
+/// Threads gathering rows for an upload: `MEFT_GATHER_THREADS`, else rayon's global pool.
+fn gather_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let n: usize = std::env::var("MEFT_GATHER_THREADS").ok()?.trim().parse().ok()?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .thread_name(|i| format!("meft-gather-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
+}
+
+/// Runs `f` on the gather pool (see [`gather_pool`]).
+fn in_gather_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    match gather_pool() {
+        Some(p) => p.install(f),
+        None => f(),
+    }
+}
 
 /// The row ranges of an upload of `rows` rows of `cols` f32s, in order: consecutive, disjoint,
-/// covering `0..rows`, each at most [`CHUNK_BYTES`] (at least one row).
+/// covering `0..rows`, each at most [`chunk_bytes`] (at least one row).
 pub fn row_chunks(rows: usize, cols: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
-    let per_chunk = (CHUNK_BYTES / (cols * 4).max(1)).max(1);
+    let per_chunk = (chunk_bytes() / (cols * 4).max(1)).max(1);
     (0..rows.div_ceil(per_chunk)).map(move |c| c * per_chunk..((c + 1) * per_chunk).min(rows))
 }
 
@@ -156,10 +199,12 @@ pub fn upload_rows<B: Backend>(
     shape: [usize; 2],
     device: &B::Device,
     dtype: DType,
-    mut fill: impl FnMut(std::ops::Range<usize>, &mut [f32]),
+    fill: impl FnMut(std::ops::Range<usize>, &mut [f32]) + Send,
     secs: &mut f64,
 ) -> (Tensor<B, 2>, RowUpload) {
     let start = Instant::now();
+    let mut fill = fill;
+    let mut fill = |r: std::ops::Range<usize>, dst: &mut [f32]| in_gather_pool(|| fill(r, dst));
     #[cfg(feature = "cuda")]
     if dtype == DType::F32 {
         if let Some((t, timing)) = cuda::upload::<B>(shape, device, &mut fill) {
@@ -387,18 +432,26 @@ mod tests {
 
     #[test]
     fn row_chunks_cover_the_rows_in_order() {
-        for (rows, cols) in [(0, 8), (1, 8192), (1024, 8192), (1025, 8192), (41_216, 8192), (3, 1 << 24)] {
+        let per_chunk = chunk_bytes() / (8192 * 4);
+        for (rows, cols) in [
+            (0, 8),
+            (1, 8192),
+            (per_chunk, 8192),
+            (per_chunk + 1, 8192),
+            (41_216, 8192),
+            (3, 1 << 26),
+        ] {
             let chunks: Vec<_> = row_chunks(rows, cols).collect();
             let mut next = 0;
             for c in &chunks {
                 assert_eq!(c.start, next, "{rows}×{cols}: {chunks:?}");
                 assert!(c.end > c.start);
-                assert!((c.end - c.start) * cols * 4 <= CHUNK_BYTES || c.end - c.start == 1);
+                assert!((c.end - c.start) * cols * 4 <= chunk_bytes() || c.end - c.start == 1);
                 next = c.end;
             }
             assert_eq!(next, rows);
         }
-        assert_eq!(row_chunks(1025, 8192).count(), 2);
+        assert_eq!(row_chunks(per_chunk + 1, 8192).count(), 2);
     }
 
     #[test]

@@ -46,12 +46,17 @@ impl Pinned {
     fn f32s(&mut self, n: usize) -> Result<&mut [f32]> {
         let bytes = n * 4;
         if self.bytes < bytes {
+            // Grow with headroom: row counts vary from call to call, and pinning a fresh buffer
+            // costs ~0.3 s per GB.
+            let bytes = bytes + bytes / 4;
+            let t = Instant::now();
             self.release();
             // SAFETY: plain allocation; the pointer is checked and owned by `self`.
             let ptr =
                 unsafe { result::malloc_host(bytes, 0) }.map_err(cuda_err("cuMemHostAlloc"))?;
             self.ptr = ptr as *mut u8;
             self.bytes = bytes;
+            timeline::record("grow pinned buffer", SpanKind::Wait, t);
         }
         // SAFETY: `ptr` points to at least `bytes` bytes owned by `self`, 16-byte aligned
         // (CUDA host allocations are page-aligned), and `&mut self` makes the slice unique.
@@ -151,7 +156,7 @@ pub struct UploadTiming {
 /// Creates an f32 `[rows, cols]` tensor on `device` whose rows `fill(range, dst)` writes straight
 /// into pinned host memory (`dst` holds rows `range`, row-major).
 ///
-/// Pipelined: rows are filled in chunks of ~32 MiB and each chunk's `cuMemcpyHtoDAsync` is
+/// Pipelined: rows are filled in chunks ([`super::chunk_bytes`]) and each chunk's `cuMemcpyHtoDAsync` is
 /// issued as soon as it is filled, so the copy of chunk i runs while chunk i + 1 is gathered.
 /// Every chunk has its own region of the staging buffer, so no chunk waits for another's copy.
 pub fn upload_f32(
@@ -162,9 +167,13 @@ pub fn upload_f32(
     let [rows, cols] = shape;
     let n = rows * cols;
     let client = CudaRuntime::client(device);
+    let t = Instant::now();
     let handle = client.empty(n * 4);
+    timeline::record("alloc rows", SpanKind::Wait, t);
     // The destination may reuse memory that queued kernels of this thread's stream still use.
+    let t = Instant::now();
     sync_cubecl(device)?;
+    timeline::record("wait device", SpanKind::Wait, t);
     let res = client
         .get_resource(handle.clone())
         .map_err(|e| Error::Other(format!("cubecl resource: {e:?}")))?;
