@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Plots the pipeline timeline written by `meft bench adapter --timeline FILE` as a PNG.
 
-Usage: plot_timeline.py TIMELINE.json OUT.png [--steps N]
+Usage: plot_timeline.py OUT.png TIMELINE.json [TIMELINE.json ...] [--steps N]
 
 One panel per MEFT run (overlapped and serial), one row per lane: `main` (the thread that
 queues the model's device work: waits, read-backs, selection, gathers), `copy` (row copies
@@ -39,9 +39,9 @@ def main():
         i = args.index("--steps")
         steps = int(args[i + 1])
         del args[i : i + 2]
-    src, out = args
-    runs = json.load(open(src))
-    fig, axes = plt.subplots(len(runs), 1, figsize=(14, 2.4 * len(runs) + 0.8), squeeze=False)
+    out, *sources = args
+    runs = [run for src in sources for run in json.load(open(src))]
+    fig, axes = plt.subplots(len(runs), 1, figsize=(15, 2.6 * len(runs) + 0.8), squeeze=False)
     for ax, run in zip(axes[:, 0], runs):
         starts = run["step_starts"]
         t0 = starts[0]
@@ -78,7 +78,7 @@ def main():
             f"exposed {run['exposed_transfer_ms']:.1f} ms/step",
             fontsize=9,
         )
-        ax.legend(fontsize=6, ncol=6, loc="upper right", framealpha=0.8)
+        ax.legend(fontsize=6, ncol=1, loc="upper left", bbox_to_anchor=(1.005, 1.0))
     fig.tight_layout()
     fig.savefig(out, dpi=130)
     print(f"wrote {out}")

@@ -133,7 +133,12 @@ enum BenchCommand {
     /// or serial) and/or the dense on-device adapter of the same N, side by side (random weights).
     Adapter {
         /// Which adapters to measure, in order.
-        #[arg(long, value_enum, value_delimiter = ',', default_value = "meft,meft-serial,dense")]
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "meft,meft-serial,dense"
+        )]
         methods: Vec<AdapterMethod>,
         /// Stacked layers (each with its own FFN and adapter).
         #[arg(long, default_value_t = 1)]
@@ -383,11 +388,13 @@ fn main() -> anyhow::Result<()> {
                     let runs: Vec<_> = results
                         .iter()
                         .filter(|r| !r.timeline.is_empty())
-                        .map(|r| serde_json::json!({"method": r.method, "layers": r.layers,
+                        .map(|r| {
+                            serde_json::json!({"method": r.method, "layers": r.layers,
                             "batch": r.batch, "seq": r.seq, "step_ms": r.step_ms,
                             "exposed_transfer_ms": r.exposed_transfer_ms,
                             "transfer_ms": r.transfer_ms, "step_starts": r.step_starts,
-                            "spans": r.timeline}))
+                            "spans": r.timeline})
+                        })
                         .collect();
                     write_json(path, &runs)?;
                 }

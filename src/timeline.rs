@@ -118,7 +118,14 @@ pub fn record_on(lane: &str, stage: &str, kind: SpanKind, start: Instant) {
 
 /// Records a span on `lane` from `origin + from` to `origin + to` (seconds), e.g. a copy
 /// timed by device events relative to a host instant.
-pub fn record_between(lane: &str, stage: &str, kind: SpanKind, origin: Instant, from: f64, to: f64) {
+pub fn record_between(
+    lane: &str,
+    stage: &str,
+    kind: SpanKind,
+    origin: Instant,
+    from: f64,
+    to: f64,
+) {
     if !enabled() {
         return;
     }
@@ -206,16 +213,16 @@ mod tests {
             span(SpanKind::Transfer, 0.0, 4.0),
             span(SpanKind::Transfer, 3.0, 5.0), // overlaps the first: union 0..5
             span(SpanKind::Work, 1.0, 2.0),
-            span(SpanKind::Work, 1.5, 3.5), // union 1..3.5
+            span(SpanKind::Work, 1.5, 3.5),  // union 1..3.5
             span(SpanKind::Wait, 0.0, 10.0), // waits cover nothing
             span(SpanKind::Transfer, 8.0, 9.0),
         ];
-        let (total, exposed) = exposed(&spans, 0.0, 10.0);
+        let (total, hidden_not) = exposed(&spans, 0.0, 10.0);
         assert!((total - 6.0).abs() < 1e-12, "{total}");
-        assert!((exposed - 3.5).abs() < 1e-12, "{exposed}");
+        assert!((hidden_not - 3.5).abs() < 1e-12, "{hidden_not}");
         // Clipped to a window.
-        let (total, exposed) = exposed(&spans, 2.0, 8.5);
+        let (total, hidden_not) = exposed(&spans, 2.0, 8.5);
         assert!((total - 3.5).abs() < 1e-12, "{total}");
-        assert!((exposed - 2.0).abs() < 1e-12, "{exposed}");
+        assert!((hidden_not - 2.0).abs() < 1e-12, "{hidden_not}");
     }
 }

@@ -68,16 +68,20 @@ where
     P::Compute: AutodiffBackend,
 {
     let device = placement.compute_device();
-    let (mut model, adapters) = placement
-        .wrap(base, &meft_config(), &Layers::All)
-        .unwrap();
+    let (mut model, adapters) = placement.wrap(base, &meft_config(), &Layers::All).unwrap();
     let mut router_opt = AdamWConfig::new().init::<P::Compute, Llama<P::Compute>>();
     let worker = HostWorker::new().unwrap();
     let sparse = optimizer();
     let mut losses = Vec::new();
     for step in 0..steps {
         let loss = model.loss(&batch::<P::Compute>(step, device));
-        losses.push(loss.clone().into_data().convert::<f32>().to_vec::<f32>().unwrap()[0]);
+        losses.push(
+            loss.clone()
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .unwrap()[0],
+        );
         let mut grads = loss.backward();
         if overlap {
             adapters
@@ -158,8 +162,11 @@ fn direct_sparse_step_equals_accumulate_then_step() {
     assert!(e.to_string().contains("row 1 given twice"), "{e}");
     let e = opt.step_rows(&mut b, &[50], &grads[..2 * d]).unwrap_err();
     assert!(e.to_string().contains("row 50"), "{e}");
-    b.accumulate_grads_from(&rows[..1], &grads[..2 * d]).unwrap();
-    let e = opt.step_rows(&mut b, &rows[1..2], &grads[..2 * d]).unwrap_err();
+    b.accumulate_grads_from(&rows[..1], &grads[..2 * d])
+        .unwrap();
+    let e = opt
+        .step_rows(&mut b, &rows[1..2], &grads[..2 * d])
+        .unwrap_err();
     assert!(e.to_string().contains("pending"), "{e}");
     assert_eq!(b.keys(), before);
 }
@@ -168,7 +175,8 @@ fn direct_sparse_step_equals_accumulate_then_step() {
 fn the_worker_reports_non_finite_gradients_and_leaves_the_layer_as_it_was() {
     let device = Default::default();
     let base = Llama::<B>::init_random(&tiny(), &device);
-    let (model, adapters): (_, Adapters) = meft::adapter::wrap(base, &meft_config(), &Layers::All).unwrap();
+    let (model, adapters): (_, Adapters) =
+        meft::adapter::wrap(base, &meft_config(), &Layers::All).unwrap();
     let worker = HostWorker::new().unwrap();
     let before: Vec<_> = adapters
         .sparse
@@ -205,7 +213,12 @@ fn the_hybrid_placement_exports_stores_on_the_host_backend() {
     let keys = adapters.sparse[0].with_store(|s| s.keys()).unwrap();
     let exported: Vec<f64> = k.into_data().to_vec().unwrap();
     assert!(keys.iter().zip(&exported).all(|(a, b)| *a as f64 == *b));
-    assert!(v.into_data().to_vec::<f64>().unwrap().iter().all(|&x| x == 0.0));
+    assert!(v
+        .into_data()
+        .to_vec::<f64>()
+        .unwrap()
+        .iter()
+        .all(|&x| x == 0.0));
 }
 
 #[test]

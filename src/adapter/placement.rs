@@ -21,6 +21,9 @@ use super::{wrap, AdapterConfig, Adapters, Layers};
 use crate::model::Llama;
 use crate::Result;
 
+/// A store's keys and values `[N, d]` as tensors of the host backend `S`.
+pub type StoreTensors<S> = (Tensor<S, 2>, Tensor<S, 2>);
+
 /// Backends whose tensors live in host memory, where adapter stores can be exported.
 pub trait HostStore: Backend {}
 
@@ -52,10 +55,7 @@ pub trait Placement: Clone + Send + Sync + 'static {
     }
 
     /// A MEFT adapter's keys and values `[N, d]` as tensors of the store backend.
-    fn store_tensors(
-        &self,
-        adapter: &SparseAdapter,
-    ) -> Result<(Tensor<Self::Store, 2>, Tensor<Self::Store, 2>)> {
+    fn store_tensors(&self, adapter: &SparseAdapter) -> Result<StoreTensors<Self::Store>> {
         let device = self.store_device();
         // The store backend's own float type, not the device default (which the first backend
         // on a shared device sets).

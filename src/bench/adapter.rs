@@ -22,9 +22,9 @@ use crate::adapter::dense::{DenseAdapterConfig, DenseAdapterFfn};
 use crate::adapter::meft::{HostWorker, MeftConfig, MeftFfn, SparseAdamW};
 use crate::adapter::transfer::raw_pinned_h2d_secs;
 use crate::adapter::Adapters;
-use crate::timeline::{self, Span, SpanKind};
 use crate::backend::BackendTask;
 use crate::model::FeedForward;
+use crate::timeline::{self, Span, SpanKind};
 use crate::{Error, Result};
 
 /// The adapter measured.
@@ -205,7 +205,11 @@ impl Phases {
 }
 
 /// `h ← h + layer(h)` through the stack.
-fn stack_forward<B: Backend, L>(layers: &[L], x: Tensor<B, 3>, f: impl Fn(&L, Tensor<B, 3>) -> Tensor<B, 3>) -> Tensor<B, 3> {
+fn stack_forward<B: Backend, L>(
+    layers: &[L],
+    x: Tensor<B, 3>,
+    f: impl Fn(&L, Tensor<B, 3>) -> Tensor<B, 3>,
+) -> Tensor<B, 3> {
     let mut h = x;
     for l in layers {
         let y = f(l, h.clone());
@@ -420,7 +424,9 @@ impl AdapterBench {
         result.exposed_share = result.exposed_transfer_ms / result.step_ms;
         if self.keep_timeline {
             result.timeline = spans;
-            result.step_starts.push(timeline::now() - end.elapsed().as_secs_f64());
+            result
+                .step_starts
+                .push(timeline::now() - end.elapsed().as_secs_f64());
         } else {
             result.step_starts.clear();
         }
@@ -482,8 +488,9 @@ impl BackendTask for AdapterBench {
         }
         self.meft.validate(self.d_model)?;
         let (b, t, d) = (self.batch, self.seq, self.d_model);
-        let x = Tensor::<Autodiff<B>, 3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &device)
-            .require_grad();
+        let x =
+            Tensor::<Autodiff<B>, 3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &device)
+                .require_grad();
         let mut result = self.empty_result();
         let ph = match self.method {
             AdapterMethod::Meft => self.run_meft::<B>(&device, x, true, &mut result)?,

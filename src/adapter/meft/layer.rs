@@ -25,16 +25,17 @@ use burn::tensor::{IndexingUpdateOp, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::config::MeftConfig;
-use super::selection::{select_active, ActiveNeurons, Routing, SelectionRule};
 use super::optim::SparseAdamW;
+use super::selection::{select_active, ActiveNeurons, Routing, SelectionRule};
 use super::store::AdapterStore;
 use super::worker::{HostWorker, RowGrad, UpdateGate};
-use crate::adapter::transfer::{
-    int_to_device, read_f32, to_host_f32, upload_rows, TransferStats,
-};
-use crate::timeline::{self, SpanKind};
+use crate::adapter::transfer::{int_to_device, read_f32, upload_rows, TransferStats};
 use crate::model::FeedForward;
+use crate::timeline::{self, SpanKind};
 use crate::{Error, Result};
+
+/// Active rows are shipped padded with zero rows to a multiple of this (see `apply`).
+pub const PAD_ROWS: usize = 64;
 
 /// Rows shipped for one forward call, kept until their gradients are collected.
 struct TapeEntry {
@@ -176,7 +177,9 @@ impl SparseAdapter {
         let _ = B::sync(&x.device());
         timeline::record("wait device", SpanKind::Wait, start);
         let start = Instant::now();
-        let (x_host, b) = to_host_f32(x.clone().detach(), &mut st.readback_secs);
+        // Plain copies, not rayon: the host worker may be running a layer's optimizer update
+        // in the global pool, and this short step should not queue behind it.
+        let (x_host, b) = read_f32(x.clone().detach(), &mut st.readback_secs, <[f32]>::to_vec);
         st.hidden_to_host += b;
         // The whole score matrix comes back (M × E floats, a few MB): each token's top experts
         // are picked on the host, far faster than burn's generic top-k on the device.
@@ -231,11 +234,19 @@ impl SparseAdapter {
             drop(store);
             Tensor::zeros([m, d], (&device, dtype))
         } else {
+            // Rows are padded with zeros to a multiple of PAD_ROWS: a few shapes instead of one
+            // per active-row count, so the device compiles a few kernel variants, not one per
+            // step. Padded rows score 0, so they add nothing and get no gradient.
+            let u_pad = u.div_ceil(PAD_ROWS) * PAD_ROWS;
+            let w = 2 * d;
             let fill = |r: std::ops::Range<usize>, dst: &mut [f32]| {
-                store.gather_rows_into(&active.rows[r], dst)
+                let real = r.start.min(u)..r.end.min(u);
+                let split = real.len() * w;
+                store.gather_rows_into(&active.rows[real], &mut dst[..split]);
+                dst[split..].fill(0.0);
             };
             let (mut rows, up) =
-                upload_rows::<B>([u, 2 * d], &device, dtype, fill, &mut st.upload_secs);
+                upload_rows::<B>([u_pad, w], &device, dtype, fill, &mut st.upload_secs);
             drop(store);
             st.gather_secs += up.gather_secs;
             st.rows_to_device += up.bytes;
@@ -249,23 +260,24 @@ impl SparseAdapter {
                     leaf: Box::new(rows.clone()),
                 });
             }
-            let keys = rows.clone().slice([0..u, 0..d]);
-            let values = rows.slice([0..u, d..2 * d]);
+            let keys = rows.clone().slice([0..u_pad, 0..d]);
+            let values = rows.slice([0..u_pad, d..2 * d]);
 
             let k = cfg.top_k;
             let slots = active.slots.iter().map(|&s| s as i64).collect();
             let (slots, b) = int_to_device::<B, 2>(slots, [m, k], &device, &mut st.upload_secs);
             st.indices_to_device += b;
             let ones = Tensor::ones([m, k], (&device, dtype));
-            let mask = Tensor::<B, 2>::zeros([m, u + 1], (&device, dtype))
+            let mask = Tensor::<B, 2>::zeros([m, u_pad + 1], (&device, dtype))
                 .scatter(1, slots, ones, IndexingUpdateOp::Add)
-                .slice([0..m, 0..u]);
+                .slice([0..m, 0..u_pad]);
 
             let mut pre = x.matmul(keys.transpose());
             if cfg.router_gate {
                 let size = cfg.expert_size() as u32;
-                let ids = active.rows.iter().map(|&j| (j / size) as i64).collect();
-                let (ids, b) = int_to_device::<B, 1>(ids, [u], &device, &mut st.upload_secs);
+                let mut ids: Vec<i64> = active.rows.iter().map(|&j| (j / size) as i64).collect();
+                ids.resize(u_pad, 0);
+                let (ids, b) = int_to_device::<B, 1>(ids, [u_pad], &device, &mut st.upload_secs);
                 st.indices_to_device += b;
                 pre = pre * scores.select(1, ids);
             }
@@ -298,6 +310,9 @@ impl SparseAdapter {
             let Some(grad) = leaf.grad_remove(grads) else {
                 continue; // The output did not reach the loss: zero gradient, nothing to add.
             };
+            // Drop the padding rows (contiguous leading rows: a view, no copy).
+            let [_, w] = grad.dims();
+            let grad = grad.slice([0..entry.rows.len(), 0..w]);
             out.push(RowGrad {
                 rows: entry.rows,
                 read: Box::new(move |secs, f| read_f32(grad, secs, |g| f(g)).1),
@@ -401,7 +416,9 @@ impl SparseAdapter {
             let r = me.absorb(grads, optimizer.as_ref());
             me.inner.update.close(r.err());
         });
-        worker.submit(job).inspect_err(|_| self.inner.update.close(None))
+        worker
+            .submit(job)
+            .inspect_err(|_| self.inner.update.close(None))
     }
 
     /// Waits for this layer's handed-off updates; returns the first error one of them hit.
@@ -493,7 +510,9 @@ impl<B: Backend> MeftFfn<B> {
         let [b, t, d] = x.dims();
         // Routing first (it reads back), then the base FFN: its kernels run on the device
         // while the host selects and gathers the active rows.
-        let routed = self.adapter.route(x.clone().reshape([b * t, d]), &self.router);
+        let routed = self
+            .adapter
+            .route(x.clone().reshape([b * t, d]), &self.router);
         let start = std::time::Instant::now();
         let base = self.base.forward(x);
         timeline::record("base FFN (queue)", SpanKind::Wait, start);

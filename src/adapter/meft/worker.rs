@@ -31,15 +31,37 @@ impl std::fmt::Debug for HostWorker {
 }
 
 impl HostWorker {
-    /// Starts the worker thread.
+    /// Starts the worker thread. Its parallel loops share rayon's global pool with the calling
+    /// thread's (measured best on the lent H100 host: both sides are bound by host memory
+    /// bandwidth, and a separate pool of half the cores made the optimizer the bottleneck);
+    /// `MEFT_WORKER_THREADS=n` gives the worker a pool of its own.
     pub fn new() -> Result<Self> {
+        let threads = std::env::var("MEFT_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        let pool = match threads {
+            Some(n) => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n.max(1))
+                    .thread_name(|i| format!("meft-worker-{i}"))
+                    .start_handler(|_| timeline::set_lane("worker"))
+                    .build()
+                    .map_err(|e| {
+                        Error::Other(format!("cannot start the host worker's pool: {e}"))
+                    })?,
+            ),
+            None => None,
+        };
         let (tx, rx) = channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("meft-host-worker".into())
             .spawn(move || {
                 timeline::set_lane("worker");
                 for job in rx {
-                    job();
+                    match &pool {
+                        Some(p) => p.install(job),
+                        None => job(),
+                    }
                 }
             })
             .map_err(|e| Error::Other(format!("cannot start the host worker thread: {e}")))?;
@@ -68,13 +90,16 @@ impl Drop for HostWorker {
     }
 }
 
+/// Reads a `[rows, 2d]` gradient back and hands it to the consumer as f32s; adds the seconds
+/// taken to the first argument and returns the bytes moved.
+pub(crate) type ReadGrad = Box<dyn FnOnce(&mut f64, &mut dyn FnMut(&[f32])) -> u64 + Send>;
+
 /// Row gradients of one forward call, moved out of burn's `Gradients` but not yet read back.
 pub struct RowGrad {
     /// The store rows, in the order of the gradient's rows.
     pub rows: Vec<u32>,
-    /// Reads the `[rows, 2d]` gradient back and hands it to the consumer as f32s; adds the
-    /// seconds taken to the first argument and returns the bytes moved.
-    pub(crate) read: Box<dyn FnOnce(&mut f64, &mut dyn FnMut(&[f32])) -> u64 + Send>,
+    /// Reads the gradient back (see [`ReadGrad`]).
+    pub(crate) read: ReadGrad,
 }
 
 /// Whether a layer's handed-off update has been applied.
@@ -94,7 +119,10 @@ struct GateState {
 impl UpdateGate {
     /// Marks one more update as queued.
     pub(crate) fn open(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).submitted += 1;
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .submitted += 1;
     }
 
     /// Marks the oldest queued update as applied (or failed with `error`).

@@ -83,8 +83,12 @@ impl TransferStats {
             hidden_to_host: self.hidden_to_host.saturating_sub(earlier.hidden_to_host),
             routing_to_host: self.routing_to_host.saturating_sub(earlier.routing_to_host),
             rows_to_device: self.rows_to_device.saturating_sub(earlier.rows_to_device),
-            indices_to_device: self.indices_to_device.saturating_sub(earlier.indices_to_device),
-            row_grads_to_host: self.row_grads_to_host.saturating_sub(earlier.row_grads_to_host),
+            indices_to_device: self
+                .indices_to_device
+                .saturating_sub(earlier.indices_to_device),
+            row_grads_to_host: self
+                .row_grads_to_host
+                .saturating_sub(earlier.row_grads_to_host),
             active_rows: self.active_rows.saturating_sub(earlier.active_rows),
             readback_secs: self.readback_secs - earlier.readback_secs,
             upload_secs: self.upload_secs - earlier.upload_secs,
@@ -149,7 +153,11 @@ pub fn chunk_bytes() -> usize {
 fn gather_pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
     POOL.get_or_init(|| {
-        let n: usize = std::env::var("MEFT_GATHER_THREADS").ok()?.trim().parse().ok()?;
+        let n: usize = std::env::var("MEFT_GATHER_THREADS")
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
         rayon::ThreadPoolBuilder::new()
             .num_threads(n.max(1))
             .thread_name(|i| format!("meft-gather-{i}"))

@@ -198,7 +198,8 @@ pub fn upload_f32(
             // written again before the stream is synchronised below. The events are ours.
             unsafe {
                 if c == 0 {
-                    result::event::record(events[0], e.stream).map_err(cuda_err("cuEventRecord"))?;
+                    result::event::record(events[0], e.stream)
+                        .map_err(cuda_err("cuEventRecord"))?;
                     origin = Some(Instant::now());
                 }
                 result::event::record(events[1 + 2 * c], e.stream)
