@@ -2,6 +2,8 @@
 //! sparse optimizer against burn's AdamW, bytes moved per step, bad configs, and wrapping a
 //! model.
 
+mod common;
+
 use burn::backend::{Autodiff, NdArray};
 use burn::module::{AutodiffModule, Module, Param};
 use burn::nn::Linear;
@@ -491,18 +493,7 @@ fn bad_configs_are_clear_errors() {
 }
 
 fn tiny() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 40,
-        d_model: 16,
-        n_layers: 2,
-        n_heads: 2,
-        n_kv_heads: 1,
-        ffn_hidden: 32,
-        rope_theta: 10000.0,
-        norm_eps: 1e-5,
-        max_seq_len: 32,
-        tie_embeddings: true,
-    }
+    common::tiny_llama(2)
 }
 
 fn batch(device: &burn::tensor::Device<B>) -> CausalLmBatch<B> {

@@ -2,6 +2,8 @@
 //! sparse AdamW path against accumulate-then-step, error reporting through the worker, and the
 //! placement type.
 
+mod common;
+
 use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
@@ -15,18 +17,7 @@ use meft::Error;
 type B = Autodiff<NdArray<f32>>;
 
 fn tiny() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 40,
-        d_model: 16,
-        n_layers: 3,
-        n_heads: 2,
-        n_kv_heads: 1,
-        ffn_hidden: 32,
-        rope_theta: 10000.0,
-        norm_eps: 1e-5,
-        max_seq_len: 32,
-        tie_embeddings: true,
-    }
+    common::tiny_llama(3)
 }
 
 fn batch<AB: AutodiffBackend>(step: usize, device: &AB::Device) -> CausalLmBatch<AB> {

@@ -379,9 +379,7 @@ impl AdapterBench {
             .zip(timed_starts.iter().skip(1).copied().chain([end]))
             .map(|(a, b)| b.duration_since(*a).as_secs_f64() * 1e3)
             .collect();
-        if overlap {
-            gpu_after_forward = self.memory().map(|m| m.0);
-        }
+        // (Not sampled in the overlapped run: nothing synchronises right after its forward.)
         result.gpu_in_use_after_forward = gpu_after_forward;
 
         let st = adapters.transfer_stats();

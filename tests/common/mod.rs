@@ -94,3 +94,19 @@ impl GgufBuilder {
         out
     }
 }
+
+/// A tiny random-weight LLaMA geometry (d 16, GQA 2/1 heads, vocab 40) with `n_layers` blocks.
+pub fn tiny_llama(n_layers: usize) -> meft::model::LlamaConfig {
+    meft::model::LlamaConfig {
+        vocab_size: 40,
+        d_model: 16,
+        n_layers,
+        n_heads: 2,
+        n_kv_heads: 1,
+        ffn_hidden: 32,
+        rope_theta: 10000.0,
+        norm_eps: 1e-5,
+        max_seq_len: 32,
+        tie_embeddings: true,
+    }
+}
