@@ -343,22 +343,6 @@ fn f32s_from_bytes(bytes: &[u8]) -> Vec<f32> {
     out
 }
 
-/// Reads an int tensor back as i64; returns the ints and the bytes moved.
-pub fn int_to_host<B: Backend, const D: usize>(
-    t: Tensor<B, D, Int>,
-    secs: &mut f64,
-) -> (Vec<i64>, u64) {
-    let start = Instant::now();
-    let bytes = (t.shape().num_elements() * t.dtype().size()) as u64;
-    let out = t
-        .into_data()
-        .convert::<i64>()
-        .into_vec::<i64>()
-        .expect("converted to i64");
-    *secs += start.elapsed().as_secs_f64();
-    (out, bytes)
-}
-
 /// Seconds for one raw pinned host → device copy of `bytes` on the CUDA device (the ceiling the
 /// row uploads are compared with); `None` without CUDA or on another backend.
 pub fn raw_pinned_h2d_secs<B: Backend>(device: &B::Device, bytes: usize) -> Option<f64> {
