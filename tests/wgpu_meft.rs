@@ -1,5 +1,6 @@
 //! The MEFT adapter's generic compute path on wgpu (lavapipe on CPU-only machines) matches
-//! ndarray: output, row gradients and input gradient, with the router gate and top-K < N.
+//! ndarray: output, row gradients and input gradient, with the router gate and top-K < N. On
+//! wgpu the layer runs cube_kernels' fused kernels, on ndarray the plain-op reference.
 #![cfg(feature = "wgpu")]
 
 use burn::backend::{Autodiff, NdArray, Wgpu};
@@ -7,6 +8,7 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData};
+use meft::adapter::meft::compute::{compute_path, ComputePath};
 use meft::adapter::meft::{AdapterStore, MeftConfig, MeftFfn};
 use meft::adapter::Projection;
 use meft::model::FeedForward;
@@ -90,6 +92,12 @@ fn assert_close(a: &[f32], b: &[f32], what: &str) {
 
 #[test]
 fn meft_layer_on_wgpu_matches_ndarray() {
+    // wgpu runs cube_kernels' fused kernels, ndarray the plain-op reference.
+    assert_eq!(compute_path::<Autodiff<Wgpu<f32>>>(), ComputePath::Kernels);
+    assert_eq!(
+        compute_path::<Autodiff<NdArray<f32>>>(),
+        ComputePath::Reference
+    );
     let (cpu_out, cpu_rows, cpu_dx) = run::<Autodiff<NdArray<f32>>>(&Default::default());
     let (gpu_out, gpu_rows, gpu_dx) = run::<Autodiff<Wgpu<f32>>>(&Default::default());
     assert_close(&gpu_out, &cpu_out, "output");

@@ -6,12 +6,11 @@
 //! 2. device → host: x, the chosen experts and their gates;
 //! 3. host: score the probed experts' neurons, top-K per token, union U ([`select_active`]);
 //! 4. host → device: the `|U| × 2d` rows `[k | v]` (a fresh leaf when training) and indices;
-//! 5. compute device: `y = relu(g ⊙ (x·K_Uᵀ)) ⊙ mask · V_U`, differentiable in x, the router
-//!    and the rows. After `backward`, [`SparseAdapter::collect_grads`] reads the rows'
-//!    gradients back and adds them to the store for the sparse optimizer.
-//!
-//! Step 5 is written with plain burn ops (it is the reference the cubecl kernels are tested
-//! against); its `M × |U|` score matrix is what the fused kernels remove.
+//! 5. compute device: `y_t = Σ_s relu(g_ts · x_t·k_s) v_s` over each token's K slots,
+//!    differentiable in x, the router and the rows ([`super::compute`]: `cube_kernels`' fused
+//!    kernels on wgpu/CUDA, the plain-op reference elsewhere). After `backward`,
+//!    [`SparseAdapter::collect_grads`] reads the rows' gradients back and adds them to the
+//!    store for the sparse optimizer.
 
 use std::any::Any;
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,11 +18,12 @@ use std::time::Instant;
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::activation::relu;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{IndexingUpdateOp, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
+use cube_kernels::HostIndex;
 use rayon::prelude::*;
 
+use super::compute::{compute_path, sparse_adapter_any, ComputePath};
 use super::config::MeftConfig;
 use super::optim::SparseAdamW;
 use super::selection::{select_active, ActiveNeurons, Routing, SelectionRule};
@@ -260,28 +260,45 @@ impl SparseAdapter {
                     leaf: Box::new(rows.clone()),
                 });
             }
-            let keys = rows.clone().slice([0..u_pad, 0..d]);
-            let values = rows.slice([0..u_pad, d..2 * d]);
-
+            // Empty slots point past the padded rows (the kernels' "no neuron" value).
             let k = cfg.top_k;
-            let slots = active.slots.iter().map(|&s| s as i64).collect();
-            let (slots, b) = int_to_device::<B, 2>(slots, [m, k], &device, &mut st.upload_secs);
-            st.indices_to_device += b;
-            let ones = Tensor::ones([m, k], (&device, dtype));
-            let mask = Tensor::<B, 2>::zeros([m, u_pad + 1], (&device, dtype))
-                .scatter(1, slots, ones, IndexingUpdateOp::Add)
-                .slice([0..m, 0..u_pad]);
-
-            let mut pre = x.matmul(keys.transpose());
-            if cfg.router_gate {
+            let pad = active.pad();
+            let slots: Vec<u32> = active
+                .slots
+                .iter()
+                .map(|&s| if s == pad { u_pad as u32 } else { s })
+                .collect();
+            let index = HostIndex::new(&slots, m, k, u_pad).expect("selection yields valid slots");
+            // The reference path ships the slots; the kernels also the per-row entry lists.
+            let ints = match compute_path::<B>() {
+                ComputePath::Kernels => {
+                    index.slots.len() + index.row_offsets.len() + index.row_users.len().max(1)
+                }
+                ComputePath::Reference => index.slots.len(),
+            };
+            st.indices_to_device += (ints * std::mem::size_of::<B::IntElem>()) as u64;
+            let gate = if cfg.router_gate {
+                // Each slot's gate is its token's router score for the neuron's expert.
                 let size = cfg.expert_size() as u32;
-                let mut ids: Vec<i64> = active.rows.iter().map(|&j| (j / size) as i64).collect();
-                ids.resize(u_pad, 0);
-                let (ids, b) = int_to_device::<B, 1>(ids, [u_pad], &device, &mut st.upload_secs);
+                let experts = active
+                    .slots
+                    .iter()
+                    .map(|&s| {
+                        if s == pad {
+                            0
+                        } else {
+                            (active.rows[s as usize] / size) as i64
+                        }
+                    })
+                    .collect();
+                let (experts, b) =
+                    int_to_device::<B, 2>(experts, [m, k], &device, &mut st.upload_secs);
                 st.indices_to_device += b;
-                pre = pre * scores.select(1, ids);
-            }
-            let y = (relu(pre) * mask).matmul(values);
+                scores.gather(1, experts)
+            } else {
+                Tensor::ones([m, k], (&device, dtype))
+            };
+            let y = sparse_adapter_any(x, rows, &index, gate);
             timeline::record("adapter (queue)", SpanKind::Wait, queued);
             y
         };

@@ -9,6 +9,7 @@
 //! - [`optim`]: sparse AdamW on the touched rows ([`SparseAdamW`]).
 //! - [`worker`]: the background thread that absorbs row gradients ([`HostWorker`]).
 
+pub mod compute;
 pub mod config;
 pub mod layer;
 pub mod optim;

@@ -1,0 +1,191 @@
+//! [`SparseAdapterBackend`] for burn's cubecl backends (cuda, wgpu): kernel launches.
+
+use burn::tensor::{DType, Shape, TensorMetadata};
+use burn_cubecl::element::BoolElement;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
+use cubecl::CubeDim;
+
+use crate::kernel::{
+    gather_rows_kernel, sparse_backward_rows_kernel, sparse_backward_tokens_kernel,
+    sparse_forward_kernel,
+};
+use crate::launch::{grid, LaunchShape, CHUNK};
+use crate::{ActiveIndex, SparseAdapterBackend, SparseAdapterGrads};
+
+fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: [usize; 2], dtype: DType) -> CubeTensor<R> {
+    empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::new(shape),
+        dtype,
+    )
+}
+
+fn dims2<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 2] {
+    t.shape().dims::<2>()
+}
+
+/// Checks the shapes shared by forward and backward; returns (M, d, K).
+fn check<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    rows: &CubeTensor<R>,
+    slots: &CubeTensor<R>,
+    gate: &CubeTensor<R>,
+) -> (usize, usize, usize) {
+    let [m, d] = dims2(x);
+    let [_, w] = dims2(rows);
+    let [ms, k] = dims2(slots);
+    assert_eq!(
+        w,
+        2 * d,
+        "sparse adapter: rows must be [R, 2d] for x [M, d]"
+    );
+    assert_eq!(ms, m, "sparse adapter: slots must be [M, K]");
+    assert_eq!(dims2(gate), [m, k], "sparse adapter: gate must be [M, K]");
+    assert_eq!(
+        x.dtype, rows.dtype,
+        "sparse adapter: x and rows differ in dtype"
+    );
+    (m, d, k)
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdapterBackend
+    for CubeBackend<R, F, I, BT>
+{
+    fn gather_rows(src: CubeTensor<R>, indices: CubeTensor<R>) -> CubeTensor<R> {
+        let src = into_contiguous(src);
+        let indices = into_contiguous(indices);
+        let [_, w] = dims2(&src);
+        let n = indices.shape().num_elements();
+        let out = empty(&src, [n, w], src.dtype);
+        if n * w == 0 {
+            return out;
+        }
+        let threads = 256u32;
+        let cubes = (n * w).div_ceil(threads as usize);
+        let dtypes = [src.dtype.into(), indices.dtype.into()];
+        gather_rows_kernel::launch::<R>(
+            &src.client.clone(),
+            grid(cubes),
+            CubeDim::new_1d(threads),
+            src.into_tensor_arg(),
+            indices.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            dtypes,
+        );
+        out
+    }
+
+    fn sparse_adapter_forward(
+        x: CubeTensor<R>,
+        rows: CubeTensor<R>,
+        index: &ActiveIndex<Self>,
+        gate: CubeTensor<R>,
+    ) -> (CubeTensor<R>, CubeTensor<R>) {
+        let (x, rows) = (into_contiguous(x), into_contiguous(rows));
+        let slots = into_contiguous(index.slots.clone());
+        let gate = into_contiguous(gate);
+        let (m, d, k) = check(&x, &rows, &slots, &gate);
+        let dtype = x.dtype;
+        let y = empty(&x, [m, d], dtype);
+        let z = empty(&x, [m, k], dtype);
+        if m == 0 || d == 0 || k == 0 {
+            return (y, z);
+        }
+        let shape = LaunchShape::for_width(d);
+        let dtypes = [dtype.into(), slots.dtype.into()];
+        sparse_forward_kernel::launch::<R>(
+            &x.client.clone(),
+            grid(m),
+            CubeDim::new_1d(shape.threads),
+            x.into_tensor_arg(),
+            rows.into_tensor_arg(),
+            slots.into_tensor_arg(),
+            gate.into_tensor_arg(),
+            y.clone().into_tensor_arg(),
+            z.clone().into_tensor_arg(),
+            k as u32,
+            shape.threads,
+            shape.cols,
+            CHUNK,
+            dtypes,
+        );
+        (y, z)
+    }
+
+    fn sparse_adapter_backward(
+        x: CubeTensor<R>,
+        rows: CubeTensor<R>,
+        index: &ActiveIndex<Self>,
+        gate: CubeTensor<R>,
+        z: CubeTensor<R>,
+        dy: CubeTensor<R>,
+    ) -> SparseAdapterGrads<Self> {
+        let (x, rows) = (into_contiguous(x), into_contiguous(rows));
+        let slots = into_contiguous(index.slots.clone());
+        let offsets = into_contiguous(index.row_offsets.clone());
+        let users = into_contiguous(index.row_users.clone());
+        let (gate, z, dy) = (
+            into_contiguous(gate),
+            into_contiguous(z),
+            into_contiguous(dy),
+        );
+        let (m, d, k) = check(&x, &rows, &slots, &gate);
+        let n = dims2(&rows)[0];
+        let dtype = x.dtype;
+        let dx = empty(&x, [m, d], dtype);
+        let dz = empty(&x, [m, k], dtype);
+        let dgate = empty(&x, [m, k], dtype);
+        let drows = empty(&x, [n, 2 * d], dtype);
+        let shape = LaunchShape::for_width(d);
+        let dtypes = [dtype.into(), slots.dtype.into()];
+        let client = x.client.clone();
+        if m > 0 && d > 0 && k > 0 {
+            sparse_backward_tokens_kernel::launch::<R>(
+                &client,
+                grid(m),
+                CubeDim::new_1d(shape.threads),
+                dy.clone().into_tensor_arg(),
+                rows.into_tensor_arg(),
+                slots.into_tensor_arg(),
+                gate.clone().into_tensor_arg(),
+                z.clone().into_tensor_arg(),
+                dx.clone().into_tensor_arg(),
+                dz.clone().into_tensor_arg(),
+                dgate.clone().into_tensor_arg(),
+                k as u32,
+                shape.threads,
+                shape.cols,
+                CHUNK,
+                dtypes,
+            );
+        }
+        if n > 0 && d > 0 {
+            sparse_backward_rows_kernel::launch::<R>(
+                &client,
+                grid(n),
+                CubeDim::new_1d(shape.threads),
+                x.into_tensor_arg(),
+                dy.into_tensor_arg(),
+                gate.into_tensor_arg(),
+                z.into_tensor_arg(),
+                dz.into_tensor_arg(),
+                offsets.into_tensor_arg(),
+                users.into_tensor_arg(),
+                drows.clone().into_tensor_arg(),
+                k.max(1) as u32,
+                shape.threads,
+                shape.cols,
+                [dtype.into(), index.row_offsets.dtype.into()],
+            );
+        }
+        SparseAdapterGrads {
+            x: dx,
+            rows: drows,
+            gate: dgate,
+        }
+    }
+}

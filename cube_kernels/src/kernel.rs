@@ -1,0 +1,400 @@
+//! The cubecl kernels. Host-side launch code is in `forward.rs`; shapes in `launch.rs`.
+//!
+//! Layout shared by all kernels (row-major, contiguous):
+//! - `x`, `dy`, `dx`: `[M, d]` hidden states (one row per token);
+//! - `rows`, `drows`: `[R, 2d]`, row j = `[k_j | v_j]` (key and value of active neuron j);
+//! - `slots`, `gate`, `z`, `dz`, `dgate`: `[M, K]`, per token its K slots. A slot holds a row
+//!   index; a value `>= R` is an empty slot (no neuron);
+//! - `row_offsets` `[R + 1]`, `row_users` `[nnz]`: for row j, the entries `t * K + s` whose slot
+//!   is j, ascending (CSR of the slot matrix's transpose, built on the host).
+//!
+//! Every kernel accumulates in f32 whatever the storage type, and every sum runs in a fixed
+//! order (no atomics), so results are deterministic run to run.
+
+use cubecl::prelude::*;
+
+/// Linear cube index over a 2-D grid (wgpu caps each grid dimension at 65 535).
+#[cube]
+fn cube_index() -> usize {
+    (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize
+}
+
+/// `out[i, :] = src[indices[i], :]`; an index outside `src` gives a zero row.
+/// One unit per output element.
+#[cube(launch)]
+pub fn gather_rows_kernel<F: Float, I: Numeric>(
+    src: &Tensor<F>,
+    indices: &Tensor<I>,
+    out: &mut Tensor<F>,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let pos = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize * CUBE_DIM_X as usize
+        + UNIT_POS_X as usize;
+    if pos < out.len() {
+        let w = out.shape(1);
+        let row = pos / w;
+        let col = pos % w;
+        let from = u32::cast_from(indices[row]) as usize;
+        let mut v = F::new(0.0);
+        if from < src.shape(0) {
+            v = src[from * w + col];
+        }
+        out[pos] = v;
+    }
+}
+
+/// Forward, one cube per token t:
+/// `z_ts = x_t · k_{slot(t,s)}`, `a_ts = relu(gate_ts · z_ts)`, `y_t = Σ_s a_ts v_{slot(t,s)}`.
+///
+/// Each unit keeps `cols` columns of `x_t` in registers (columns `tid + i · threads`). Scores
+/// are computed `chunk` slots at a time: per-unit partial dot products, then a shared-memory
+/// tree reduction. The output is accumulated per unit over the slots whose activation is
+/// non-zero (value rows of inactive slots are not read).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_forward_kernel<F: Float, I: Numeric>(
+    x: &Tensor<F>,
+    rows: &Tensor<F>,
+    slots: &Tensor<I>,
+    gate: &Tensor<F>,
+    y: &mut Tensor<F>,
+    z: &mut Tensor<F>,
+    #[comptime] k: u32,
+    #[comptime] threads: u32,
+    #[comptime] cols: u32,
+    #[comptime] chunk: u32,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let t = cube_index();
+    let tokens = x.shape(0);
+    if t >= tokens {
+        terminate!();
+    }
+    let tid = UNIT_POS_X as usize;
+    let kk = comptime!(k as usize);
+    let nt = comptime!(threads as usize);
+    let ncols = comptime!(cols as usize);
+    let nchunk = comptime!(chunk as usize);
+    let d = x.shape(1);
+    let w = rows.shape(1);
+    let n_rows = rows.shape(0);
+
+    let mut row_of = SharedMemory::<u32>::new(kk);
+    let mut coef = SharedMemory::<f32>::new(kk);
+    let mut part = SharedMemory::<f32>::new(comptime!(chunk as usize * threads as usize));
+
+    let mut s = tid;
+    while s < kk {
+        row_of[s] = u32::cast_from(slots[t * kk + s]);
+        s += nt;
+    }
+    let mut xr = Array::<f32>::new(ncols);
+    #[unroll]
+    for i in 0..ncols {
+        let c = tid + i * nt;
+        let mut v = f32::new(0.0);
+        if c < d {
+            v = f32::cast_from(x[t * d + c]);
+        }
+        xr[i] = v;
+    }
+    sync_cube();
+
+    // Scores, `chunk` slots at a time.
+    let mut c0 = 0usize.runtime();
+    while c0 < kk {
+        #[unroll]
+        for j in 0..nchunk {
+            let s = c0 + j;
+            let mut sum = f32::new(0.0);
+            if s < kk {
+                let r = row_of[s] as usize;
+                if r < n_rows {
+                    let base = r * w;
+                    #[unroll]
+                    for i in 0..ncols {
+                        let c = tid + i * nt;
+                        if c < d {
+                            sum += xr[i] * f32::cast_from(rows[base + c]);
+                        }
+                    }
+                }
+            }
+            part[j * nt + tid] = sum;
+        }
+        sync_cube();
+        let mut stride = (nt / 2).runtime();
+        while stride > 0 {
+            if tid < stride {
+                #[unroll]
+                for j in 0..nchunk {
+                    part[j * nt + tid] += part[j * nt + tid + stride];
+                }
+            }
+            sync_cube();
+            stride /= 2;
+        }
+        if tid < nchunk {
+            let s = c0 + tid;
+            if s < kk {
+                let zz = part[tid * nt];
+                z[t * kk + s] = F::cast_from(zz);
+                let p = f32::cast_from(gate[t * kk + s]) * zz;
+                // relu that keeps NaN (a NaN must reach the loss, not vanish).
+                let mut a = p;
+                if p <= f32::new(0.0) {
+                    a = f32::new(0.0);
+                }
+                coef[s] = a;
+            }
+        }
+        sync_cube();
+        c0 += nchunk;
+    }
+
+    // Output: y_t = Σ_s a_ts v_s over active slots.
+    let mut yr = Array::<f32>::new(ncols);
+    #[unroll]
+    for i in 0..ncols {
+        yr[i] = f32::new(0.0);
+    }
+    for s in 0..kk {
+        let a = coef[s];
+        if a != f32::new(0.0) {
+            let base = row_of[s] as usize * w + d;
+            #[unroll]
+            for i in 0..ncols {
+                let c = tid + i * nt;
+                if c < d {
+                    yr[i] += a * f32::cast_from(rows[base + c]);
+                }
+            }
+        }
+    }
+    #[unroll]
+    for i in 0..ncols {
+        let c = tid + i * nt;
+        if c < d {
+            y[t * d + c] = F::cast_from(yr[i]);
+        }
+    }
+}
+
+/// Backward, token side, one cube per token t. With `p_ts = gate_ts · z_ts` and `dy_t`:
+/// `dz_ts = [p_ts > 0] (dy_t · v_s) gate_ts`, `dgate_ts = [p_ts > 0] (dy_t · v_s) z_ts`,
+/// `dx_t = Σ_s dz_ts k_s`. Slots with `p_ts <= 0` read no row.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_backward_tokens_kernel<F: Float, I: Numeric>(
+    dy: &Tensor<F>,
+    rows: &Tensor<F>,
+    slots: &Tensor<I>,
+    gate: &Tensor<F>,
+    z: &Tensor<F>,
+    dx: &mut Tensor<F>,
+    dz: &mut Tensor<F>,
+    dgate: &mut Tensor<F>,
+    #[comptime] k: u32,
+    #[comptime] threads: u32,
+    #[comptime] cols: u32,
+    #[comptime] chunk: u32,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let t = cube_index();
+    let tokens = dy.shape(0);
+    if t >= tokens {
+        terminate!();
+    }
+    let tid = UNIT_POS_X as usize;
+    let kk = comptime!(k as usize);
+    let nt = comptime!(threads as usize);
+    let ncols = comptime!(cols as usize);
+    let nchunk = comptime!(chunk as usize);
+    let d = dy.shape(1);
+    let w = rows.shape(1);
+    let n_rows = rows.shape(0);
+
+    let mut row_of = SharedMemory::<u32>::new(kk);
+    // First the pre-activation p_ts, then (after the scores) dz_ts.
+    let mut coef = SharedMemory::<f32>::new(kk);
+    let mut part = SharedMemory::<f32>::new(comptime!(chunk as usize * threads as usize));
+
+    let mut s = tid;
+    while s < kk {
+        let r = u32::cast_from(slots[t * kk + s]);
+        row_of[s] = r;
+        let mut p = f32::new(0.0);
+        if (r as usize) < n_rows {
+            p = f32::cast_from(gate[t * kk + s]) * f32::cast_from(z[t * kk + s]);
+        }
+        coef[s] = p;
+        s += nt;
+    }
+    let mut gr = Array::<f32>::new(ncols);
+    #[unroll]
+    for i in 0..ncols {
+        let c = tid + i * nt;
+        let mut v = f32::new(0.0);
+        if c < d {
+            v = f32::cast_from(dy[t * d + c]);
+        }
+        gr[i] = v;
+    }
+    sync_cube();
+
+    let mut c0 = 0usize.runtime();
+    while c0 < kk {
+        #[unroll]
+        for j in 0..nchunk {
+            let s = c0 + j;
+            let mut sum = f32::new(0.0);
+            if s < kk {
+                // `!(p <= 0)`: NaN pre-activations pass, as in the forward's relu.
+                if !(coef[s] <= f32::new(0.0)) {
+                    let base = row_of[s] as usize * w + d;
+                    #[unroll]
+                    for i in 0..ncols {
+                        let c = tid + i * nt;
+                        if c < d {
+                            sum += gr[i] * f32::cast_from(rows[base + c]);
+                        }
+                    }
+                }
+            }
+            part[j * nt + tid] = sum;
+        }
+        sync_cube();
+        let mut stride = (nt / 2).runtime();
+        while stride > 0 {
+            if tid < stride {
+                #[unroll]
+                for j in 0..nchunk {
+                    part[j * nt + tid] += part[j * nt + tid + stride];
+                }
+            }
+            sync_cube();
+            stride /= 2;
+        }
+        if tid < nchunk {
+            let s = c0 + tid;
+            if s < kk {
+                let da = part[tid * nt];
+                let mut dzv = f32::new(0.0);
+                let mut dgv = f32::new(0.0);
+                if !(coef[s] <= f32::new(0.0)) {
+                    dzv = da * f32::cast_from(gate[t * kk + s]);
+                    dgv = da * f32::cast_from(z[t * kk + s]);
+                }
+                dz[t * kk + s] = F::cast_from(dzv);
+                dgate[t * kk + s] = F::cast_from(dgv);
+                coef[s] = dzv;
+            }
+        }
+        sync_cube();
+        c0 += nchunk;
+    }
+
+    let mut acc = Array::<f32>::new(ncols);
+    #[unroll]
+    for i in 0..ncols {
+        acc[i] = f32::new(0.0);
+    }
+    for s in 0..kk {
+        let g = coef[s];
+        if g != f32::new(0.0) {
+            let base = row_of[s] as usize * w;
+            #[unroll]
+            for i in 0..ncols {
+                let c = tid + i * nt;
+                if c < d {
+                    acc[i] += g * f32::cast_from(rows[base + c]);
+                }
+            }
+        }
+    }
+    #[unroll]
+    for i in 0..ncols {
+        let c = tid + i * nt;
+        if c < d {
+            dx[t * d + c] = F::cast_from(acc[i]);
+        }
+    }
+}
+
+/// Backward, row side, one cube per row j: `dk_j = Σ dz_ts x_t` and
+/// `dv_j = Σ relu(gate_ts z_ts) dy_t` over the entries (t, s) whose slot is j, in ascending
+/// order (a deterministic scatter-add: each row is summed by one cube, no atomics).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_backward_rows_kernel<F: Float, I: Numeric>(
+    x: &Tensor<F>,
+    dy: &Tensor<F>,
+    gate: &Tensor<F>,
+    z: &Tensor<F>,
+    dz: &Tensor<F>,
+    row_offsets: &Tensor<I>,
+    row_users: &Tensor<I>,
+    drows: &mut Tensor<F>,
+    #[comptime] k: u32,
+    #[comptime] threads: u32,
+    #[comptime] cols: u32,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let r = cube_index();
+    let n_rows = drows.shape(0);
+    if r >= n_rows {
+        terminate!();
+    }
+    let tid = UNIT_POS_X as usize;
+    let kk = comptime!(k as usize);
+    let nt = comptime!(threads as usize);
+    let ncols = comptime!(cols as usize);
+    let d = x.shape(1);
+    let w = drows.shape(1);
+
+    let mut ak = Array::<f32>::new(ncols);
+    let mut av = Array::<f32>::new(ncols);
+    #[unroll]
+    for i in 0..ncols {
+        ak[i] = f32::new(0.0);
+        av[i] = f32::new(0.0);
+    }
+    let begin = u32::cast_from(row_offsets[r]) as usize;
+    let end = u32::cast_from(row_offsets[r + 1]) as usize;
+    for p in begin..end {
+        let e = u32::cast_from(row_users[p]) as usize;
+        let t = e / kk;
+        let cz = f32::cast_from(dz[e]);
+        let pre = f32::cast_from(gate[e]) * f32::cast_from(z[e]);
+        let mut ca = pre;
+        if pre <= f32::new(0.0) {
+            ca = f32::new(0.0);
+        }
+        if cz != f32::new(0.0) {
+            #[unroll]
+            for i in 0..ncols {
+                let c = tid + i * nt;
+                if c < d {
+                    ak[i] += cz * f32::cast_from(x[t * d + c]);
+                }
+            }
+        }
+        if ca != f32::new(0.0) {
+            #[unroll]
+            for i in 0..ncols {
+                let c = tid + i * nt;
+                if c < d {
+                    av[i] += ca * f32::cast_from(dy[t * d + c]);
+                }
+            }
+        }
+    }
+    #[unroll]
+    for i in 0..ncols {
+        let c = tid + i * nt;
+        if c < d {
+            drows[r * w + c] = F::cast_from(ak[i]);
+            drows[r * w + d + c] = F::cast_from(av[i]);
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! Launch shapes: a documented choice instead of autotuning.
+//!
+//! The token kernels run one cube per token and the row kernel one cube per row; inside a
+//! cube each unit owns the columns `tid + i · threads` (`i < cols`) of the hidden width d,
+//! kept in registers. So the choice is the cube width `threads` and the number of slots
+//! scored at once, `chunk`:
+//!
+//! - `threads` = the power of two nearest `d / 8`, clamped to 32 … 256: every unit owns 4–16
+//!   columns (d = 576 → 128 units × 5 columns; d = 4096 → 256 × 16; d = 8192 → 256 × 32).
+//!   Fewer, wider units would leave too few warps per cube to hide memory latency; more than
+//!   256 only adds tree-reduction steps. Each cube streams `K` rows of `2d` floats, so with
+//!   thousands of tokens the GPU is full at any of these widths.
+//! - `chunk` = 16 slots scored per pass (16 independent dot products in flight per unit,
+//!   16 × `threads` floats of shared memory for the reduction, one reduction per 16 slots).
+//!   K need not be a multiple of it: the last pass is guarded.
+//!
+//! Shared memory per cube: `K` row ids + `K` coefficients + `chunk · threads` floats, i.e.
+//! 24 KiB at K = 1024 and d = 4096: within every runtime's limit (lavapipe: 32 KiB).
+//!
+//! `K` and the shape are compile-time constants of the kernels, so each (K, d) pair compiles
+//! once; a model has one d and a config one K.
+
+/// Slots scored per pass of the token kernels.
+pub const CHUNK: u32 = 16;
+
+/// Launch shape for hidden width `d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchShape {
+    /// Units per cube.
+    pub threads: u32,
+    /// Columns owned by each unit (`threads · cols >= d`).
+    pub cols: u32,
+}
+
+impl LaunchShape {
+    /// The shape used for hidden width `d` (see the module docs).
+    pub fn for_width(d: usize) -> Self {
+        let target = (d / 8).max(1);
+        let mut threads = 32usize;
+        while threads < 256 && threads * 2 <= target.next_power_of_two() {
+            threads *= 2;
+        }
+        let cols = d.div_ceil(threads).max(1);
+        Self {
+            threads: threads as u32,
+            cols: cols as u32,
+        }
+    }
+}
+
+/// A grid of `n` cubes laid out in 2-D (each dimension ≤ 65 535, the wgpu limit); kernels
+/// read their linear index back with `CUBE_POS_Y · CUBE_COUNT_X + CUBE_POS_X`.
+pub fn grid(n: usize) -> cubecl::CubeCount {
+    let n = n.max(1) as u32;
+    let x = n.min(65_535);
+    let y = n.div_ceil(x);
+    cubecl::CubeCount::Static(x, y, 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_cover_the_width() {
+        for d in [1, 7, 64, 576, 960, 2048, 4096, 5120, 8192, 12288] {
+            let s = LaunchShape::for_width(d);
+            assert!(s.threads.is_power_of_two() && (32..=256).contains(&s.threads));
+            assert!((s.threads * s.cols) as usize >= d, "d {d}: {s:?}");
+        }
+        assert_eq!(
+            LaunchShape::for_width(4096),
+            LaunchShape {
+                threads: 256,
+                cols: 16
+            }
+        );
+        assert_eq!(
+            LaunchShape::for_width(576),
+            LaunchShape {
+                threads: 128,
+                cols: 5
+            }
+        );
+    }
+
+    #[test]
+    fn grid_stays_under_the_dimension_limit() {
+        for n in [1, 65_535, 65_536, 200_000] {
+            let cubecl::CubeCount::Static(x, y, _) = grid(n) else {
+                panic!()
+            };
+            assert!(x <= 65_535 && (x * y) as usize >= n);
+        }
+    }
+}
