@@ -11,8 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use meft::adapter::MeftConfig;
 use meft::backend::{run_on, BackendKind, BackendTask, FloatType};
 use meft::bench::{
-    AdapterBench, AdapterBenchResult, AdapterMethod, ModelBench, ModelBenchResult, Preset,
-    TransferBench, TransferBenchResult,
+    AdapterBench, AdapterBenchResult, AdapterMethod, KernelBench, KernelBenchResult, ModelBench,
+    ModelBenchResult, Preset, TransferBench, TransferBenchResult,
 };
 use meft::generate::{generate, Sampling};
 use meft::gguf::GgufFile;
@@ -125,6 +125,37 @@ enum BenchCommand {
         iters: usize,
         /// Where to write the JSON results.
         #[arg(long, default_value = "bench-transfer.json")]
+        out: PathBuf,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// cube_kernels (row gather, fused sparse forward and backward) vs the generic-op path at
+    /// one geometry, with the device's bandwidth and compute ceilings measured in the same run
+    /// (random positive inputs: every slot active).
+    Kernels {
+        /// Model width d.
+        #[arg(long, default_value_t = 4096)]
+        d_model: usize,
+        /// Tokens M.
+        #[arg(long, default_value_t = 8192)]
+        tokens: usize,
+        /// Active rows on the device R.
+        #[arg(long, default_value_t = 65536)]
+        neurons: usize,
+        /// Slots per token K to measure.
+        #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
+        top_k: Vec<usize>,
+        /// Untimed repeats per op.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Timed repeats per op (median).
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Skip the generic path (it needs ~10 M × R buffers of memory).
+        #[arg(long)]
+        skip_generic: bool,
+        /// Where to write the JSON results.
+        #[arg(long, default_value = "bench-kernels.json")]
         out: PathBuf,
         #[command(flatten)]
         device: DeviceArgs,
@@ -339,6 +370,32 @@ fn main() -> anyhow::Result<()> {
             let results = run_on(device.backend, device.dtype, bench)?;
             write_json(&out, &results)?;
             print!("{}", TransferBenchResult::table(&results));
+        }
+        Command::Bench(BenchCommand::Kernels {
+            d_model,
+            tokens,
+            neurons,
+            top_k,
+            warmup,
+            iters,
+            skip_generic,
+            out,
+            device,
+        }) => {
+            let label = format!("{:?} {:?}", device.backend, device.dtype).to_lowercase();
+            let bench = KernelBench {
+                d_model,
+                tokens,
+                neurons,
+                top_k,
+                warmup,
+                iters,
+                skip_generic,
+                label,
+            };
+            let results = run_on(device.backend, device.dtype, bench)?;
+            write_json(&out, &results)?;
+            print!("{}", KernelBenchResult::table(&results));
         }
         Command::Bench(BenchCommand::Adapter {
             methods,

@@ -7,19 +7,30 @@
 //!
 //! The reference backward (the trait's default, written out with dense ops) is itself checked
 //! against burn's autodiff of the reference forward.
-#![cfg(feature = "wgpu")]
+//!
+//! With `--features cuda` (run on the lent GPU) the same checks run on CUDA in f32 (1e-5) and
+//! bf16 (1e-2; inputs rounded to bf16 first, so only the kernels' own error is measured) —
+//! wgpu has no bf16.
+#![cfg(any(feature = "wgpu", feature = "cuda"))]
 
+#[cfg(feature = "wgpu")]
 use burn::backend::wgpu::{CubeBackend, WgpuRuntime};
-use burn::backend::{Autodiff, NdArray, Wgpu};
+#[cfg(feature = "wgpu")]
+use burn::backend::Wgpu;
+use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use cube_kernels::{gather_rows, reference, sparse_adapter, HostIndex, SparseAdapterBackend};
+#[cfg(feature = "wgpu")]
+use cube_kernels::{gather_rows, sparse_adapter};
+use cube_kernels::{reference, HostIndex, SparseAdapterBackend};
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 
 type Ref = Autodiff<NdArray<f64>>;
+#[cfg(feature = "wgpu")]
 type Fused = Autodiff<Wgpu<f32>>;
+#[cfg(feature = "wgpu")]
 type Unfused = Autodiff<CubeBackend<WgpuRuntime, f32, i32, u32>>;
 
 /// One random problem: M tokens, width d, R rows, K slots per token.
@@ -46,6 +57,17 @@ fn normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
 }
 
 impl Case {
+    /// The same problem with every float rounded to bf16.
+    #[cfg(feature = "cuda")]
+    fn rounded_bf16(mut self) -> Self {
+        for v in [&mut self.x, &mut self.rows, &mut self.gate, &mut self.dy] {
+            for e in v.iter_mut() {
+                *e = half::bf16::from_f32(*e).to_f32();
+            }
+        }
+        self
+    }
+
     fn new(m: usize, d: usize, r: usize, k: usize, seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut slots = Vec::with_capacity(m * k);
@@ -92,10 +114,9 @@ fn tensor<B: Backend>(
     device: &B::Device,
     dtype: DType,
 ) -> Tensor<B, 2> {
-    Tensor::from_data(
-        TensorData::new(v.to_vec(), shape).convert_dtype(dtype),
-        device,
-    )
+    // (device, dtype): tests share the device, and its default float type is whichever test
+    // created a tensor first.
+    Tensor::from_data(TensorData::new(v.to_vec(), shape), (device, dtype))
 }
 
 fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
@@ -199,6 +220,7 @@ fn reference_backward_matches_autodiff_of_reference_forward() {
     }
 }
 
+#[cfg(feature = "wgpu")]
 #[test]
 fn fused_kernels_match_reference_on_wgpu() {
     let device = Default::default();
@@ -217,6 +239,7 @@ fn fused_kernels_match_reference_on_wgpu() {
     }
 }
 
+#[cfg(feature = "wgpu")]
 #[test]
 fn kernels_are_deterministic() {
     let device = Default::default();
@@ -226,6 +249,7 @@ fn kernels_are_deterministic() {
     assert_eq!(a, b);
 }
 
+#[cfg(feature = "wgpu")]
 #[test]
 fn tensor_api_and_gather_match_reference() {
     let device = Default::default();
@@ -265,4 +289,52 @@ fn tensor_api_and_gather_match_reference() {
         &device,
     );
     assert_eq!(to_vec(gather_rows(u, i)), want);
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use burn::backend::cuda::CudaDevice;
+    use burn::backend::Cuda;
+    use meft::backend::CudaUnfused;
+
+    /// The CPU sizes plus LLaMA-7B width, K = 64 and K = 1024.
+    fn sizes() -> Vec<(usize, usize, usize, usize)> {
+        let mut v = SIZES.to_vec();
+        v.extend([
+            (64, 4096, 300, 64),
+            (8, 4096, 2048, 1024),
+            (33, 8192, 128, 40),
+        ]);
+        v
+    }
+
+    #[test]
+    fn fused_kernels_match_reference_on_cuda_f32() {
+        let device = CudaDevice::new(0);
+        for (i, (m, d, r, k)) in sizes().into_iter().enumerate() {
+            let c = Case::new(m, d, r, k, 10 + i as u64);
+            let want = run_autodiff_reference(&c);
+            let got = run_trait::<Autodiff<CudaUnfused<f32>>>(&c, &device, DType::F32);
+            assert_all_close(&format!("cuda f32 {m}x{d} R{r} K{k}"), &got, &want, 1e-5);
+            let got = run_trait::<Autodiff<Cuda<f32>>>(&c, &device, DType::F32);
+            assert_all_close(
+                &format!("cuda f32 fusion {m}x{d} R{r} K{k}"),
+                &got,
+                &want,
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn fused_kernels_match_reference_on_cuda_bf16() {
+        let device = CudaDevice::new(0);
+        for (i, (m, d, r, k)) in sizes().into_iter().enumerate() {
+            let c = Case::new(m, d, r, k, 10 + i as u64).rounded_bf16();
+            let want = run_autodiff_reference(&c);
+            let got = run_trait::<Autodiff<CudaUnfused<half::bf16>>>(&c, &device, DType::BF16);
+            assert_all_close(&format!("cuda bf16 {m}x{d} R{r} K{k}"), &got, &want, 1e-2);
+        }
+    }
 }

@@ -64,16 +64,17 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
         if n * w == 0 {
             return out;
         }
-        let threads = 256u32;
-        let cubes = (n * w).div_ceil(threads as usize);
+        let shape = LaunchShape::for_width(w);
         let dtypes = [src.dtype.into(), indices.dtype.into()];
         gather_rows_kernel::launch::<R>(
             &src.client.clone(),
-            grid(cubes),
-            CubeDim::new_1d(threads),
+            grid(n),
+            CubeDim::new_1d(shape.threads),
             src.into_tensor_arg(),
             indices.into_tensor_arg(),
             out.clone().into_tensor_arg(),
+            shape.threads,
+            shape.cols,
             dtypes,
         );
         out

@@ -19,27 +19,38 @@ fn cube_index() -> usize {
     (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize
 }
 
-/// `out[i, :] = src[indices[i], :]`; an index outside `src` gives a zero row.
-/// One unit per output element.
+/// `out[i, :] = src[indices[i], :]`; an index outside `src` gives a zero row. One cube per
+/// output row; each unit copies the columns `tid + i · threads`, `i < cols` (unrolled, so
+/// `cols` loads are in flight per unit).
 #[cube(launch)]
 pub fn gather_rows_kernel<F: Float, I: Numeric>(
     src: &Tensor<F>,
     indices: &Tensor<I>,
     out: &mut Tensor<F>,
+    #[comptime] threads: u32,
+    #[comptime] cols: u32,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
-    let pos = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize * CUBE_DIM_X as usize
-        + UNIT_POS_X as usize;
-    if pos < out.len() {
-        let w = out.shape(1);
-        let row = pos / w;
-        let col = pos % w;
-        let from = u32::cast_from(indices[row]) as usize;
-        let mut v = F::new(0.0);
-        if from < src.shape(0) {
-            v = src[from * w + col];
+    let row = cube_index();
+    if row >= out.shape(0) {
+        terminate!();
+    }
+    let tid = UNIT_POS_X as usize;
+    let nt = comptime!(threads as usize);
+    let ncols = comptime!(cols as usize);
+    let w = out.shape(1);
+    let from = u32::cast_from(indices[row]) as usize;
+    let valid = from < src.shape(0);
+    #[unroll]
+    for i in 0..ncols {
+        let c = tid + i * nt;
+        if c < w {
+            let mut v = F::new(0.0);
+            if valid {
+                v = src[from * w + c];
+            }
+            out[row * w + c] = v;
         }
-        out[pos] = v;
     }
 }
 

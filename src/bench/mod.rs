@@ -1,9 +1,11 @@
 //! Benchmarks behind `meft bench`. Each writes JSON and prints a Markdown table.
 
 mod adapter;
+mod kernels;
 mod model;
 mod transfer;
 
 pub use adapter::{AdapterBench, AdapterBenchResult, AdapterMethod};
+pub use kernels::{Ceilings, KernelBench, KernelBenchResult};
 pub use model::{ModelBench, ModelBenchResult, Preset};
 pub use transfer::{TransferBench, TransferBenchResult};

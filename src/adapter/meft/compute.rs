@@ -21,7 +21,8 @@ pub enum ComputePath {
     Reference,
 }
 
-fn kernels_enabled() -> bool {
+/// False when `MEFT_KERNELS=0` (or `false`) asks for the plain-op reference everywhere.
+pub fn kernels_enabled() -> bool {
     !matches!(
         std::env::var("MEFT_KERNELS").as_deref(),
         Ok("0") | Ok("false")
@@ -34,6 +35,7 @@ fn cast<A: 'static, C: 'static>(a: A) -> C {
         .expect("type checked by TypeId")
 }
 
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
 fn on<B: Backend, K: SparseAdapterBackend>(
     x: Tensor<B, 2>,
     rows: Tensor<B, 2>,
@@ -65,6 +67,7 @@ macro_rules! kernel_backends {
 /// The path [`sparse_adapter_any`] takes on backend `B` (and its autodiff wrapper).
 pub fn compute_path<B: Backend>() -> ComputePath {
     let id = TypeId::of::<B>();
+    #[allow(unused_macros)] // no kernel backend in CPU-only builds
     macro_rules! check {
         ($t:ty) => {
             if kernels_enabled()
@@ -89,6 +92,8 @@ pub fn sparse_adapter_any<B: Backend>(
 ) -> Tensor<B, 2> {
     if compute_path::<B>() == ComputePath::Kernels {
         let id = TypeId::of::<B>();
+        let _ = id;
+        #[allow(unused_macros)]
         macro_rules! run {
             ($t:ty) => {
                 if id == TypeId::of::<$t>() {
@@ -106,4 +111,29 @@ pub fn sparse_adapter_any<B: Backend>(
         TensorData::new(index.slots.clone(), [index.tokens, index.k]).convert::<B::IntElem>();
     let slots = Tensor::<B, 2, Int>::from_data(slots, &device);
     cube_kernels::reference::forward_tensors(x, rows, slots, gate).0
+}
+
+/// Work that needs the `cube_kernels` extension trait on a backend chosen at run time (e.g.
+/// `meft bench kernels`); see [`run_kernel_task`].
+pub trait KernelTask {
+    /// What the task returns.
+    type Output;
+    /// Runs the task on `K` and its `device`.
+    fn run<K: SparseAdapterBackend>(self, device: K::Device) -> Self::Output;
+}
+
+/// Runs `task` on backend `B` if `B` implements the extension trait (the wgpu and CUDA
+/// backends, and ndarray f32 with the reference implementation); `None` otherwise.
+pub fn run_kernel_task<B: Backend, T: KernelTask>(device: B::Device, task: T) -> Option<T::Output> {
+    let id = TypeId::of::<B>();
+    macro_rules! run {
+        ($t:ty) => {
+            if id == TypeId::of::<$t>() {
+                return Some(task.run::<$t>(cast(device)));
+            }
+        };
+    }
+    kernel_backends!(run);
+    run!(burn::backend::NdArray<f32>);
+    None
 }

@@ -1,0 +1,446 @@
+//! `meft bench kernels`: cube_kernels' row gather, fused sparse forward and backward against
+//! the generic-op path (burn `select`; select → matmul → mask) on the same inputs, beside the
+//! device's bandwidth and compute ceilings measured in the same run.
+//!
+//! Counting: `unique` bytes count each input read once and each output written once (the
+//! issue's definition); `gathered` bytes count what a kernel without cross-token reuse must
+//! stream (each token's K key/value rows, each row-gradient entry's x and dy rows). FLOPs are
+//! the sparse work: 4·M·K·d forward, 8·M·K·d backward. Inputs are positive, so every slot is
+//! active (as after MEFT's selection, which keeps only positive-scoring neurons) and the
+//! kernels cannot skip rows. Each op's kernel result is compared with the generic result.
+
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
+use cube_kernels::{reference, HostIndex, SparseAdapterBackend};
+use rand::rngs::StdRng;
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::model::median;
+use crate::adapter::meft::compute::{run_kernel_task, KernelTask};
+use crate::backend::BackendTask;
+use crate::{Error, Result};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct KernelBench {
+    /// Model width d.
+    pub d_model: usize,
+    /// Tokens M.
+    pub tokens: usize,
+    /// Active rows on the device R (every token picks its K among them).
+    pub neurons: usize,
+    /// Slot counts K to measure.
+    pub top_k: Vec<usize>,
+    /// Untimed repeats per op.
+    pub warmup: usize,
+    /// Timed repeats per op (median reported).
+    pub iters: usize,
+    /// Skip the generic path (its `M × R` matrices need ~10 such buffers of memory).
+    pub skip_generic: bool,
+    /// Row label.
+    pub label: String,
+}
+
+/// The device's ceilings, measured in the run.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Ceilings {
+    /// `a + b` (2 reads, 1 write; 1 GiB each at full size), GB/s.
+    pub bandwidth_gbps: f64,
+    /// Square side of the matmul below.
+    pub matmul_size: usize,
+    /// burn's matmul at that size, TFLOP/s (the device's float throughput as burn reaches it).
+    pub matmul_tflops: f64,
+}
+
+/// One op at one K.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KernelBenchResult {
+    /// Row label.
+    pub label: String,
+    /// `gather`, `forward`, `backward` or `forward+backward`.
+    pub op: String,
+    /// Tokens M.
+    pub tokens: usize,
+    /// Width d.
+    pub d_model: usize,
+    /// Rows R.
+    pub rows: usize,
+    /// Slots per token K.
+    pub top_k: usize,
+    /// Kernel time, ms (median).
+    pub kernel_ms: f64,
+    /// Generic-op time, ms (median), if measured.
+    pub generic_ms: Option<f64>,
+    /// generic / kernel.
+    pub speedup: Option<f64>,
+    /// Bytes, each input read once and each output written once.
+    pub unique_bytes: f64,
+    /// Bytes a kernel without cross-token reuse streams.
+    pub gathered_bytes: f64,
+    /// Sparse FLOPs.
+    pub flops: f64,
+    /// unique bytes / kernel time, GB/s.
+    pub kernel_gbps: f64,
+    /// gathered bytes / kernel time, GB/s.
+    pub kernel_gathered_gbps: f64,
+    /// FLOPs / kernel time, TFLOP/s.
+    pub kernel_tflops: f64,
+    /// "bandwidth" or "compute": which ceiling bounds the op on unique bytes.
+    pub binding: String,
+    /// Ideal time at the binding ceiling (unique bytes) / kernel time.
+    pub share_of_ceiling: f64,
+    /// gathered bytes / bandwidth ceiling / kernel time.
+    pub gathered_share_of_bandwidth: f64,
+    /// Largest |kernel − generic| / largest |generic| over the op's outputs.
+    pub max_rel_diff: Option<f64>,
+    /// The ceilings measured in this run.
+    pub ceilings: Ceilings,
+}
+
+impl BackendTask for KernelBench {
+    type Output = Vec<KernelBenchResult>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
+        run_kernel_task::<B, _>(device, self).unwrap_or_else(|| {
+            Err(Error::Unsupported(
+                "meft bench kernels needs a backend with cube_kernels (cpu f32, wgpu, cuda)".into(),
+            ))
+        })
+    }
+}
+
+fn float<K: Backend>(t: FloatTensor<K>) -> Tensor<K, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn prim<K: Backend>(t: &Tensor<K, 2>) -> FloatTensor<K> {
+    t.clone().into_primitive().tensor()
+}
+
+fn sync<K: Backend>(device: &K::Device) -> Result<()> {
+    K::sync(device).map_err(|e| Error::Other(format!("device sync failed: {e:?}")))
+}
+
+/// Median wall time of `f` (synchronised before and after), ms.
+fn time<K: Backend, R>(
+    device: &K::Device,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> R,
+) -> Result<(f64, R)> {
+    let mut last = None;
+    for _ in 0..warmup {
+        last = Some(f());
+    }
+    sync::<K>(device)?;
+    let mut ms = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        drop(last.take());
+        let start = Instant::now();
+        last = Some(f());
+        sync::<K>(device)?;
+        ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok((median(&ms), last.expect("at least one run")))
+}
+
+fn rel_diff<K: Backend>(got: &[Tensor<K, 2>], want: &[Tensor<K, 2>]) -> f64 {
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| {
+            let scale = w.clone().abs().max().into_scalar().to_f64_lossy();
+            let diff = (g.clone() - w.clone())
+                .abs()
+                .max()
+                .into_scalar()
+                .to_f64_lossy();
+            diff / scale.max(1e-30)
+        })
+        .fold(0.0, f64::max)
+}
+
+trait ToF64 {
+    fn to_f64_lossy(self) -> f64;
+}
+impl<E: burn::tensor::ElementConversion> ToF64 for E {
+    fn to_f64_lossy(self) -> f64 {
+        self.elem::<f64>()
+    }
+}
+
+/// Ceilings measured at a size that follows the problem's (1 GiB buffers and a 4096³ matmul
+/// at LLaMA-7B geometry; smaller for small runs).
+fn ceilings<K: Backend>(
+    device: &K::Device,
+    elems: usize,
+    width: usize,
+    iters: usize,
+) -> Result<Ceilings> {
+    let n = elems.clamp(1 << 16, 1 << 28);
+    let a = Tensor::<K, 1>::random([n], Distribution::Default, device);
+    let b = Tensor::<K, 1>::random([n], Distribution::Default, device);
+    let elem = a.dtype().size() as f64;
+    let (ms, _) = time::<K, _>(device, 2, iters, || a.clone() + b.clone())?;
+    let bandwidth_gbps = 3.0 * n as f64 * elem / (ms * 1e-3) / 1e9;
+    drop((a, b));
+    let s = width.clamp(256, 4096);
+    let a = Tensor::<K, 2>::random([s, s], Distribution::Default, device);
+    let b = Tensor::<K, 2>::random([s, s], Distribution::Default, device);
+    let (ms, _) = time::<K, _>(device, 2, iters, || a.clone().matmul(b.clone()))?;
+    let matmul_tflops = 2.0 * (s as f64).powi(3) / (ms * 1e-3) / 1e12;
+    Ok(Ceilings {
+        matmul_size: s,
+        bandwidth_gbps,
+        matmul_tflops,
+    })
+}
+
+/// K distinct random rows per token, as a host index.
+fn random_index(tokens: usize, rows: usize, k: usize, seed: u64) -> Result<HostIndex> {
+    let per_token: Vec<Vec<u32>> = (0..tokens)
+        .into_par_iter()
+        .map(|t| {
+            let mut rng = StdRng::seed_from_u64(seed ^ (t as u64).wrapping_mul(0x9E37_79B9));
+            sample(&mut rng, rows, k).iter().map(|j| j as u32).collect()
+        })
+        .collect();
+    let slots: Vec<u32> = per_token.concat();
+    HostIndex::new(&slots, tokens, k, rows).map_err(|e| Error::Other(e.to_string()))
+}
+
+struct Sizes {
+    m: f64,
+    d: f64,
+    r: f64,
+    k: f64,
+    elem: f64,
+    int: f64,
+}
+
+impl Sizes {
+    fn forward(&self) -> (f64, f64, f64) {
+        let Sizes {
+            m,
+            d,
+            r,
+            k,
+            elem,
+            int,
+        } = *self;
+        let unique = elem * (m * d + r * 2.0 * d + m * k + m * d + m * k) + int * m * k;
+        let gathered = elem * (m * d + m * k * 2.0 * d + m * d + 2.0 * m * k) + int * m * k;
+        (unique, gathered, 4.0 * m * k * d)
+    }
+    fn backward(&self) -> (f64, f64, f64) {
+        let Sizes {
+            m,
+            d,
+            r,
+            k,
+            elem,
+            int,
+        } = *self;
+        // In: x, dy, rows, gate, z, slots, offsets, users. Out: dx, drows, dgate.
+        let unique = elem * (2.0 * m * d + r * 2.0 * d + 2.0 * m * k + m * d + r * 2.0 * d + m * k)
+            + int * (2.0 * m * k + r + 1.0);
+        // Token kernel: dy, K value and key rows per token, dx; row kernel: x and dy per entry,
+        // the row gradients; per-slot scalars.
+        let gathered = elem
+            * (m * d + m * k * 2.0 * d + m * d + m * k * 2.0 * d + r * 2.0 * d + 6.0 * m * k)
+            + int * (2.0 * m * k + r + 1.0);
+        (unique, gathered, 8.0 * m * k * d)
+    }
+}
+
+impl KernelTask for KernelBench {
+    type Output = Result<Vec<KernelBenchResult>>;
+
+    fn run<K: SparseAdapterBackend>(self, device: K::Device) -> Self::Output {
+        let (m, d, r) = (self.tokens, self.d_model, self.neurons);
+        let (w, it) = (self.warmup, self.iters);
+        let ceil = ceilings::<K>(&device, r * 2 * d, d, it.max(3))?;
+        eprintln!(
+            "ceilings: {:.0} GB/s (a + b), {:.1} TFLOP/s (matmul {}³)",
+            ceil.bandwidth_gbps, ceil.matmul_tflops, ceil.matmul_size
+        );
+        // Positive inputs: every slot active.
+        let u = |shape: [usize; 2], lo: f64, hi: f64| {
+            Tensor::<K, 2>::random(shape, Distribution::Uniform(lo, hi), &device)
+        };
+        let scale = 1.0 / (d as f64).sqrt();
+        let x = u([m, d], 0.0, 1.0);
+        let rows = u([r, 2 * d], 0.0, scale);
+        let dy = Tensor::<K, 2>::random([m, d], Distribution::Normal(0.0, 1.0), &device);
+        let elem = x.dtype().size() as f64;
+        let mut out = Vec::new();
+        let mut push = |op: &str,
+                        k: usize,
+                        kernel_ms: f64,
+                        generic_ms: Option<f64>,
+                        (unique, gathered, flops): (f64, f64, f64),
+                        diff: Option<f64>| {
+            let t_bw = unique / (ceil.bandwidth_gbps * 1e9);
+            let t_fl = flops / (ceil.matmul_tflops * 1e12);
+            let secs = kernel_ms * 1e-3;
+            let res = KernelBenchResult {
+                label: self.label.clone(),
+                op: op.into(),
+                tokens: m,
+                d_model: d,
+                rows: r,
+                top_k: k,
+                kernel_ms,
+                generic_ms,
+                speedup: generic_ms.map(|g| g / kernel_ms),
+                unique_bytes: unique,
+                gathered_bytes: gathered,
+                flops,
+                kernel_gbps: unique / secs / 1e9,
+                kernel_gathered_gbps: gathered / secs / 1e9,
+                kernel_tflops: flops / secs / 1e12,
+                binding: if t_bw >= t_fl { "bandwidth" } else { "compute" }.into(),
+                share_of_ceiling: t_bw.max(t_fl) / secs,
+                gathered_share_of_bandwidth: gathered / (ceil.bandwidth_gbps * 1e9) / secs,
+                max_rel_diff: diff,
+                ceilings: ceil,
+            };
+            eprintln!(
+                "{op} K={k}: kernel {kernel_ms:.2} ms, generic {}",
+                generic_ms.map_or("–".into(), |g| format!("{g:.2} ms"))
+            );
+            out.push(res);
+        };
+
+        for &k in &self.top_k {
+            let host = random_index(m, r, k, 7 + k as u64)?;
+            let int = std::mem::size_of::<K::IntElem>() as f64;
+            let sizes = Sizes {
+                m: m as f64,
+                d: d as f64,
+                r: r as f64,
+                k: k as f64,
+                elem,
+                int,
+            };
+            let idx = host.to_device::<K>(&device);
+            let gate = u([m, k], 0.5, 1.5);
+
+            // Gather: the union of the active rows out of the R staged rows.
+            let mut union: Vec<i32> = host.slots.clone();
+            union.par_sort_unstable();
+            union.dedup();
+            let n_union = union.len();
+            let ids = TensorData::new(union, [n_union]).convert::<K::IntElem>();
+            let ids = Tensor::<K, 1, Int>::from_data(ids, &device);
+            let (gk, g1) = time::<K, _>(&device, w, it, || {
+                float::<K>(K::gather_rows(prim(&rows), ids.clone().into_primitive()))
+            })?;
+            let (gg, diff) = if self.skip_generic {
+                (None, None)
+            } else {
+                let (gg, g2) = time::<K, _>(&device, w, it, || {
+                    float::<K>(reference::gather_rows::<K>(
+                        prim(&rows),
+                        ids.clone().into_primitive(),
+                    ))
+                })?;
+                (Some(gg), Some(rel_diff(&[g1], &[g2])))
+            };
+            let nu = n_union as f64;
+            let gb = elem * 2.0 * (nu * 2.0 * d as f64) + int * nu;
+            push("gather", k, gk, gg, (gb, gb, 0.0), diff);
+
+            // Forward.
+            let fwd = || {
+                let (y, z) = K::sparse_adapter_forward(prim(&x), prim(&rows), &idx, prim(&gate));
+                (float::<K>(y), float::<K>(z))
+            };
+            let (fk, (y, z)) = time::<K, _>(&device, w, it, fwd)?;
+            let bwd = || {
+                let g = K::sparse_adapter_backward(
+                    prim(&x),
+                    prim(&rows),
+                    &idx,
+                    prim(&gate),
+                    prim(&z),
+                    prim(&dy),
+                );
+                [float::<K>(g.x), float::<K>(g.rows), float::<K>(g.gate)]
+            };
+            let (bk, gk3) = time::<K, _>(&device, w, it, bwd)?;
+            let (fg, bg, fdiff, bdiff) = if self.skip_generic {
+                (None, None, None, None)
+            } else {
+                let (fg, (yr, zr)) = time::<K, _>(&device, w.min(1), it, || {
+                    let (y, z) = reference::forward::<K>(prim(&x), prim(&rows), &idx, prim(&gate));
+                    (float::<K>(y), float::<K>(z))
+                })?;
+                let fdiff = rel_diff(&[y.clone(), z.clone()], &[yr, zr]);
+                let (bg, gr3) = time::<K, _>(&device, w.min(1), it, || {
+                    let g = reference::backward::<K>(
+                        prim(&x),
+                        prim(&rows),
+                        &idx,
+                        prim(&gate),
+                        prim(&z),
+                        prim(&dy),
+                    );
+                    [float::<K>(g.x), float::<K>(g.rows), float::<K>(g.gate)]
+                })?;
+                let bdiff = rel_diff(&gk3, &gr3);
+                (Some(fg), Some(bg), Some(fdiff), Some(bdiff))
+            };
+            drop((y, gk3));
+            let (fu, fgath, ff) = sizes.forward();
+            let (bu, bgath, bf) = sizes.backward();
+            push("forward", k, fk, fg, (fu, fgath, ff), fdiff);
+            push("backward", k, bk, bg, (bu, bgath, bf), bdiff);
+            let both_generic = fg.zip(bg).map(|(a, b)| a + b);
+            let both_diff = fdiff.zip(bdiff).map(|(a, b)| a.max(b));
+            push(
+                "forward+backward",
+                k,
+                fk + bk,
+                both_generic,
+                (fu + bu, fgath + bgath, ff + bf),
+                both_diff,
+            );
+        }
+        Ok(out)
+    }
+}
+
+impl KernelBenchResult {
+    /// Markdown table of results.
+    pub fn table(results: &[KernelBenchResult]) -> String {
+        let opt = |v: Option<f64>, p: usize| v.map_or("–".into(), |v| format!("{v:.p$}"));
+        let mut s = String::from(
+            "| run | op | K | kernel ms | generic ms | speedup | GB/s (unique) | GB/s (gathered) | TFLOP/s | binds | share of ceiling | gathered share of BW | max rel diff |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for r in results {
+            s += &format!(
+                "| {} | {} | {} | {:.2} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {:.2} | {:.2} | {} |\n",
+                r.label,
+                r.op,
+                r.top_k,
+                r.kernel_ms,
+                opt(r.generic_ms, 2),
+                opt(r.speedup, 1),
+                r.kernel_gbps,
+                r.kernel_gathered_gbps,
+                r.kernel_tflops,
+                r.binding,
+                r.share_of_ceiling,
+                r.gathered_share_of_bandwidth,
+                r.max_rel_diff.map_or("–".into(), |v| format!("{v:.1e}")),
+            );
+        }
+        s
+    }
+}
