@@ -73,3 +73,44 @@ fn bad_inputs_are_clear_errors() {
     }
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn bench_kernels_writes_every_op() {
+    let out = std::env::temp_dir().join(format!("meft-kernels-{}.json", std::process::id()));
+    let (ok, stdout, stderr) = meft(&[
+        "bench",
+        "kernels",
+        "--backend",
+        "cpu",
+        "--d-model",
+        "32",
+        "--tokens",
+        "16",
+        "--neurons",
+        "64",
+        "--top-k",
+        "3,8",
+        "--warmup",
+        "0",
+        "--iters",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("| forward+backward |"), "{stdout}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let rows = json.as_array().unwrap();
+    assert_eq!(
+        rows.len(),
+        8,
+        "gather, forward, backward, both for K = 3 and 8"
+    );
+    for r in rows {
+        assert!(r["kernel_ms"].as_f64().unwrap() >= 0.0);
+        // On ndarray both paths are the reference: identical results.
+        assert_eq!(r["max_rel_diff"].as_f64(), Some(0.0), "{r}");
+    }
+    std::fs::remove_file(out).ok();
+}

@@ -129,11 +129,32 @@ fn run_trait<B: AutodiffBackend + SparseAdapterBackend>(
     device: &B::Device,
     dtype: DType,
 ) -> [Vec<f64>; 5] {
+    run_index::<B>(c, &c.index, device, dtype)
+}
+
+/// The index in L2 passes: 3 rows per token-kernel pass, 3 tokens per row-kernel pass.
+fn in_passes(c: &Case, elem: usize) -> HostIndex {
+    let idx = c
+        .index
+        .clone()
+        .plan_with(c.d, elem, 3 * 2 * c.d * elem, true);
+    assert_eq!(idx.token_passes.is_some(), c.r > 3);
+    assert_eq!(idx.row_passes.is_some(), c.m > 3);
+    idx
+}
+
+/// [`run_trait`] with a given index (e.g. [`in_passes`]).
+fn run_index<B: AutodiffBackend + SparseAdapterBackend>(
+    c: &Case,
+    index: &HostIndex,
+    device: &B::Device,
+    dtype: DType,
+) -> [Vec<f64>; 5] {
     let x = tensor::<B>(&c.x, [c.m, c.d], device, dtype).require_grad();
     let rows = tensor::<B>(&c.rows, [c.r, 2 * c.d], device, dtype).require_grad();
     let gate = tensor::<B>(&c.gate, [c.m, c.k], device, dtype).require_grad();
     let dy = tensor::<B>(&c.dy, [c.m, c.d], device, dtype);
-    let idx = c.index.to_device::<B>(device);
+    let idx = index.to_device::<B>(device);
     let (y, z) = B::sparse_adapter_forward(
         x.clone().into_primitive().tensor(),
         rows.clone().into_primitive().tensor(),
@@ -236,6 +257,13 @@ fn fused_kernels_match_reference_on_wgpu() {
         );
         let plain = run_trait::<Unfused>(&c, &device, DType::F32);
         assert_all_close(&format!("wgpu {m}x{d} R{r} K{k}"), &plain, &want, 1e-5);
+        let passes = run_index::<Fused>(&c, &in_passes(&c, 4), &device, DType::F32);
+        assert_all_close(
+            &format!("wgpu passes {m}x{d} R{r} K{k}"),
+            &passes,
+            &want,
+            1e-5,
+        );
     }
 }
 
@@ -246,6 +274,10 @@ fn kernels_are_deterministic() {
     let c = Case::new(40, 96, 12, 9, 3); // 12 rows shared by 40 tokens
     let a = run_trait::<Fused>(&c, &device, DType::F32);
     let b = run_trait::<Fused>(&c, &device, DType::F32);
+    assert_eq!(a, b);
+    let idx = in_passes(&c, 4);
+    let a = run_index::<Fused>(&c, &idx, &device, DType::F32);
+    let b = run_index::<Fused>(&c, &idx, &device, DType::F32);
     assert_eq!(a, b);
 }
 

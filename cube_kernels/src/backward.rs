@@ -55,6 +55,11 @@ fn inner<B: SparseAdapterBackend, C: CheckpointStrategy>(
         slots: index.slots.clone(),
         row_offsets: index.row_offsets.clone(),
         row_users: index.row_users.clone(),
+        order: index.order.clone(),
+        token_ranges: index.token_ranges.clone(),
+        user_ranges: index.user_ranges.clone(),
+        token_passes: index.token_passes,
+        row_passes: index.row_passes,
         rows: index.rows,
     }
 }

@@ -97,23 +97,32 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
             return (y, z);
         }
         let shape = LaunchShape::for_width(d);
-        let dtypes = [dtype.into(), slots.dtype.into()];
-        sparse_forward_kernel::launch::<R>(
-            &x.client.clone(),
-            grid(m),
-            CubeDim::new_1d(shape.threads),
-            x.into_tensor_arg(),
-            rows.into_tensor_arg(),
-            slots.into_tensor_arg(),
-            gate.into_tensor_arg(),
-            y.clone().into_tensor_arg(),
-            z.clone().into_tensor_arg(),
-            k as u32,
-            shape.threads,
-            shape.cols,
-            CHUNK,
-            dtypes,
-        );
+        let order = into_contiguous(index.order.clone());
+        let ranges = into_contiguous(index.token_ranges.clone());
+        let client = x.client.clone();
+        let blocked = index.token_passes.is_some();
+        for pass in 0..index.token_passes.unwrap_or(1) {
+            sparse_forward_kernel::launch::<R>(
+                &client,
+                grid(m),
+                CubeDim::new_1d(shape.threads),
+                x.clone().into_tensor_arg(),
+                rows.clone().into_tensor_arg(),
+                slots.clone().into_tensor_arg(),
+                gate.clone().into_tensor_arg(),
+                order.clone().into_tensor_arg(),
+                ranges.clone().into_tensor_arg(),
+                y.clone().into_tensor_arg(),
+                z.clone().into_tensor_arg(),
+                pass as u32,
+                k as u32,
+                shape.threads,
+                shape.cols,
+                CHUNK,
+                blocked,
+                [dtype.into(), slots.dtype.into()],
+            );
+        }
         (y, z)
     }
 
@@ -145,43 +154,59 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
         let dtypes = [dtype.into(), slots.dtype.into()];
         let client = x.client.clone();
         if m > 0 && d > 0 && k > 0 {
-            sparse_backward_tokens_kernel::launch::<R>(
-                &client,
-                grid(m),
-                CubeDim::new_1d(shape.threads),
-                dy.clone().into_tensor_arg(),
-                rows.into_tensor_arg(),
-                slots.into_tensor_arg(),
-                gate.clone().into_tensor_arg(),
-                z.clone().into_tensor_arg(),
-                dx.clone().into_tensor_arg(),
-                dz.clone().into_tensor_arg(),
-                dgate.clone().into_tensor_arg(),
-                k as u32,
-                shape.threads,
-                shape.cols,
-                CHUNK,
-                dtypes,
-            );
+            let order = into_contiguous(index.order.clone());
+            let ranges = into_contiguous(index.token_ranges.clone());
+            let blocked = index.token_passes.is_some();
+            for pass in 0..index.token_passes.unwrap_or(1) {
+                sparse_backward_tokens_kernel::launch::<R>(
+                    &client,
+                    grid(m),
+                    CubeDim::new_1d(shape.threads),
+                    dy.clone().into_tensor_arg(),
+                    rows.clone().into_tensor_arg(),
+                    slots.clone().into_tensor_arg(),
+                    gate.clone().into_tensor_arg(),
+                    z.clone().into_tensor_arg(),
+                    order.clone().into_tensor_arg(),
+                    ranges.clone().into_tensor_arg(),
+                    dx.clone().into_tensor_arg(),
+                    dz.clone().into_tensor_arg(),
+                    dgate.clone().into_tensor_arg(),
+                    pass as u32,
+                    k as u32,
+                    shape.threads,
+                    shape.cols,
+                    CHUNK,
+                    blocked,
+                    dtypes,
+                );
+            }
         }
         if n > 0 && d > 0 {
-            sparse_backward_rows_kernel::launch::<R>(
-                &client,
-                grid(n),
-                CubeDim::new_1d(shape.threads),
-                x.into_tensor_arg(),
-                dy.into_tensor_arg(),
-                gate.into_tensor_arg(),
-                z.into_tensor_arg(),
-                dz.into_tensor_arg(),
-                offsets.into_tensor_arg(),
-                users.into_tensor_arg(),
-                drows.clone().into_tensor_arg(),
-                k.max(1) as u32,
-                shape.threads,
-                shape.cols,
-                [dtype.into(), index.row_offsets.dtype.into()],
-            );
+            let user_ranges = into_contiguous(index.user_ranges.clone());
+            let blocked = index.row_passes.is_some();
+            for block in 0..index.row_passes.unwrap_or(1) {
+                sparse_backward_rows_kernel::launch::<R>(
+                    &client,
+                    grid(n),
+                    CubeDim::new_1d(shape.threads),
+                    x.clone().into_tensor_arg(),
+                    dy.clone().into_tensor_arg(),
+                    gate.clone().into_tensor_arg(),
+                    z.clone().into_tensor_arg(),
+                    dz.clone().into_tensor_arg(),
+                    offsets.clone().into_tensor_arg(),
+                    users.clone().into_tensor_arg(),
+                    user_ranges.clone().into_tensor_arg(),
+                    drows.clone().into_tensor_arg(),
+                    block as u32,
+                    k.max(1) as u32,
+                    shape.threads,
+                    shape.cols,
+                    blocked,
+                    [dtype.into(), index.row_offsets.dtype.into()],
+                );
+            }
         }
         SparseAdapterGrads {
             x: dx,

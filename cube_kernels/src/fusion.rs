@@ -15,22 +15,56 @@ use crate::{ActiveIndex, SparseAdapterBackend, SparseAdapterGrads};
 fn inner_index<B: FusionBackend>(
     handles: &mut HandleContainer<B::Handle>,
     ir: &[TensorIr],
-    rows: usize,
+    shape: &IndexShape,
 ) -> ActiveIndex<B> {
     ActiveIndex {
         slots: handles.get_int_tensor::<B>(&ir[0]),
         row_offsets: handles.get_int_tensor::<B>(&ir[1]),
         row_users: handles.get_int_tensor::<B>(&ir[2]),
-        rows,
+        order: handles.get_int_tensor::<B>(&ir[3]),
+        token_ranges: handles.get_int_tensor::<B>(&ir[4]),
+        user_ranges: handles.get_int_tensor::<B>(&ir[5]),
+        token_passes: shape.token_passes,
+        row_passes: shape.row_passes,
+        rows: shape.rows,
     }
 }
 
-fn index_ir<B: FusionBackend>(index: &ActiveIndex<Fusion<B>>) -> [TensorIr; 3] {
+/// The index's plain fields, carried by the fused operation.
+#[derive(Debug, Clone)]
+struct IndexShape {
+    rows: usize,
+    token_passes: Option<usize>,
+    row_passes: Option<usize>,
+}
+
+impl IndexShape {
+    fn of<B: FusionBackend>(index: &ActiveIndex<Fusion<B>>) -> Self {
+        Self {
+            rows: index.rows,
+            token_passes: index.token_passes,
+            row_passes: index.row_passes,
+        }
+    }
+}
+
+const INDEX_TENSORS: usize = 6;
+
+fn index_tensors<B: FusionBackend>(
+    index: &ActiveIndex<Fusion<B>>,
+) -> [&FusionTensor<B::FusionRuntime>; INDEX_TENSORS] {
     [
-        index.slots.clone().into_ir(),
-        index.row_offsets.clone().into_ir(),
-        index.row_users.clone().into_ir(),
+        &index.slots,
+        &index.row_offsets,
+        &index.row_users,
+        &index.order,
+        &index.token_ranges,
+        &index.user_ranges,
     ]
+}
+
+fn index_ir<B: FusionBackend>(index: &ActiveIndex<Fusion<B>>) -> [TensorIr; INDEX_TENSORS] {
+    index_tensors(index).map(|t| t.clone().into_ir())
 }
 
 fn out<R: FusionRuntime>(like: &FusionTensor<R>, shape: [usize; 2], dtype: DType) -> TensorIr {
@@ -55,17 +89,17 @@ impl<B: FusionBackend + SparseAdapterBackend> Operation<B::FusionRuntime> for Ga
 #[derive(Debug)]
 struct ForwardOp<B> {
     desc: CustomOpIr,
-    rows: usize,
+    shape: IndexShape,
     _b: PhantomData<B>,
 }
 
 impl<B: FusionBackend + SparseAdapterBackend> Operation<B::FusionRuntime> for ForwardOp<B> {
     fn execute(&self, handles: &mut HandleContainer<B::Handle>) {
-        let (inputs, [y, z]) = self.desc.as_fixed::<6, 2>();
+        let (inputs, [y, z]) = self.desc.as_fixed::<{ 3 + INDEX_TENSORS }, 2>();
         let x = handles.get_float_tensor::<B>(&inputs[0]);
         let rows = handles.get_float_tensor::<B>(&inputs[1]);
         let gate = handles.get_float_tensor::<B>(&inputs[2]);
-        let index = inner_index::<B>(handles, &inputs[3..], self.rows);
+        let index = inner_index::<B>(handles, &inputs[3..], &self.shape);
         let (yv, zv) = B::sparse_adapter_forward(x, rows, &index, gate);
         handles.register_float_tensor::<B>(&y.id, yv);
         handles.register_float_tensor::<B>(&z.id, zv);
@@ -75,19 +109,19 @@ impl<B: FusionBackend + SparseAdapterBackend> Operation<B::FusionRuntime> for Fo
 #[derive(Debug)]
 struct BackwardOp<B> {
     desc: CustomOpIr,
-    rows: usize,
+    shape: IndexShape,
     _b: PhantomData<B>,
 }
 
 impl<B: FusionBackend + SparseAdapterBackend> Operation<B::FusionRuntime> for BackwardOp<B> {
     fn execute(&self, handles: &mut HandleContainer<B::Handle>) {
-        let (inputs, [dx, drows, dgate]) = self.desc.as_fixed::<8, 3>();
+        let (inputs, [dx, drows, dgate]) = self.desc.as_fixed::<{ 5 + INDEX_TENSORS }, 3>();
         let x = handles.get_float_tensor::<B>(&inputs[0]);
         let rows = handles.get_float_tensor::<B>(&inputs[1]);
         let gate = handles.get_float_tensor::<B>(&inputs[2]);
         let z = handles.get_float_tensor::<B>(&inputs[3]);
         let dy = handles.get_float_tensor::<B>(&inputs[4]);
-        let index = inner_index::<B>(handles, &inputs[5..], self.rows);
+        let index = inner_index::<B>(handles, &inputs[5..], &self.shape);
         let g = B::sparse_adapter_backward(x, rows, &index, gate, z, dy);
         handles.register_float_tensor::<B>(&dx.id, g.x);
         handles.register_float_tensor::<B>(&drows.id, g.rows);
@@ -129,23 +163,18 @@ impl<B: FusionBackend + SparseAdapterBackend> SparseAdapterBackend for Fusion<B>
         FusionTensor<B::FusionRuntime>,
     ) {
         let client = x.client.clone();
-        let streams = OperationStreams::with_inputs([
-            &x,
-            &rows,
-            &gate,
-            &index.slots,
-            &index.row_offsets,
-            &index.row_users,
-        ]);
+        let mut inputs = vec![&x, &rows, &gate];
+        inputs.extend(index_tensors(index));
+        let streams = OperationStreams::with_inputs(inputs);
         let [m, d] = [x.shape[0], x.shape[1]];
         let k = gate.shape[1];
         let outputs = [out(&x, [m, d], x.dtype), out(&x, [m, k], x.dtype)];
-        let [s, o, u] = index_ir(index);
-        let inputs = [x.into_ir(), rows.into_ir(), gate.into_ir(), s, o, u];
+        let mut inputs = vec![x.into_ir(), rows.into_ir(), gate.into_ir()];
+        inputs.extend(index_ir(index));
         let desc = CustomOpIr::new("meft_sparse_adapter_forward", &inputs, &outputs);
         let op = ForwardOp::<B> {
             desc: desc.clone(),
-            rows: index.rows,
+            shape: IndexShape::of(index),
             _b: PhantomData,
         };
         let mut res = client.register(streams, OperationIr::Custom(desc), op);
@@ -163,37 +192,27 @@ impl<B: FusionBackend + SparseAdapterBackend> SparseAdapterBackend for Fusion<B>
         dy: FusionTensor<B::FusionRuntime>,
     ) -> SparseAdapterGrads<Self> {
         let client = x.client.clone();
-        let streams = OperationStreams::with_inputs([
-            &x,
-            &rows,
-            &gate,
-            &z,
-            &dy,
-            &index.slots,
-            &index.row_offsets,
-            &index.row_users,
-        ]);
+        let mut inputs = vec![&x, &rows, &gate, &z, &dy];
+        inputs.extend(index_tensors(index));
+        let streams = OperationStreams::with_inputs(inputs);
         let dtype = x.dtype;
         let outputs = [
             out(&x, [x.shape[0], x.shape[1]], dtype),
             out(&x, [rows.shape[0], rows.shape[1]], dtype),
             out(&x, [gate.shape[0], gate.shape[1]], dtype),
         ];
-        let [s, o, u] = index_ir(index);
-        let inputs = [
+        let mut inputs = vec![
             x.into_ir(),
             rows.into_ir(),
             gate.into_ir(),
             z.into_ir(),
             dy.into_ir(),
-            s,
-            o,
-            u,
         ];
+        inputs.extend(index_ir(index));
         let desc = CustomOpIr::new("meft_sparse_adapter_backward", &inputs, &outputs);
         let op = BackwardOp::<B> {
             desc: desc.clone(),
-            rows: index.rows,
+            shape: IndexShape::of(index),
             _b: PhantomData,
         };
         let mut res = client.register(streams, OperationIr::Custom(desc), op);

@@ -8,8 +8,19 @@
 //! - `row_offsets` `[R + 1]`, `row_users` `[nnz]`: for row j, the entries `t * K + s` whose slot
 //!   is j, ascending (CSR of the slot matrix's transpose, built on the host).
 //!
+//! L2 blocking (large K; `HostIndex::plan`): the token kernels can run in passes, pass p
+//! handling only each token's slots whose rows lie in the p-th block of rows (`order` `[M, K]`
+//! lists a token's slots by row, `token_ranges` `[M, P + 1]` where each pass starts in it), so
+//! the rows of one pass stay in L2 while all tokens read them; outputs accumulate over passes.
+//! The row kernel likewise runs per block of tokens (`user_ranges` `[R, Q + 1]`).
+//!
 //! Every kernel accumulates in f32 whatever the storage type, and every sum runs in a fixed
 //! order (no atomics), so results are deterministic run to run.
+
+// Nested `if blocked { if runtime_condition { … } }`: the outer test is a compile-time
+// branch of the kernel, the inner one runs on the device, so they cannot be merged; and
+// `!(p <= 0)` is meant: it is true for NaN (a NaN must propagate, not be dropped).
+#![allow(clippy::collapsible_if, clippy::neg_cmp_op_on_partial_ord)]
 
 use cubecl::prelude::*;
 
@@ -60,7 +71,8 @@ pub fn gather_rows_kernel<F: Float, I: Numeric>(
 /// Each unit keeps `cols` columns of `x_t` in registers (columns `tid + i · threads`). Scores
 /// are computed `chunk` slots at a time: per-unit partial dot products, then a shared-memory
 /// tree reduction. The output is accumulated per unit over the slots whose activation is
-/// non-zero (value rows of inactive slots are not read).
+/// non-zero (value rows of inactive slots are not read). With `blocked`, only the slots of
+/// pass `pass` are handled and `y` accumulates over passes.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn sparse_forward_kernel<F: Float, I: Numeric>(
@@ -68,12 +80,16 @@ pub fn sparse_forward_kernel<F: Float, I: Numeric>(
     rows: &Tensor<F>,
     slots: &Tensor<I>,
     gate: &Tensor<F>,
+    order: &Tensor<I>,
+    token_ranges: &Tensor<I>,
     y: &mut Tensor<F>,
     z: &mut Tensor<F>,
+    pass: u32,
     #[comptime] k: u32,
     #[comptime] threads: u32,
     #[comptime] cols: u32,
     #[comptime] chunk: u32,
+    #[comptime] blocked: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let t = cube_index();
@@ -90,14 +106,26 @@ pub fn sparse_forward_kernel<F: Float, I: Numeric>(
     let w = rows.shape(1);
     let n_rows = rows.shape(0);
 
+    let (lo, hi) = slot_range(token_ranges, t, pass, kk, blocked);
+    let n = hi - lo;
+    let later = pass > 0;
+    if blocked {
+        if later && n == 0 {
+            terminate!(); // nothing of this token in this pass: y stays as it is
+        }
+    }
+
     let mut row_of = SharedMemory::<u32>::new(kk);
+    let mut slot_of = SharedMemory::<u32>::new(kk);
     let mut coef = SharedMemory::<f32>::new(kk);
     let mut part = SharedMemory::<f32>::new(comptime!(chunk as usize * threads as usize));
 
-    let mut s = tid;
-    while s < kk {
-        row_of[s] = u32::cast_from(slots[t * kk + s]);
-        s += nt;
+    let mut i = tid;
+    while i < n {
+        let s = slot_at(order, t, lo + i, kk, blocked);
+        slot_of[i] = s as u32;
+        row_of[i] = u32::cast_from(slots[t * kk + s]);
+        i += nt;
     }
     let mut xr = Array::<f32>::new(ncols);
     #[unroll]
@@ -113,20 +141,20 @@ pub fn sparse_forward_kernel<F: Float, I: Numeric>(
 
     // Scores, `chunk` slots at a time.
     let mut c0 = 0usize.runtime();
-    while c0 < kk {
+    while c0 < n {
         #[unroll]
         for j in 0..nchunk {
-            let s = c0 + j;
+            let i = c0 + j;
             let mut sum = f32::new(0.0);
-            if s < kk {
-                let r = row_of[s] as usize;
+            if i < n {
+                let r = row_of[i] as usize;
                 if r < n_rows {
                     let base = r * w;
                     #[unroll]
-                    for i in 0..ncols {
-                        let c = tid + i * nt;
+                    for q in 0..ncols {
+                        let c = tid + q * nt;
                         if c < d {
-                            sum += xr[i] * f32::cast_from(rows[base + c]);
+                            sum += xr[q] * f32::cast_from(rows[base + c]);
                         }
                     }
                 }
@@ -146,8 +174,9 @@ pub fn sparse_forward_kernel<F: Float, I: Numeric>(
             stride /= 2;
         }
         if tid < nchunk {
-            let s = c0 + tid;
-            if s < kk {
+            let i = c0 + tid;
+            if i < n {
+                let s = slot_of[i] as usize;
                 let zz = part[tid * nt];
                 z[t * kk + s] = F::cast_from(zz);
                 let p = f32::cast_from(gate[t * kk + s]) * zz;
@@ -156,44 +185,87 @@ pub fn sparse_forward_kernel<F: Float, I: Numeric>(
                 if p <= f32::new(0.0) {
                     a = f32::new(0.0);
                 }
-                coef[s] = a;
+                coef[i] = a;
             }
         }
         sync_cube();
         c0 += nchunk;
     }
 
-    // Output: y_t = Σ_s a_ts v_s over active slots.
+    // Output: y_t (+)= Σ_s a_ts v_s over active slots.
     let mut yr = Array::<f32>::new(ncols);
     #[unroll]
-    for i in 0..ncols {
-        yr[i] = f32::new(0.0);
+    for q in 0..ncols {
+        let c = tid + q * nt;
+        let mut v = f32::new(0.0);
+        if blocked {
+            if later && c < d {
+                v = f32::cast_from(y[t * d + c]);
+            }
+        }
+        yr[q] = v;
     }
-    for s in 0..kk {
-        let a = coef[s];
+    for i in 0..n {
+        let a = coef[i];
         if a != f32::new(0.0) {
-            let base = row_of[s] as usize * w + d;
+            let base = row_of[i] as usize * w + d;
             #[unroll]
-            for i in 0..ncols {
-                let c = tid + i * nt;
+            for q in 0..ncols {
+                let c = tid + q * nt;
                 if c < d {
-                    yr[i] += a * f32::cast_from(rows[base + c]);
+                    yr[q] += a * f32::cast_from(rows[base + c]);
                 }
             }
         }
     }
     #[unroll]
-    for i in 0..ncols {
-        let c = tid + i * nt;
+    for q in 0..ncols {
+        let c = tid + q * nt;
         if c < d {
-            y[t * d + c] = F::cast_from(yr[i]);
+            y[t * d + c] = F::cast_from(yr[q]);
         }
     }
 }
 
+/// The slots of token `t` handled in `pass`: positions `lo..hi` of its slot order.
+#[cube]
+fn slot_range<I: Numeric>(
+    token_ranges: &Tensor<I>,
+    t: usize,
+    pass: u32,
+    #[comptime] kk: usize,
+    #[comptime] blocked: bool,
+) -> (usize, usize) {
+    let mut lo = 0usize.runtime();
+    let mut hi = kk.runtime();
+    if blocked {
+        let np = token_ranges.shape(1);
+        lo = u32::cast_from(token_ranges[t * np + pass as usize]) as usize;
+        hi = u32::cast_from(token_ranges[t * np + pass as usize + 1]) as usize;
+    }
+    (lo, hi)
+}
+
+/// The slot at position `i` of token `t`'s slot order (the identity unless blocked).
+#[cube]
+fn slot_at<I: Numeric>(
+    order: &Tensor<I>,
+    t: usize,
+    i: usize,
+    #[comptime] kk: usize,
+    #[comptime] blocked: bool,
+) -> usize {
+    let mut s = i;
+    if blocked {
+        s = u32::cast_from(order[t * kk + i]) as usize;
+    }
+    s
+}
+
 /// Backward, token side, one cube per token t. With `p_ts = gate_ts · z_ts` and `dy_t`:
 /// `dz_ts = [p_ts > 0] (dy_t · v_s) gate_ts`, `dgate_ts = [p_ts > 0] (dy_t · v_s) z_ts`,
-/// `dx_t = Σ_s dz_ts k_s`. Slots with `p_ts <= 0` read no row.
+/// `dx_t = Σ_s dz_ts k_s`. Slots with `p_ts <= 0` read no row. With `blocked`, pass `pass`
+/// only, `dx` accumulating over passes.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn sparse_backward_tokens_kernel<F: Float, I: Numeric>(
@@ -202,13 +274,17 @@ pub fn sparse_backward_tokens_kernel<F: Float, I: Numeric>(
     slots: &Tensor<I>,
     gate: &Tensor<F>,
     z: &Tensor<F>,
+    order: &Tensor<I>,
+    token_ranges: &Tensor<I>,
     dx: &mut Tensor<F>,
     dz: &mut Tensor<F>,
     dgate: &mut Tensor<F>,
+    pass: u32,
     #[comptime] k: u32,
     #[comptime] threads: u32,
     #[comptime] cols: u32,
     #[comptime] chunk: u32,
+    #[comptime] blocked: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let t = cube_index();
@@ -225,49 +301,61 @@ pub fn sparse_backward_tokens_kernel<F: Float, I: Numeric>(
     let w = rows.shape(1);
     let n_rows = rows.shape(0);
 
+    let (lo, hi) = slot_range(token_ranges, t, pass, kk, blocked);
+    let n = hi - lo;
+    let later = pass > 0;
+    if blocked {
+        if later && n == 0 {
+            terminate!();
+        }
+    }
+
     let mut row_of = SharedMemory::<u32>::new(kk);
+    let mut slot_of = SharedMemory::<u32>::new(kk);
     // First the pre-activation p_ts, then (after the scores) dz_ts.
     let mut coef = SharedMemory::<f32>::new(kk);
     let mut part = SharedMemory::<f32>::new(comptime!(chunk as usize * threads as usize));
 
-    let mut s = tid;
-    while s < kk {
+    let mut i = tid;
+    while i < n {
+        let s = slot_at(order, t, lo + i, kk, blocked);
+        slot_of[i] = s as u32;
         let r = u32::cast_from(slots[t * kk + s]);
-        row_of[s] = r;
+        row_of[i] = r;
         let mut p = f32::new(0.0);
         if (r as usize) < n_rows {
             p = f32::cast_from(gate[t * kk + s]) * f32::cast_from(z[t * kk + s]);
         }
-        coef[s] = p;
-        s += nt;
+        coef[i] = p;
+        i += nt;
     }
     let mut gr = Array::<f32>::new(ncols);
     #[unroll]
-    for i in 0..ncols {
-        let c = tid + i * nt;
+    for q in 0..ncols {
+        let c = tid + q * nt;
         let mut v = f32::new(0.0);
         if c < d {
             v = f32::cast_from(dy[t * d + c]);
         }
-        gr[i] = v;
+        gr[q] = v;
     }
     sync_cube();
 
     let mut c0 = 0usize.runtime();
-    while c0 < kk {
+    while c0 < n {
         #[unroll]
         for j in 0..nchunk {
-            let s = c0 + j;
+            let i = c0 + j;
             let mut sum = f32::new(0.0);
-            if s < kk {
+            if i < n {
                 // `!(p <= 0)`: NaN pre-activations pass, as in the forward's relu.
-                if !(coef[s] <= f32::new(0.0)) {
-                    let base = row_of[s] as usize * w + d;
+                if !(coef[i] <= f32::new(0.0)) {
+                    let base = row_of[i] as usize * w + d;
                     #[unroll]
-                    for i in 0..ncols {
-                        let c = tid + i * nt;
+                    for q in 0..ncols {
+                        let c = tid + q * nt;
                         if c < d {
-                            sum += gr[i] * f32::cast_from(rows[base + c]);
+                            sum += gr[q] * f32::cast_from(rows[base + c]);
                         }
                     }
                 }
@@ -287,18 +375,19 @@ pub fn sparse_backward_tokens_kernel<F: Float, I: Numeric>(
             stride /= 2;
         }
         if tid < nchunk {
-            let s = c0 + tid;
-            if s < kk {
+            let i = c0 + tid;
+            if i < n {
+                let s = slot_of[i] as usize;
                 let da = part[tid * nt];
                 let mut dzv = f32::new(0.0);
                 let mut dgv = f32::new(0.0);
-                if !(coef[s] <= f32::new(0.0)) {
+                if !(coef[i] <= f32::new(0.0)) {
                     dzv = da * f32::cast_from(gate[t * kk + s]);
                     dgv = da * f32::cast_from(z[t * kk + s]);
                 }
                 dz[t * kk + s] = F::cast_from(dzv);
                 dgate[t * kk + s] = F::cast_from(dgv);
-                coef[s] = dzv;
+                coef[i] = dzv;
             }
         }
         sync_cube();
@@ -307,34 +396,42 @@ pub fn sparse_backward_tokens_kernel<F: Float, I: Numeric>(
 
     let mut acc = Array::<f32>::new(ncols);
     #[unroll]
-    for i in 0..ncols {
-        acc[i] = f32::new(0.0);
+    for q in 0..ncols {
+        let c = tid + q * nt;
+        let mut v = f32::new(0.0);
+        if blocked {
+            if later && c < d {
+                v = f32::cast_from(dx[t * d + c]);
+            }
+        }
+        acc[q] = v;
     }
-    for s in 0..kk {
-        let g = coef[s];
+    for i in 0..n {
+        let g = coef[i];
         if g != f32::new(0.0) {
-            let base = row_of[s] as usize * w;
+            let base = row_of[i] as usize * w;
             #[unroll]
-            for i in 0..ncols {
-                let c = tid + i * nt;
+            for q in 0..ncols {
+                let c = tid + q * nt;
                 if c < d {
-                    acc[i] += g * f32::cast_from(rows[base + c]);
+                    acc[q] += g * f32::cast_from(rows[base + c]);
                 }
             }
         }
     }
     #[unroll]
-    for i in 0..ncols {
-        let c = tid + i * nt;
+    for q in 0..ncols {
+        let c = tid + q * nt;
         if c < d {
-            dx[t * d + c] = F::cast_from(acc[i]);
+            dx[t * d + c] = F::cast_from(acc[q]);
         }
     }
 }
 
 /// Backward, row side, one cube per row j: `dk_j = Σ dz_ts x_t` and
 /// `dv_j = Σ relu(gate_ts z_ts) dy_t` over the entries (t, s) whose slot is j, in ascending
-/// order (a deterministic scatter-add: each row is summed by one cube, no atomics).
+/// order (a deterministic scatter-add: each row is summed by one cube, no atomics). With
+/// `blocked`, only the entries of token block `block`, accumulating over blocks in order.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn sparse_backward_rows_kernel<F: Float, I: Numeric>(
@@ -345,10 +442,13 @@ pub fn sparse_backward_rows_kernel<F: Float, I: Numeric>(
     dz: &Tensor<F>,
     row_offsets: &Tensor<I>,
     row_users: &Tensor<I>,
+    user_ranges: &Tensor<I>,
     drows: &mut Tensor<F>,
+    block: u32,
     #[comptime] k: u32,
     #[comptime] threads: u32,
     #[comptime] cols: u32,
+    #[comptime] blocked: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let r = cube_index();
@@ -363,15 +463,36 @@ pub fn sparse_backward_rows_kernel<F: Float, I: Numeric>(
     let d = x.shape(1);
     let w = drows.shape(1);
 
+    let mut begin = u32::cast_from(row_offsets[r]) as usize;
+    let mut end = u32::cast_from(row_offsets[r + 1]) as usize;
+    if blocked {
+        let nq = user_ranges.shape(1);
+        begin = u32::cast_from(user_ranges[r * nq + block as usize]) as usize;
+        end = u32::cast_from(user_ranges[r * nq + block as usize + 1]) as usize;
+    }
+    let later = block > 0;
+    if blocked {
+        if later && begin == end {
+            terminate!(); // no user of this row in this token block
+        }
+    }
+
     let mut ak = Array::<f32>::new(ncols);
     let mut av = Array::<f32>::new(ncols);
     #[unroll]
-    for i in 0..ncols {
-        ak[i] = f32::new(0.0);
-        av[i] = f32::new(0.0);
+    for q in 0..ncols {
+        let c = tid + q * nt;
+        let mut vk = f32::new(0.0);
+        let mut vv = f32::new(0.0);
+        if blocked {
+            if later && c < d {
+                vk = f32::cast_from(drows[r * w + c]);
+                vv = f32::cast_from(drows[r * w + d + c]);
+            }
+        }
+        ak[q] = vk;
+        av[q] = vv;
     }
-    let begin = u32::cast_from(row_offsets[r]) as usize;
-    let end = u32::cast_from(row_offsets[r + 1]) as usize;
     for p in begin..end {
         let e = u32::cast_from(row_users[p]) as usize;
         let t = e / kk;
@@ -383,29 +504,29 @@ pub fn sparse_backward_rows_kernel<F: Float, I: Numeric>(
         }
         if cz != f32::new(0.0) {
             #[unroll]
-            for i in 0..ncols {
-                let c = tid + i * nt;
+            for q in 0..ncols {
+                let c = tid + q * nt;
                 if c < d {
-                    ak[i] += cz * f32::cast_from(x[t * d + c]);
+                    ak[q] += cz * f32::cast_from(x[t * d + c]);
                 }
             }
         }
         if ca != f32::new(0.0) {
             #[unroll]
-            for i in 0..ncols {
-                let c = tid + i * nt;
+            for q in 0..ncols {
+                let c = tid + q * nt;
                 if c < d {
-                    av[i] += ca * f32::cast_from(dy[t * d + c]);
+                    av[q] += ca * f32::cast_from(dy[t * d + c]);
                 }
             }
         }
     }
     #[unroll]
-    for i in 0..ncols {
-        let c = tid + i * nt;
+    for q in 0..ncols {
+        let c = tid + q * nt;
         if c < d {
-            drows[r * w + c] = F::cast_from(ak[i]);
-            drows[r * w + d + c] = F::cast_from(av[i]);
+            drows[r * w + c] = F::cast_from(ak[q]);
+            drows[r * w + d + c] = F::cast_from(av[q]);
         }
     }
 }

@@ -19,6 +19,11 @@
 //!
 //! `K` and the shape are compile-time constants of the kernels, so each (K, d) pair compiles
 //! once; a model has one d and a config one K.
+//!
+//! Passes (`HostIndex::plan`): with many tokens per row (large K·M/R) the token kernels run in
+//! passes over blocks of rows of `MEFT_KERNEL_L2_MB` (default 24 MiB, about half the H100's
+//! L2), and the row kernel in passes over blocks of tokens, when that moves at most half the
+//! bytes of one pass; the rule is written at `HostIndex::plan`.
 
 /// Slots scored per pass of the token kernels.
 pub const CHUNK: u32 = 16;

@@ -99,6 +99,8 @@ pub struct KernelBenchResult {
     pub gathered_share_of_bandwidth: f64,
     /// Largest |kernel − generic| / largest |generic| over the op's outputs.
     pub max_rel_diff: Option<f64>,
+    /// L2 passes the kernels ran in: token kernels P, row kernel Q (1 = no blocking).
+    pub passes: [usize; 2],
     /// The ceilings measured in this run.
     pub ceilings: Ceilings,
 }
@@ -280,6 +282,7 @@ impl KernelTask for KernelBench {
         let elem = x.dtype().size() as f64;
         let mut out = Vec::new();
         let mut push = |op: &str,
+                        passes: [usize; 2],
                         k: usize,
                         kernel_ms: f64,
                         generic_ms: Option<f64>,
@@ -308,17 +311,18 @@ impl KernelTask for KernelBench {
                 share_of_ceiling: t_bw.max(t_fl) / secs,
                 gathered_share_of_bandwidth: gathered / (ceil.bandwidth_gbps * 1e9) / secs,
                 max_rel_diff: diff,
+                passes,
                 ceilings: ceil,
             };
             eprintln!(
-                "{op} K={k}: kernel {kernel_ms:.2} ms, generic {}",
+                "{op} K={k} passes {passes:?}: kernel {kernel_ms:.2} ms, generic {}",
                 generic_ms.map_or("–".into(), |g| format!("{g:.2} ms"))
             );
             out.push(res);
         };
 
         for &k in &self.top_k {
-            let host = random_index(m, r, k, 7 + k as u64)?;
+            let host = random_index(m, r, k, 7 + k as u64)?.plan(d, elem as usize);
             let int = std::mem::size_of::<K::IntElem>() as f64;
             let sizes = Sizes {
                 m: m as f64,
@@ -328,6 +332,10 @@ impl KernelTask for KernelBench {
                 elem,
                 int,
             };
+            let passes = [
+                host.token_passes.as_ref().map_or(1, |p| p.passes),
+                host.row_passes.as_ref().map_or(1, |p| p.passes),
+            ];
             let idx = host.to_device::<K>(&device);
             let gate = u([m, k], 0.5, 1.5);
 
@@ -354,7 +362,7 @@ impl KernelTask for KernelBench {
             };
             let nu = n_union as f64;
             let gb = elem * 2.0 * (nu * 2.0 * d as f64) + int * nu;
-            push("gather", k, gk, gg, (gb, gb, 0.0), diff);
+            push("gather", [1, 1], k, gk, gg, (gb, gb, 0.0), diff);
 
             // Forward.
             let fwd = || {
@@ -396,21 +404,46 @@ impl KernelTask for KernelBench {
                 let bdiff = rel_diff(&gk3, &gr3);
                 (Some(fg), Some(bg), Some(fdiff), Some(bdiff))
             };
-            drop((y, gk3));
             let (fu, fgath, ff) = sizes.forward();
             let (bu, bgath, bf) = sizes.backward();
-            push("forward", k, fk, fg, (fu, fgath, ff), fdiff);
-            push("backward", k, bk, bg, (bu, bgath, bf), bdiff);
+            push("forward", passes, k, fk, fg, (fu, fgath, ff), fdiff);
+            push("backward", passes, k, bk, bg, (bu, bgath, bf), bdiff);
             let both_generic = fg.zip(bg).map(|(a, b)| a + b);
             let both_diff = fdiff.zip(bdiff).map(|(a, b)| a.max(b));
+            let both = (fu + bu, fgath + bgath, ff + bf);
             push(
                 "forward+backward",
+                passes,
                 k,
                 fk + bk,
                 both_generic,
-                (fu + bu, fgath + bgath, ff + bf),
+                both,
                 both_diff,
             );
+            if passes != [1, 1] {
+                // The same kernels in one pass (no L2 blocking), checked against the passes.
+                let one = host.clone().unplanned().to_device::<K>(&device);
+                let (f1, (y1, z1)) = time::<K, _>(&device, w, it, || {
+                    let (y, z) =
+                        K::sparse_adapter_forward(prim(&x), prim(&rows), &one, prim(&gate));
+                    (float::<K>(y), float::<K>(z))
+                })?;
+                let (b1, g1) = time::<K, _>(&device, w, it, || {
+                    let g = K::sparse_adapter_backward(
+                        prim(&x),
+                        prim(&rows),
+                        &one,
+                        prim(&gate),
+                        prim(&z),
+                        prim(&dy),
+                    );
+                    [float::<K>(g.x), float::<K>(g.rows), float::<K>(g.gate)]
+                })?;
+                let d1 = rel_diff(&[y1, z1], &[y.clone(), z.clone()]).max(rel_diff(&g1, &gk3));
+                eprintln!("one pass vs passes: max rel diff {d1:.1e}");
+                let op = "forward+backward, one pass";
+                push(op, [1, 1], k, f1 + b1, both_generic, both, Some(d1));
+            }
         }
         Ok(out)
     }
@@ -421,14 +454,16 @@ impl KernelBenchResult {
     pub fn table(results: &[KernelBenchResult]) -> String {
         let opt = |v: Option<f64>, p: usize| v.map_or("–".into(), |v| format!("{v:.p$}"));
         let mut s = String::from(
-            "| run | op | K | kernel ms | generic ms | speedup | GB/s (unique) | GB/s (gathered) | TFLOP/s | binds | share of ceiling | gathered share of BW | max rel diff |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+            "| run | op | K | passes (P, Q) | kernel ms | generic ms | speedup | GB/s (unique) | GB/s (gathered) | TFLOP/s | binds | share of ceiling | gathered share of BW | max rel diff |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for r in results {
             s += &format!(
-                "| {} | {} | {} | {:.2} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {:.2} | {:.2} | {} |\n",
+                "| {} | {} | {} | {}, {} | {:.2} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {:.2} | {:.2} | {} |\n",
                 r.label,
                 r.op,
                 r.top_k,
+                r.passes[0],
+                r.passes[1],
                 r.kernel_ms,
                 opt(r.generic_ms, 2),
                 opt(r.speedup, 1),

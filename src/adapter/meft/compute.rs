@@ -39,11 +39,12 @@ fn cast<A: 'static, C: 'static>(a: A) -> C {
 fn on<B: Backend, K: SparseAdapterBackend>(
     x: Tensor<B, 2>,
     rows: Tensor<B, 2>,
-    index: &HostIndex,
+    index: HostIndex,
     gate: Tensor<B, 2>,
 ) -> Tensor<B, 2> {
     let x: Tensor<K, 2> = cast(x);
-    let idx = index.to_device::<K>(&x.device());
+    let [_, d] = x.dims();
+    let idx = index.plan(d, x.dtype().size()).to_device::<K>(&x.device());
     cast(sparse_adapter(x, cast(rows), &idx, cast(gate)))
 }
 
@@ -87,7 +88,7 @@ pub fn compute_path<B: Backend>() -> ComputePath {
 pub fn sparse_adapter_any<B: Backend>(
     x: Tensor<B, 2>,
     rows: Tensor<B, 2>,
-    index: &HostIndex,
+    index: HostIndex,
     gate: Tensor<B, 2>,
 ) -> Tensor<B, 2> {
     if compute_path::<B>() == ComputePath::Kernels {

@@ -298,7 +298,7 @@ impl SparseAdapter {
             } else {
                 Tensor::ones([m, k], (&device, dtype))
             };
-            let y = sparse_adapter_any(x, rows, &index, gate);
+            let y = sparse_adapter_any(x, rows, index, gate);
             timeline::record("adapter (queue)", SpanKind::Wait, queued);
             y
         };
