@@ -103,8 +103,6 @@ pub fn sparse_forward_kernel<F: Float, I: Numeric>(
     let ncols = comptime!(cols as usize);
     let nchunk = comptime!(chunk as usize);
     let d = x.shape(1);
-    let w = rows.shape(1);
-    let n_rows = rows.shape(0);
 
     let (lo, hi) = slot_range(token_ranges, t, pass, kk, blocked);
     let n = hi - lo;
@@ -128,51 +126,13 @@ pub fn sparse_forward_kernel<F: Float, I: Numeric>(
         i += nt;
     }
     let mut xr = Array::<f32>::new(ncols);
-    #[unroll]
-    for i in 0..ncols {
-        let c = tid + i * nt;
-        let mut v = f32::new(0.0);
-        if c < d {
-            v = f32::cast_from(x[t * d + c]);
-        }
-        xr[i] = v;
-    }
+    load_cols(x, t, &mut xr, nt, ncols);
     sync_cube();
 
     // Scores, `chunk` slots at a time.
     let mut c0 = 0usize.runtime();
     while c0 < n {
-        #[unroll]
-        for j in 0..nchunk {
-            let i = c0 + j;
-            let mut sum = f32::new(0.0);
-            if i < n {
-                let r = row_of[i] as usize;
-                if r < n_rows {
-                    let base = r * w;
-                    #[unroll]
-                    for q in 0..ncols {
-                        let c = tid + q * nt;
-                        if c < d {
-                            sum += xr[q] * f32::cast_from(rows[base + c]);
-                        }
-                    }
-                }
-            }
-            part[j * nt + tid] = sum;
-        }
-        sync_cube();
-        let mut stride = (nt / 2).runtime();
-        while stride > 0 {
-            if tid < stride {
-                #[unroll]
-                for j in 0..nchunk {
-                    part[j * nt + tid] += part[j * nt + tid + stride];
-                }
-            }
-            sync_cube();
-            stride /= 2;
-        }
+        chunk_dots(&xr, rows, &row_of, &mut part, c0, n, 0, nt, ncols, nchunk);
         if tid < nchunk {
             let i = c0 + tid;
             if i < n {
@@ -194,35 +154,149 @@ pub fn sparse_forward_kernel<F: Float, I: Numeric>(
 
     // Output: y_t (+)= Σ_s a_ts v_s over active slots.
     let mut yr = Array::<f32>::new(ncols);
+    zero_cols(&mut yr, ncols);
+    if blocked {
+        if later {
+            load_cols(y, t, &mut yr, nt, ncols);
+        }
+    }
+    add_rows(&mut yr, rows, &row_of, &coef, n, d, nt, ncols);
+    store_cols(y, t, &yr, nt, ncols);
+}
+
+/// `out[q] = v[t, tid + q·threads]` (0 past the width).
+#[cube]
+fn load_cols<F: Float>(
+    v: &Tensor<F>,
+    t: usize,
+    out: &mut Array<f32>,
+    #[comptime] nt: usize,
+    #[comptime] ncols: usize,
+) {
+    let tid = UNIT_POS_X as usize;
+    let d = v.shape(1);
     #[unroll]
     for q in 0..ncols {
         let c = tid + q * nt;
-        let mut v = f32::new(0.0);
-        if blocked {
-            if later && c < d {
-                v = f32::cast_from(y[t * d + c]);
-            }
+        let mut e = f32::new(0.0);
+        if c < d {
+            e = f32::cast_from(v[t * d + c]);
         }
-        yr[q] = v;
+        out[q] = e;
     }
-    for i in 0..n {
-        let a = coef[i];
-        if a != f32::new(0.0) {
-            let base = row_of[i] as usize * w + d;
-            #[unroll]
-            for q in 0..ncols {
-                let c = tid + q * nt;
-                if c < d {
-                    yr[q] += a * f32::cast_from(rows[base + c]);
-                }
-            }
-        }
+}
+
+/// `out[q] = 0`.
+#[cube]
+fn zero_cols(out: &mut Array<f32>, #[comptime] ncols: usize) {
+    #[unroll]
+    for q in 0..ncols {
+        out[q] = f32::new(0.0);
     }
+}
+
+/// `v[t, tid + q·threads] = src[q]` within the width.
+#[cube]
+fn store_cols<F: Float>(
+    v: &mut Tensor<F>,
+    t: usize,
+    src: &Array<f32>,
+    #[comptime] nt: usize,
+    #[comptime] ncols: usize,
+) {
+    let tid = UNIT_POS_X as usize;
+    let d = v.shape(1);
     #[unroll]
     for q in 0..ncols {
         let c = tid + q * nt;
         if c < d {
-            y[t * d + c] = F::cast_from(yr[q]);
+            v[t * d + c] = F::cast_from(src[q]);
+        }
+    }
+}
+
+/// Dot products of the unit's register columns `vr` with the rows of slot positions
+/// `c0 .. c0 + chunk` (columns `col0 + …` of each row; positions `>= n` and rows `>= R`
+/// give 0), reduced over the cube: afterwards `part[j · threads]` holds position `c0 + j`'s.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn chunk_dots<F: Float>(
+    vr: &Array<f32>,
+    rows: &Tensor<F>,
+    row_of: &SharedMemory<u32>,
+    part: &mut SharedMemory<f32>,
+    c0: usize,
+    n: usize,
+    col0: usize,
+    #[comptime] nt: usize,
+    #[comptime] ncols: usize,
+    #[comptime] nchunk: usize,
+) {
+    let tid = UNIT_POS_X as usize;
+    let w = rows.shape(1);
+    let d = w / 2;
+    let n_rows = rows.shape(0);
+    #[unroll]
+    for j in 0..nchunk {
+        let i = c0 + j;
+        let mut sum = f32::new(0.0);
+        if i < n {
+            let r = row_of[i] as usize;
+            if r < n_rows {
+                let base = r * w + col0;
+                #[unroll]
+                for q in 0..ncols {
+                    let c = tid + q * nt;
+                    if c < d {
+                        sum += vr[q] * f32::cast_from(rows[base + c]);
+                    }
+                }
+            }
+        }
+        part[j * nt + tid] = sum;
+    }
+    sync_cube();
+    let mut stride = (nt / 2).runtime();
+    while stride > 0 {
+        if tid < stride {
+            #[unroll]
+            for j in 0..nchunk {
+                part[j * nt + tid] += part[j * nt + tid + stride];
+            }
+        }
+        sync_cube();
+        stride /= 2;
+    }
+}
+
+/// `acc[q] += Σ_i coef[i] · rows[row_of[i], col0 + tid + q·threads]` over positions `i < n`
+/// with a non-zero coefficient (rows of zero coefficients are not read).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn add_rows<F: Float>(
+    acc: &mut Array<f32>,
+    rows: &Tensor<F>,
+    row_of: &SharedMemory<u32>,
+    coef: &SharedMemory<f32>,
+    n: usize,
+    col0: usize,
+    #[comptime] nt: usize,
+    #[comptime] ncols: usize,
+) {
+    let tid = UNIT_POS_X as usize;
+    let w = rows.shape(1);
+    let d = w / 2;
+    for i in 0..n {
+        let g = coef[i];
+        if g != f32::new(0.0) {
+            let base = row_of[i] as usize * w + col0;
+            #[unroll]
+            for q in 0..ncols {
+                let c = tid + q * nt;
+                if c < d {
+                    acc[q] += g * f32::cast_from(rows[base + c]);
+                }
+            }
         }
     }
 }
@@ -298,7 +372,6 @@ pub fn sparse_backward_tokens_kernel<F: Float, I: Numeric>(
     let ncols = comptime!(cols as usize);
     let nchunk = comptime!(chunk as usize);
     let d = dy.shape(1);
-    let w = rows.shape(1);
     let n_rows = rows.shape(0);
 
     let (lo, hi) = slot_range(token_ranges, t, pass, kk, blocked);
@@ -321,59 +394,27 @@ pub fn sparse_backward_tokens_kernel<F: Float, I: Numeric>(
         let s = slot_at(order, t, lo + i, kk, blocked);
         slot_of[i] = s as u32;
         let r = u32::cast_from(slots[t * kk + s]);
-        row_of[i] = r;
         let mut p = f32::new(0.0);
         if (r as usize) < n_rows {
             p = f32::cast_from(gate[t * kk + s]) * f32::cast_from(z[t * kk + s]);
         }
         coef[i] = p;
+        // Inactive slots (`p <= 0`; NaN counts as active, as in the forward's relu) point
+        // past the rows, so the scores below skip them.
+        let mut active_row = n_rows as u32;
+        if !(p <= f32::new(0.0)) {
+            active_row = r;
+        }
+        row_of[i] = active_row;
         i += nt;
     }
     let mut gr = Array::<f32>::new(ncols);
-    #[unroll]
-    for q in 0..ncols {
-        let c = tid + q * nt;
-        let mut v = f32::new(0.0);
-        if c < d {
-            v = f32::cast_from(dy[t * d + c]);
-        }
-        gr[q] = v;
-    }
+    load_cols(dy, t, &mut gr, nt, ncols);
     sync_cube();
 
     let mut c0 = 0usize.runtime();
     while c0 < n {
-        #[unroll]
-        for j in 0..nchunk {
-            let i = c0 + j;
-            let mut sum = f32::new(0.0);
-            if i < n {
-                // `!(p <= 0)`: NaN pre-activations pass, as in the forward's relu.
-                if !(coef[i] <= f32::new(0.0)) {
-                    let base = row_of[i] as usize * w + d;
-                    #[unroll]
-                    for q in 0..ncols {
-                        let c = tid + q * nt;
-                        if c < d {
-                            sum += gr[q] * f32::cast_from(rows[base + c]);
-                        }
-                    }
-                }
-            }
-            part[j * nt + tid] = sum;
-        }
-        sync_cube();
-        let mut stride = (nt / 2).runtime();
-        while stride > 0 {
-            if tid < stride {
-                #[unroll]
-                for j in 0..nchunk {
-                    part[j * nt + tid] += part[j * nt + tid + stride];
-                }
-            }
-            sync_cube();
-            stride /= 2;
-        }
+        chunk_dots(&gr, rows, &row_of, &mut part, c0, n, d, nt, ncols, nchunk);
         if tid < nchunk {
             let i = c0 + tid;
             if i < n {
@@ -395,37 +436,14 @@ pub fn sparse_backward_tokens_kernel<F: Float, I: Numeric>(
     }
 
     let mut acc = Array::<f32>::new(ncols);
-    #[unroll]
-    for q in 0..ncols {
-        let c = tid + q * nt;
-        let mut v = f32::new(0.0);
-        if blocked {
-            if later && c < d {
-                v = f32::cast_from(dx[t * d + c]);
-            }
-        }
-        acc[q] = v;
-    }
-    for i in 0..n {
-        let g = coef[i];
-        if g != f32::new(0.0) {
-            let base = row_of[i] as usize * w;
-            #[unroll]
-            for q in 0..ncols {
-                let c = tid + q * nt;
-                if c < d {
-                    acc[q] += g * f32::cast_from(rows[base + c]);
-                }
-            }
+    zero_cols(&mut acc, ncols);
+    if blocked {
+        if later {
+            load_cols(dx, t, &mut acc, nt, ncols);
         }
     }
-    #[unroll]
-    for q in 0..ncols {
-        let c = tid + q * nt;
-        if c < d {
-            dx[t * d + c] = F::cast_from(acc[q]);
-        }
-    }
+    add_rows(&mut acc, rows, &row_of, &coef, n, 0, nt, ncols);
+    store_cols(dx, t, &acc, nt, ncols);
 }
 
 /// Backward, row side, one cube per row j: `dk_j = Σ dz_ts x_t` and

@@ -14,7 +14,7 @@ use std::time::Instant;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
-use cube_kernels::{reference, HostIndex, SparseAdapterBackend};
+use cube_kernels::{reference, ActiveIndex, HostIndex, SparseAdapterBackend};
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::SeedableRng;
@@ -150,6 +150,31 @@ fn time<K: Backend, R>(
         ms.push(start.elapsed().as_secs_f64() * 1e3);
     }
     Ok((median(&ms), last.expect("at least one run")))
+}
+
+/// Median times of the kernels' forward and backward on `idx`, and their outputs
+/// (`[y, z]`, `[dx, drows, dgate]`).
+#[allow(clippy::too_many_arguments)]
+fn time_kernels<K: SparseAdapterBackend>(
+    device: &K::Device,
+    warmup: usize,
+    iters: usize,
+    x: &Tensor<K, 2>,
+    rows: &Tensor<K, 2>,
+    gate: &Tensor<K, 2>,
+    dy: &Tensor<K, 2>,
+    idx: &ActiveIndex<K>,
+) -> Result<(f64, f64, [Tensor<K, 2>; 2], [Tensor<K, 2>; 3])> {
+    let (f, (y, z)) = time::<K, _>(device, warmup, iters, || {
+        let (y, z) = K::sparse_adapter_forward(prim(x), prim(rows), idx, prim(gate));
+        (float::<K>(y), float::<K>(z))
+    })?;
+    let (b, g) = time::<K, _>(device, warmup, iters, || {
+        let g =
+            K::sparse_adapter_backward(prim(x), prim(rows), idx, prim(gate), prim(&z), prim(dy));
+        [float::<K>(g.x), float::<K>(g.rows), float::<K>(g.gate)]
+    })?;
+    Ok((f, b, [y, z], g))
 }
 
 fn rel_diff<K: Backend>(got: &[Tensor<K, 2>], want: &[Tensor<K, 2>]) -> f64 {
@@ -364,24 +389,7 @@ impl KernelTask for KernelBench {
             let gb = elem * 2.0 * (nu * 2.0 * d as f64) + int * nu;
             push("gather", [1, 1], k, gk, gg, (gb, gb, 0.0), diff);
 
-            // Forward.
-            let fwd = || {
-                let (y, z) = K::sparse_adapter_forward(prim(&x), prim(&rows), &idx, prim(&gate));
-                (float::<K>(y), float::<K>(z))
-            };
-            let (fk, (y, z)) = time::<K, _>(&device, w, it, fwd)?;
-            let bwd = || {
-                let g = K::sparse_adapter_backward(
-                    prim(&x),
-                    prim(&rows),
-                    &idx,
-                    prim(&gate),
-                    prim(&z),
-                    prim(&dy),
-                );
-                [float::<K>(g.x), float::<K>(g.rows), float::<K>(g.gate)]
-            };
-            let (bk, gk3) = time::<K, _>(&device, w, it, bwd)?;
+            let (fk, bk, [y, z], gk3) = time_kernels(&device, w, it, &x, &rows, &gate, &dy, &idx)?;
             let (fg, bg, fdiff, bdiff) = if self.skip_generic {
                 (None, None, None, None)
             } else {
@@ -423,22 +431,8 @@ impl KernelTask for KernelBench {
             if passes != [1, 1] {
                 // The same kernels in one pass (no L2 blocking), checked against the passes.
                 let one = host.clone().unplanned().to_device::<K>(&device);
-                let (f1, (y1, z1)) = time::<K, _>(&device, w, it, || {
-                    let (y, z) =
-                        K::sparse_adapter_forward(prim(&x), prim(&rows), &one, prim(&gate));
-                    (float::<K>(y), float::<K>(z))
-                })?;
-                let (b1, g1) = time::<K, _>(&device, w, it, || {
-                    let g = K::sparse_adapter_backward(
-                        prim(&x),
-                        prim(&rows),
-                        &one,
-                        prim(&gate),
-                        prim(&z),
-                        prim(&dy),
-                    );
-                    [float::<K>(g.x), float::<K>(g.rows), float::<K>(g.gate)]
-                })?;
+                let (f1, b1, [y1, z1], g1) =
+                    time_kernels(&device, w, it, &x, &rows, &gate, &dy, &one)?;
                 let d1 = rel_diff(&[y1, z1], &[y.clone(), z.clone()]).max(rel_diff(&g1, &gk3));
                 eprintln!("one pass vs passes: max rel diff {d1:.1e}");
                 let op = "forward+backward, one pass";
