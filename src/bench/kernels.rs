@@ -152,8 +152,17 @@ fn time<K: Backend, R>(
     Ok((median(&ms), last.expect("at least one run")))
 }
 
-/// Median times of the kernels' forward and backward on `idx`, and their outputs
-/// (`[y, z]`, `[dx, drows, dgate]`).
+/// The kernels' forward and backward on one index: median ms of each, and their outputs.
+struct KernelRun<K: Backend> {
+    forward_ms: f64,
+    backward_ms: f64,
+    /// `[y, z]`.
+    forward: [Tensor<K, 2>; 2],
+    /// `[dx, drows, dgate]`.
+    backward: [Tensor<K, 2>; 3],
+}
+
+/// Times the kernels' forward and backward on `idx` (see [`KernelRun`]).
 #[allow(clippy::too_many_arguments)]
 fn time_kernels<K: SparseAdapterBackend>(
     device: &K::Device,
@@ -164,7 +173,7 @@ fn time_kernels<K: SparseAdapterBackend>(
     gate: &Tensor<K, 2>,
     dy: &Tensor<K, 2>,
     idx: &ActiveIndex<K>,
-) -> Result<(f64, f64, [Tensor<K, 2>; 2], [Tensor<K, 2>; 3])> {
+) -> Result<KernelRun<K>> {
     let (f, (y, z)) = time::<K, _>(device, warmup, iters, || {
         let (y, z) = K::sparse_adapter_forward(prim(x), prim(rows), idx, prim(gate));
         (float::<K>(y), float::<K>(z))
@@ -174,7 +183,12 @@ fn time_kernels<K: SparseAdapterBackend>(
             K::sparse_adapter_backward(prim(x), prim(rows), idx, prim(gate), prim(&z), prim(dy));
         [float::<K>(g.x), float::<K>(g.rows), float::<K>(g.gate)]
     })?;
-    Ok((f, b, [y, z], g))
+    Ok(KernelRun {
+        forward_ms: f,
+        backward_ms: b,
+        forward: [y, z],
+        backward: g,
+    })
 }
 
 fn rel_diff<K: Backend>(got: &[Tensor<K, 2>], want: &[Tensor<K, 2>]) -> f64 {
@@ -389,7 +403,12 @@ impl KernelTask for KernelBench {
             let gb = elem * 2.0 * (nu * 2.0 * d as f64) + int * nu;
             push("gather", [1, 1], k, gk, gg, (gb, gb, 0.0), diff);
 
-            let (fk, bk, [y, z], gk3) = time_kernels(&device, w, it, &x, &rows, &gate, &dy, &idx)?;
+            let KernelRun {
+                forward_ms: fk,
+                backward_ms: bk,
+                forward: [y, z],
+                backward: gk3,
+            } = time_kernels(&device, w, it, &x, &rows, &gate, &dy, &idx)?;
             let (fg, bg, fdiff, bdiff) = if self.skip_generic {
                 (None, None, None, None)
             } else {
@@ -431,8 +450,12 @@ impl KernelTask for KernelBench {
             if passes != [1, 1] {
                 // The same kernels in one pass (no L2 blocking), checked against the passes.
                 let one = host.clone().unplanned().to_device::<K>(&device);
-                let (f1, b1, [y1, z1], g1) =
-                    time_kernels(&device, w, it, &x, &rows, &gate, &dy, &one)?;
+                let KernelRun {
+                    forward_ms: f1,
+                    backward_ms: b1,
+                    forward: [y1, z1],
+                    backward: g1,
+                } = time_kernels(&device, w, it, &x, &rows, &gate, &dy, &one)?;
                 let d1 = rel_diff(&[y1, z1], &[y.clone(), z.clone()]).max(rel_diff(&g1, &gk3));
                 eprintln!("one pass vs passes: max rel diff {d1:.1e}");
                 let op = "forward+backward, one pass";
