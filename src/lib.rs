@@ -11,11 +11,14 @@
 pub mod adapter;
 pub mod backend;
 pub mod bench;
+pub mod data;
 mod error;
+pub mod eval;
 pub mod generate;
 pub mod gguf;
 pub mod model;
 pub mod timeline;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -18,6 +18,7 @@ use meft::generate::{generate, Sampling};
 use meft::gguf::GgufFile;
 use meft::model::{Llama, LlamaConfig};
 use meft::tokenizer::TextTokenizer;
+use meft::train::{TrainConfig, TrainTask};
 
 /// Memory-efficient fine-tuning of LLMs on burn.
 #[derive(Parser)]
@@ -40,6 +41,111 @@ enum Command {
     /// Measure speed (writes JSON, prints a Markdown table).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Fine-tune a model with an adapter (MEFT, dense or LoRA) on QA data; evaluates EM/F1
+    /// before and after, checkpoints atomically, exports the adapter.
+    Train(TrainArgs),
+    /// Evaluate a model (optionally with a trained adapter) on a config's eval split (EM/F1).
+    Eval(EvalArgs),
+}
+
+/// The main job's default config (`configs/countryinfo-smollm2.toml`).
+const DEFAULT_CONFIG: &str = include_str!("../configs/countryinfo-smollm2.toml");
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// Run config (TOML). Default: the embedded `configs/countryinfo-smollm2.toml`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override any config field: `--set optimizer.lr=3e-4 --set adapter.neurons=8192`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Override `model`.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Override `output`.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Override `steps`.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Override `batch`.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Override `seed`.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Override `backend`.
+    #[arg(long, value_enum)]
+    backend: Option<BackendKind>,
+    /// Override `dtype`.
+    #[arg(long, value_enum)]
+    dtype: Option<FloatType>,
+    /// Override `display` (auto, tui, plain).
+    #[arg(long)]
+    display: Option<String>,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> anyhow::Result<TrainConfig> {
+        let mut set = Vec::new();
+        let q = |v: &dyn std::fmt::Display| format!("\"{}\"", v.to_string().replace('\\', "\\\\").replace('"', "\\\""));
+        if let Some(v) = &self.model {
+            set.push(format!("model={}", q(&v.display())));
+        }
+        if let Some(v) = &self.output {
+            set.push(format!("output={}", q(&v.display())));
+        }
+        if let Some(v) = self.steps {
+            set.push(format!("steps={v}"));
+        }
+        if let Some(v) = self.batch {
+            set.push(format!("batch={v}"));
+        }
+        if let Some(v) = self.seed {
+            set.push(format!("seed={v}"));
+        }
+        if let Some(v) = self.backend {
+            set.push(format!("backend={}", q(&format!("{v:?}").to_lowercase())));
+        }
+        if let Some(v) = self.dtype {
+            set.push(format!("dtype={}", q(&format!("{v:?}").to_lowercase())));
+        }
+        if let Some(v) = &self.display {
+            set.push(format!("display={}", q(v)));
+        }
+        set.extend(self.set.iter().cloned());
+        Ok(match &self.config {
+            Some(path) => TrainConfig::load(path, &set)?,
+            None => TrainConfig::parse(DEFAULT_CONFIG, "<embedded default config>", &set)?,
+        })
+    }
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Continue from the newest checkpoint in the output folder.
+    #[arg(long)]
+    resume: bool,
+    /// Skip the EM/F1 evaluations.
+    #[arg(long)]
+    no_eval: bool,
+    /// Stop (after writing a checkpoint) at this step, as if interrupted.
+    #[arg(long)]
+    stop_after: Option<usize>,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// A trained adapter (`adapter.safetensors` from `meft train`); none: the base model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "eval.json")]
+    out: PathBuf,
 }
 
 #[derive(Args, Clone, Copy)]
@@ -75,6 +181,9 @@ struct GenerateArgs {
     /// Seed for sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A trained adapter to add (`adapter.safetensors` from `meft train`).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -226,6 +335,7 @@ struct GenerateTask {
     prompt_ids: Vec<u32>,
     max_tokens: usize,
     sampling: Sampling,
+    adapter: Option<PathBuf>,
 }
 
 impl BackendTask for GenerateTask {
@@ -235,6 +345,14 @@ impl BackendTask for GenerateTask {
         let t = Instant::now();
         let (model, _) = Llama::<B>::from_gguf(&self.gguf, &device)?;
         drop(self.gguf);
+        let model = match &self.adapter {
+            Some(path) => {
+                let (model, _) = meft::train::load_adapter(model, path)?;
+                eprintln!("added the adapter {}", path.display());
+                model
+            }
+            None => model,
+        };
         eprintln!("loaded model in {:.2}s", t.elapsed().as_secs_f64());
         print!("{}", self.shown_prompt);
         let mut shown = String::new();
@@ -303,8 +421,41 @@ fn main() -> anyhow::Result<()> {
                 prompt_ids,
                 max_tokens: a.max_tokens,
                 sampling,
+                adapter: a.adapter.clone(),
             };
             run_on(a.device.backend, a.device.dtype, task)?;
+        }
+        Command::Train(a) => {
+            let config = a.config.load()?;
+            let task = TrainTask {
+                resume: a.resume,
+                stop_after: a.stop_after,
+                skip_eval: a.no_eval,
+                config: config.clone(),
+            };
+            let out = run_on(config.backend, config.dtype, task)?;
+            let show = |r: &Option<meft::eval::EvalReport>| r.as_ref().map_or("-".to_string(), |r| r.summary());
+            println!(
+                "trained {} steps (from step {}): loss {:.3} → {:.3}, {:.0} tokens/s",
+                out.steps,
+                out.resumed_from,
+                out.losses.first().copied().unwrap_or(f64::NAN),
+                out.losses.last().copied().unwrap_or(f64::NAN),
+                out.tokens_per_sec
+            );
+            println!("eval before: {}", show(&out.before));
+            println!("eval after:  {}", show(&out.after));
+            println!("outputs in {}", config.output.display());
+        }
+        Command::Eval(a) => {
+            let config = a.config.load()?;
+            let task = meft::train::run::EvalTask {
+                config: config.clone(),
+                adapter: a.adapter.clone(),
+            };
+            let report = run_on(config.backend, config.dtype, task)?;
+            write_json(&a.out, &report)?;
+            println!("{}", report.summary());
         }
         Command::Info { model } => {
             let gguf = GgufFile::open(&model)?;

@@ -1,7 +1,8 @@
 //! A `tokenizers` tokenizer built from GGUF metadata alone (no hub access).
 //!
 //! Supported: `tokenizer.ggml.model = "gpt2"` (byte-level BPE, as SmolLM2 uses), with the
-//! pre-tokenizer chosen by `tokenizer.ggml.pre`. Tokens whose `token_type` is 3 (control) or
+//! pre-tokenizer chosen by `tokenizer.ggml.pre`, and `"llama"` (SentencePiece pieces with
+//! scores and byte fallback, as LLaMA-1/2 GGUFs use). Tokens whose `token_type` is 3 (control) or
 //! 4 (user-defined) become special tokens, so ChatML markers such as `<|im_start|>` encode to
 //! single ids.
 
@@ -11,6 +12,13 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::DecoderWrapper;
+use tokenizers::models::unigram::Unigram;
+use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::gguf::{GgufError, GgufFile};
@@ -22,7 +30,7 @@ pub enum TokenizerError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
     /// A tokenizer kind meft does not build.
-    #[error("tokenizer model '{0}' is not supported (supported: gpt2 byte-level BPE)")]
+    #[error("tokenizer model '{0}' is not supported (supported: gpt2 byte-level BPE, llama sentencepiece)")]
     UnsupportedModel(String),
     /// A pre-tokenizer kind meft does not know.
     #[error("pre-tokenizer '{0}' is not supported (supported: smollm, gpt2, default)")]
@@ -55,6 +63,90 @@ pub struct TextTokenizer {
     pub default_system: Option<String>,
 }
 
+/// GPT-2 style byte-level BPE (SmolLM2): vocabulary + merges, pre-tokenizer per
+/// `tokenizer.ggml.pre`.
+fn byte_level_bpe(gguf: &GgufFile, tokens: &[&str]) -> Result<Tokenizer, TokenizerError> {
+    let merges = gguf.get_str_array("tokenizer.ggml.merges")?;
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), i as u32))
+        .collect();
+    let merges = merges
+        .iter()
+        .enumerate()
+        .map(|(index, rule)| match rule.split_once(' ') {
+            Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok((a.to_string(), b.to_string())),
+            _ => Err(TokenizerError::BadMerge {
+                index,
+                rule: rule.to_string(),
+            }),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| TokenizerError::Build(e.to_string()))?;
+    let pre = gguf
+        .metadata
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    let byte_level = ByteLevel::new(false, true, true);
+    let pre_tokenizer: PreTokenizerWrapper = match pre {
+        // SmolLM's tokenizer.json: split digits individually, then GPT-2 byte-level regex.
+        "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
+        "gpt2" | "default" => byte_level.into(),
+        other => return Err(TokenizerError::UnsupportedPre(other.to_string())),
+    };
+    let mut inner = Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(pre_tokenizer));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    Ok(inner)
+}
+
+/// LLaMA-style SentencePiece (`tokenizer.ggml.model = "llama"`): pieces with scores and byte
+/// fallback, spaces as `▁` with one prepended. Built as a unigram model over the pieces'
+/// scores, which picks the highest-scoring segmentation (SentencePiece's BPE merges by the
+/// same scores; the two agree on common text, and an id sequence always decodes exactly).
+fn sentencepiece(gguf: &GgufFile, tokens: &[&str], types: &[u64]) -> Result<Tokenizer, TokenizerError> {
+    let scores: Vec<f64> = gguf
+        .metadata
+        .get("tokenizer.ggml.scores")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().map(|x| x.as_f64().unwrap_or(0.0)).collect())
+        .unwrap_or_default();
+    if scores.len() != tokens.len() {
+        return Err(TokenizerError::Build(format!(
+            "sentencepiece: {} scores for {} tokens",
+            scores.len(),
+            tokens.len()
+        )));
+    }
+    let unk = gguf
+        .metadata
+        .get("tokenizer.ggml.unknown_token_id")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize)
+        .or_else(|| types.iter().position(|&t| t == 2))
+        .filter(|&u| u < tokens.len());
+    let vocab = tokens.iter().map(|t| t.to_string()).zip(scores).collect();
+    let model = Unigram::from(vocab, unk, true).map_err(|e| TokenizerError::Build(e.to_string()))?;
+    let mut inner = Tokenizer::new(model);
+    let replace = |a: &str, b: &str| Replace::new(a, b).map_err(|e| TokenizerError::Build(e.to_string()));
+    inner.with_normalizer(Some(NormalizerSequence::new(vec![
+        Prepend::new("▁".into()).into(),
+        replace(" ", "▁")?.into(),
+    ])));
+    inner.with_decoder(Some(DecoderSequence::new(vec![
+        DecoderWrapper::Replace(replace("▁", " ")?),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+        Strip::new(' ', 1, 0).into(),
+    ])));
+    Ok(inner)
+}
+
 /// The literal default system message of a ChatML Jinja template, if it writes one.
 fn default_system_message(template: &str) -> Option<String> {
     let start = template.find("<|im_start|>system\n")? + "<|im_start|>system\n".len();
@@ -67,11 +159,7 @@ impl TextTokenizer {
     /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self, TokenizerError> {
         let model = gguf.get_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(TokenizerError::UnsupportedModel(model.to_string()));
-        }
         let tokens = gguf.get_str_array("tokenizer.ggml.tokens")?;
-        let merges = gguf.get_str_array("tokenizer.ggml.merges")?;
         let token_types: Vec<u64> = match gguf.metadata.get("tokenizer.ggml.token_type") {
             Some(v) => v
                 .as_array()
@@ -79,46 +167,11 @@ impl TextTokenizer {
                 .unwrap_or_default(),
             None => Vec::new(),
         };
-
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.to_string(), i as u32))
-            .collect();
-        let merges = merges
-            .iter()
-            .enumerate()
-            .map(|(index, rule)| match rule.split_once(' ') {
-                Some((a, b)) if !a.is_empty() && !b.is_empty() => {
-                    Ok((a.to_string(), b.to_string()))
-                }
-                _ => Err(TokenizerError::BadMerge {
-                    index,
-                    rule: rule.to_string(),
-                }),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| TokenizerError::Build(e.to_string()))?;
-
-        let pre = gguf
-            .metadata
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.as_str())
-            .unwrap_or("default");
-        let byte_level = ByteLevel::new(false, true, true);
-        let pre_tokenizer: PreTokenizerWrapper = match pre {
-            // SmolLM's tokenizer.json: split digits individually, then GPT-2 byte-level regex.
-            "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
-            "gpt2" | "default" => byte_level.into(),
-            other => return Err(TokenizerError::UnsupportedPre(other.to_string())),
+        let mut inner = match model {
+            "gpt2" => byte_level_bpe(gguf, &tokens)?,
+            "llama" => sentencepiece(gguf, &tokens, &token_types)?,
+            other => return Err(TokenizerError::UnsupportedModel(other.to_string())),
         };
-
-        let mut inner = Tokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(pre_tokenizer));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
         let specials: Vec<AddedToken> = tokens
             .iter()
             .zip(&token_types)

@@ -126,6 +126,29 @@ impl Adapters {
         Ok(())
     }
 
+    /// Queues row gradients already taken from the gradients (one list per MEFT adapter, in
+    /// [`Adapters::sparse`] order, as [`SparseAdapter::take_grads`] returns them; the backward
+    /// must have finished on the device) on `worker`, like [`Adapters::hand_off`].
+    pub fn hand_off_taken(
+        &self,
+        taken: Vec<Vec<meft::RowGrad>>,
+        optimizer: Option<SparseAdamW>,
+        worker: &HostWorker,
+    ) -> Result<()> {
+        if taken.len() != self.sparse.len() {
+            return Err(Error::Other(format!(
+                "meft: {} row-gradient lists for {} adapters",
+                taken.len(),
+                self.sparse.len()
+            )));
+        }
+        self.wait_updates()?;
+        for (a, g) in self.sparse.iter().zip(taken) {
+            a.hand_off(g, optimizer, worker)?;
+        }
+        Ok(())
+    }
+
     /// Waits for every handed-off update; returns the first error one of them hit.
     pub fn wait_updates(&self) -> Result<()> {
         let mut first = Ok(());

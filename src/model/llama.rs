@@ -531,14 +531,23 @@ impl<B: Backend> Llama<B> {
 
     /// Mean next-token cross-entropy over the masked-in targets (computed in at least f32).
     pub fn loss(&self, batch: &CausalLmBatch<B>) -> Tensor<B, 1> {
+        self.loss_and_correct(batch).0
+    }
+
+    /// [`Llama::loss`] and the number of masked-in targets the model ranks first (greedy
+    /// token accuracy's numerator, `[1]`, not differentiable).
+    pub fn loss_and_correct(&self, batch: &CausalLmBatch<B>) -> (Tensor<B, 1>, Tensor<B, 1>) {
         let logits = at_least_f32(self.forward(batch.inputs.clone(), None));
+        let best = logits.clone().detach().argmax(2).squeeze_dim::<2>(2);
         let logp = log_softmax(logits, 2);
         let picked = logp
             .gather(2, batch.targets.clone().unsqueeze_dim(2))
             .squeeze_dim::<2>(2);
         let mask = batch.target_mask.clone().cast(picked.dtype());
+        let hits = best.equal(batch.targets.clone()).float().cast(picked.dtype());
+        let correct = (hits * mask.clone()).sum();
         let count = mask.clone().sum().clamp_min(1.0);
-        (picked * mask).sum().neg() / count
+        ((picked * mask).sum().neg() / count, correct)
     }
 
     /// Errors if `total` positions would exceed the model's context.

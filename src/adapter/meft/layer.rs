@@ -113,6 +113,11 @@ impl SparseAdapter {
         Ok(f(&*self.inner.store.read().map_err(poisoned)?))
     }
 
+    /// The store, locked for reading until the guard drops.
+    pub fn read_store(&self) -> Result<std::sync::RwLockReadGuard<'_, AdapterStore>> {
+        self.inner.store.read().map_err(poisoned)
+    }
+
     /// Runs `f` with the store (write access).
     pub fn with_store_mut<R>(&self, f: impl FnOnce(&mut AdapterStore) -> R) -> Result<R> {
         Ok(f(&mut *self.inner.store.write().map_err(poisoned)?))

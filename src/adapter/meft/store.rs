@@ -121,6 +121,42 @@ impl AdapterStore {
         }
     }
 
+    /// Parameters, first and second moments (each `neurons × 2d`) and per-row AdamW steps:
+    /// the store's whole training state, for checkpoints.
+    pub fn training_state(&self) -> (&[f32], &[f32], &[f32], &[u32]) {
+        (&self.params, &self.moment1, &self.moment2, &self.row_steps)
+    }
+
+    /// Replaces the training state (see [`AdapterStore::training_state`]); pending gradients
+    /// are dropped. Errors, changing nothing, if a size does not match the store.
+    pub fn restore(
+        &mut self,
+        params: Vec<f32>,
+        moment1: Vec<f32>,
+        moment2: Vec<f32>,
+        row_steps: Vec<u32>,
+    ) -> Result<()> {
+        let len = self.neurons * 2 * self.d;
+        if params.len() != len || moment1.len() != len || moment2.len() != len || row_steps.len() != self.neurons {
+            return Err(Error::AdapterConfig(format!(
+                "store: expected {} × {} parameters and moments and {} step counts, got {}, {}, {} and {}",
+                self.neurons,
+                2 * self.d,
+                self.neurons,
+                params.len(),
+                moment1.len(),
+                moment2.len(),
+                row_steps.len()
+            )));
+        }
+        self.clear_pending();
+        self.params = params;
+        self.moment1 = moment1;
+        self.moment2 = moment2;
+        self.row_steps = row_steps;
+        Ok(())
+    }
+
     /// Number of neurons (rows).
     pub fn neurons(&self) -> usize {
         self.neurons

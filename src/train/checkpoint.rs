@@ -1,0 +1,270 @@
+//! Crash-safe checkpoints of the whole training state.
+//!
+//! A checkpoint is a folder `step-NNNNNNNN/` under the run's `checkpoints/` holding
+//! - `state.json`: step, examples consumed (the data position), seed, and the fingerprint of
+//!   the model and adapter config it belongs to;
+//! - `trainable.safetensors`: the trainable device parameters by module path;
+//! - `optimizer.bin`: the device AdamW's moments (burn record);
+//! - `meft.safetensors`: per MEFT layer, the store's parameters, both sparse-AdamW moments and
+//!   per-row step counts.
+//!
+//! Writing: every file goes into a `.tmp-…` folder and is fsync'd, the folder is fsync'd and
+//! renamed to its final name, then `latest` (the name of the newest checkpoint) is replaced
+//! through a temp file + fsync + rename. A crash at any point leaves `latest` naming a complete
+//! checkpoint (or no `latest`, before the first). Older checkpoints beyond `keep` are removed
+//! only after that. No run-time randomness exists beyond the seed (data order is a function
+//! of seed and position), so the data position is the RNG state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+
+use super::model::AdaptedLm;
+use super::optim::AdapterOptimizer;
+use super::params::{self, HostTensor};
+use super::tensors_file::{self, Entry, TensorsFile};
+use crate::{Error, Result};
+
+/// Format version written into `state.json`.
+pub const FORMAT: u32 = 1;
+
+/// The small part of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Format version.
+    pub format: u32,
+    /// Optimizer steps completed.
+    pub step: usize,
+    /// Training examples consumed (the data loader's position).
+    pub examples: usize,
+    /// Seed of the data order.
+    pub seed: u64,
+    /// What the checkpoint belongs to (see [`fingerprint`]).
+    pub fingerprint: serde_json::Value,
+    /// Training loss of every step so far.
+    pub losses: Vec<f64>,
+}
+
+/// The identity of a run's trainable state: model geometry, adapter config and layers.
+/// A checkpoint with another fingerprint is refused, naming the differing field.
+pub fn fingerprint(model: &serde_json::Value, adapter: &serde_json::Value, layers: &serde_json::Value) -> serde_json::Value {
+    serde_json::json!({ "model": model, "adapter": adapter, "layers": layers })
+}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::Other(format!("{what} {}: {e}", path.display()))
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| io("syncing", path, e))
+}
+
+/// Writes `bytes` to `path` atomically (temp file in the same folder, fsync, rename, fsync of
+/// the folder).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating", &tmp, e))?;
+        f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| io("writing", &tmp, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| io("renaming into", path, e))?;
+    sync_dir(dir)
+}
+
+fn step_name(step: usize) -> String {
+    format!("step-{step:08}")
+}
+
+/// Saves a checkpoint under `dir` (waiting for pending sparse updates first) and keeps the
+/// newest `keep`. Returns its folder.
+pub fn save<B: AutodiffBackend>(
+    dir: &Path,
+    state: &TrainState,
+    lm: &AdaptedLm<B>,
+    optim: &AdapterOptimizer<B>,
+    keep: usize,
+) -> Result<PathBuf> {
+    lm.adapters.wait_updates()?;
+    std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
+    let name = step_name(state.step);
+    let tmp = dir.join(format!(".tmp-{name}"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io("removing", &tmp, e))?;
+    }
+    std::fs::create_dir(&tmp).map_err(|e| io("creating", &tmp, e))?;
+
+    let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Other(e.to_string()))?;
+    std::fs::write(tmp.join("state.json"), json).map_err(|e| io("writing", &tmp, e))?;
+    tensors_file::sync_file(&tmp.join("state.json"))?;
+
+    let trainable = params::trainable(&lm.model)?;
+    write_trainable(&tmp.join("trainable.safetensors"), &trainable, HashMap::new())?;
+
+    let bytes = BinBytesRecorder::<FullPrecisionSettings>::default()
+        .record(optim.dense_record(), ())
+        .map_err(|e| Error::Other(format!("serialising the optimizer state: {e}")))?;
+    std::fs::write(tmp.join("optimizer.bin"), bytes).map_err(|e| io("writing", &tmp, e))?;
+    tensors_file::sync_file(&tmp.join("optimizer.bin"))?;
+
+    write_stores(&tmp.join("meft.safetensors"), lm)?;
+    sync_dir(&tmp)?;
+
+    let final_dir = dir.join(&name);
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(|e| io("removing", &final_dir, e))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(|e| io("renaming into", &final_dir, e))?;
+    sync_dir(dir)?;
+    write_atomic(&dir.join("latest"), name.as_bytes())?;
+    prune(dir, keep)?;
+    Ok(final_dir)
+}
+
+/// Writes trainable parameters (by path) to a safetensors file.
+pub fn write_trainable(path: &Path, values: &BTreeMap<String, HostTensor>, metadata: HashMap<String, String>) -> Result<()> {
+    let entries = values
+        .iter()
+        .map(|(k, v)| Entry::f32(k.clone(), v.shape.clone(), &v.values))
+        .collect();
+    tensors_file::write(path, entries, metadata)
+}
+
+/// Reads trainable parameters written by [`write_trainable`].
+pub fn read_trainable(file: &TensorsFile) -> Result<BTreeMap<String, HostTensor>> {
+    let mut out = BTreeMap::new();
+    for name in file.names()? {
+        let (shape, values) = file.f32(&name)?;
+        out.insert(name, HostTensor { shape, values });
+    }
+    Ok(out)
+}
+
+fn write_stores<B: AutodiffBackend>(path: &Path, lm: &AdaptedLm<B>) -> Result<()> {
+    let guards: Vec<_> = lm
+        .adapters
+        .sparse
+        .iter()
+        .map(|a| a.read_store())
+        .collect::<Result<_>>()?;
+    let mut entries = Vec::new();
+    for (a, s) in lm.adapters.sparse.iter().zip(&guards) {
+        let (p, m1, m2, steps) = s.training_state();
+        let shape = vec![s.neurons(), 2 * s.d_model()];
+        let l = a.layer();
+        entries.push(Entry::f32(format!("layer{l}.params"), shape.clone(), p));
+        entries.push(Entry::f32(format!("layer{l}.moment1"), shape.clone(), m1));
+        entries.push(Entry::f32(format!("layer{l}.moment2"), shape, m2));
+        entries.push(Entry::u32(format!("layer{l}.row_steps"), vec![s.neurons()], steps));
+    }
+    tensors_file::write(path, entries, HashMap::new())
+}
+
+/// The newest complete checkpoint under `dir`, if any.
+pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
+    let pointer = dir.join("latest");
+    match std::fs::read_to_string(&pointer) {
+        Ok(name) => {
+            let path = dir.join(name.trim());
+            if !path.join("state.json").is_file() {
+                return Err(Error::Other(format!(
+                    "{} names {}, which is not a complete checkpoint",
+                    pointer.display(),
+                    path.display()
+                )));
+            }
+            Ok(Some(path))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("reading", &pointer, e)),
+    }
+}
+
+/// Reads a checkpoint's `state.json` and checks it belongs to `fingerprint`.
+pub fn read_state(path: &Path, fingerprint: &serde_json::Value) -> Result<TrainState> {
+    let file = path.join("state.json");
+    let bytes = std::fs::read(&file).map_err(|e| io("reading", &file, e))?;
+    let state: TrainState = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Other(format!("{} is not a checkpoint state: {e}", file.display())))?;
+    if state.format != FORMAT {
+        return Err(Error::Other(format!("{}: checkpoint format {} (this build reads {FORMAT})", file.display(), state.format)));
+    }
+    if let Some(field) = differing_field(&state.fingerprint, fingerprint, String::new()) {
+        return Err(Error::Other(format!(
+            "checkpoint {} belongs to another run: `{field}` differs (checkpoint: {}, config: {})",
+            path.display(),
+            lookup(&state.fingerprint, &field),
+            lookup(fingerprint, &field)
+        )));
+    }
+    Ok(state)
+}
+
+fn differing_field(a: &serde_json::Value, b: &serde_json::Value, at: String) -> Option<String> {
+    match (a, b) {
+        (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<_> = x.keys().chain(y.keys()).collect();
+            keys.into_iter().find_map(|k| {
+                let p = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+                match (x.get(k), y.get(k)) {
+                    (Some(u), Some(v)) => differing_field(u, v, p),
+                    _ => Some(p),
+                }
+            })
+        }
+        _ => (a != b).then_some(at),
+    }
+}
+
+fn lookup(v: &serde_json::Value, path: &str) -> String {
+    path.split('.')
+        .try_fold(v, |v, k| v.get(k))
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| "absent".into())
+}
+
+/// Restores the model's trainable parameters, the AdamW state and the MEFT stores.
+pub fn restore<B: AutodiffBackend>(
+    path: &Path,
+    lm: AdaptedLm<B>,
+    optim: &AdapterOptimizer<B>,
+    device: &B::Device,
+) -> Result<AdaptedLm<B>> {
+    let trainable = read_trainable(&TensorsFile::open(&path.join("trainable.safetensors"))?)?;
+    let AdaptedLm { model, adapters, staged } = lm;
+    let model = params::load_trainable(model, &trainable)?;
+    let file = path.join("optimizer.bin");
+    let bytes = std::fs::read(&file).map_err(|e| io("reading", &file, e))?;
+    let record = BinBytesRecorder::<FullPrecisionSettings>::default()
+        .load(bytes, device)
+        .map_err(|e| Error::Other(format!("{}: not an optimizer state of this run: {e}", file.display())))?;
+    optim.load_dense_record(record);
+    let stores = TensorsFile::open(&path.join("meft.safetensors"))?;
+    for a in &adapters.sparse {
+        let l = a.layer();
+        let (_, p) = stores.f32(&format!("layer{l}.params"))?;
+        let (_, m1) = stores.f32(&format!("layer{l}.moment1"))?;
+        let (_, m2) = stores.f32(&format!("layer{l}.moment2"))?;
+        let (_, st) = stores.u32(&format!("layer{l}.row_steps"))?;
+        a.with_store_mut(|s| s.restore(p, m1, m2, st))??;
+    }
+    Ok(AdaptedLm { model, adapters, staged })
+}
+
+fn prune(dir: &Path, keep: usize) -> Result<()> {
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| io("listing", dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir() && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")))
+        .collect();
+    steps.sort();
+    let n = steps.len().saturating_sub(keep.max(1));
+    for old in &steps[..n] {
+        std::fs::remove_dir_all(old).map_err(|e| io("removing", old, e))?;
+    }
+    Ok(())
+}
