@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::data::batch::{end_token, prompt_ids};
 use crate::data::QaExample;
-use crate::generate::{generate, Sampling};
+use crate::generate::{generate_until, Sampling};
 use crate::model::Llama;
 use crate::tokenizer::TextTokenizer;
 use crate::{Error, Result};
@@ -117,7 +117,10 @@ pub fn evaluate<B: Backend>(
     for e in examples {
         let ids = prompt_ids(tok, &e.prompt).map_err(|m| Error::Other(format!("tokenizing eval example {}: {m}", e.id)))?;
         let max_new = max_new.min(model.max_seq_len.saturating_sub(ids.len()));
-        let mut out = generate(model, &ids, max_new, Sampling::Greedy, end, device, |_| {})?;
+        // Only the first line is scored: stop once a line break follows some text.
+        let mut out = generate_until(model, &ids, max_new, Sampling::Greedy, end, device, |new| {
+            tok.decode(new).is_ok_and(|t| t.trim_start().contains('\n'))
+        })?;
         if out.last().copied() == end && end.is_some() {
             out.pop();
         }

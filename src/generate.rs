@@ -86,6 +86,23 @@ pub fn generate<B: Backend>(
     device: &B::Device,
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
+    generate_until(model, prompt, max_new, sampling, eos, device, |ids| {
+        on_token(*ids.last().expect("called after each new token"));
+        false
+    })
+}
+
+/// [`generate`], also stopping as soon as `stop` (called with the new ids after each token)
+/// returns true.
+pub fn generate_until<B: Backend>(
+    model: &Llama<B>,
+    prompt: &[u32],
+    max_new: usize,
+    sampling: Sampling,
+    eos: Option<u32>,
+    device: &B::Device,
+    mut stop: impl FnMut(&[u32]) -> bool,
+) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         return Err(Error::Other(
             "the prompt is empty: nothing to continue".into(),
@@ -132,8 +149,7 @@ pub fn generate<B: Backend>(
             } => sample_top_p(&last, temperature, top_p, &mut rng),
         };
         out.push(next);
-        on_token(next);
-        if Some(next) == eos {
+        if stop(&out) || Some(next) == eos {
             break;
         }
         input = vec![next];

@@ -84,6 +84,10 @@ pub fn tokenize(
 pub struct QaBatch<B: Backend> {
     /// Inputs, next-token targets and the answer-only target mask.
     pub lm: CausalLmBatch<B>,
+    /// Flat `batch · seq` indices of the in-loss targets' positions.
+    pub positions: Tensor<B, 1, Int>,
+    /// The targets at those positions.
+    pub answer_targets: Tensor<B, 1, Int>,
     /// Real (non-padding) input tokens.
     pub tokens: usize,
     /// Targets in the loss (answer tokens).
@@ -106,6 +110,7 @@ impl<B: Backend> Batcher<B, TokenizedExample, QaBatch<B>> for QaBatcher {
         let mut targets = vec![self.pad_id as i64; b * t];
         let mut mask = vec![0f32; b * t];
         let (mut tokens, mut counted) = (0, 0);
+        let (mut positions, mut answer) = (Vec::new(), Vec::new());
         for (i, e) in items.iter().enumerate() {
             let n = e.ids.len() - 1;
             tokens += n;
@@ -115,11 +120,19 @@ impl<B: Backend> Batcher<B, TokenizedExample, QaBatch<B>> for QaBatcher {
                 if p + 1 >= e.prompt_len {
                     mask[i * t + p] = 1.0;
                     counted += 1;
+                    positions.push((i * t + p) as i64);
+                    answer.push(e.ids[p + 1] as i64);
                 }
             }
         }
         let int = |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, t]), device);
+        let flat = |v: Vec<i64>| {
+            let n = v.len();
+            Tensor::<B, 1, Int>::from_data(TensorData::new(v, [n]), device)
+        };
         QaBatch {
+            positions: flat(positions),
+            answer_targets: flat(answer),
             lm: CausalLmBatch {
                 inputs: int(inputs),
                 targets: int(targets),

@@ -1,6 +1,6 @@
 //! countryinfo (PyPI `countryinfo==1.0.1`): one JSON object per country, turned into
-//! templated factoid questions. List-valued fields are stored as Python-repr strings
-//! (`"['EUR']"`), which [`py_list`] reads.
+//! templated factoid questions. List-valued fields are JSON arrays (a few older records hold
+//! Python-repr strings such as `"['EUR']"`, which [`py_list`] reads).
 
 use std::path::Path;
 
@@ -28,18 +28,25 @@ const TEMPLATES: &[Template] = &[
     }),
     ("tld", |n| format!("What is the country-code top-level domain of {n}?"), |c| first(c, "tld")),
     ("iso3", |n| format!("What is the ISO 3166-1 alpha-3 code of {n}?"), |c| {
-        field("ISO")(c).and_then(|s| {
-            let at = s.find("'alpha3': '")? + "'alpha3': '".len();
-            Some(s[at..].split('\'').next()?.to_string()).filter(|v| !v.is_empty())
-        })
+        let v = c.get("ISO")?.get("alpha3")?.as_str()?.trim();
+        (!v.is_empty()).then(|| v.to_string())
     }),
     ("borders", |n| format!("How many countries share a land border with {n}?"), |c| {
-        field("borders")(c).map(|s| py_list(&s).len().to_string())
+        list(c, "borders").map(|v| v.len().to_string())
     }),
 ];
 
+/// A list field: a JSON array of strings, or a Python-repr string of one.
+fn list(c: &Value, key: &str) -> Option<Vec<String>> {
+    match c.get(key)? {
+        Value::Array(v) => Some(v.iter().filter_map(Value::as_str).map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()),
+        Value::String(s) => Some(py_list(s)),
+        _ => None,
+    }
+}
+
 fn first(c: &Value, key: &'static str) -> Option<String> {
-    field(key)(c).and_then(|s| py_list(&s).into_iter().next())
+    list(c, key).and_then(|v| v.into_iter().next())
 }
 
 /// Reads a Python-repr list of strings (`"['a', 'b']"`); anything else yields no items.

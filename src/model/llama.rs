@@ -550,6 +550,31 @@ impl<B: Backend> Llama<B> {
         ((picked * mask).sum().neg() / count, correct)
     }
 
+    /// [`Llama::loss_and_correct`] computed only where it counts: the LM head and softmax run
+    /// on the hidden states at `positions` (flat `batch · seq` indices of the in-loss targets)
+    /// instead of at every position, which for answer-only losses saves most of the
+    /// vocabulary-wide work and memory. `targets[i]` is the token after `positions[i]`.
+    /// Equal to the masked loss of the same targets.
+    pub fn selected_loss_and_correct(
+        &self,
+        inputs: Tensor<B, 2, Int>,
+        positions: Tensor<B, 1, Int>,
+        targets: Tensor<B, 1, Int>,
+    ) -> (Tensor<B, 1>, Tensor<B, 1>) {
+        let [b, t] = inputs.dims();
+        let hidden = self.forward_hidden(inputs, None);
+        let d = hidden.dims()[2];
+        let picked_hidden = hidden.reshape([b * t, d]).select(0, positions);
+        let logits = at_least_f32(self.lm_head.forward(picked_hidden));
+        let best = logits.clone().detach().argmax(1).squeeze_dim::<1>(1);
+        let correct = best.equal(targets.clone()).float().sum();
+        let logp = log_softmax(logits, 1);
+        let picked = logp.gather(1, targets.unsqueeze_dim(1)).squeeze_dim::<1>(1);
+        let n = picked.dims()[0].max(1) as f64;
+        let correct = correct.cast(picked.dtype());
+        (picked.sum().neg() / n, correct)
+    }
+
     /// Errors if `total` positions would exceed the model's context.
     pub fn check_length(&self, total: usize) -> Result<(), crate::Error> {
         if total > self.max_seq_len {

@@ -86,7 +86,11 @@ impl<B: Backend> AdaptedLm<B> {
 
     /// Loss and greedy-correct count of a batch, read back to the host in one transaction.
     fn measure(&self, batch: &QaBatch<B>) -> (Tensor<B, 1>, LmStepOutput) {
-        let (loss, correct) = self.model.loss_and_correct(&batch.lm);
+        let (loss, correct) = self.model.selected_loss_and_correct(
+            batch.lm.inputs.clone(),
+            batch.positions.clone(),
+            batch.answer_targets.clone(),
+        );
         let [l, c] = Transaction::default()
             .register(loss.clone().detach())
             .register(correct)

@@ -287,7 +287,7 @@ impl BackendTask for TrainTask {
             Display::Auto => !std::io::IsTerminal::is_terminal(&std::io::stdout()),
         };
         if plain {
-            training = training.renderer(PlainLog::new(c.eval_every.clamp(1, 10), c.steps));
+            training = training.renderer(PlainLog::new((c.steps / 50).clamp(1, c.eval_every), c.steps));
         }
         let result = training.launch(learner);
         let mut report = std::mem::take(&mut *report.lock().unwrap_or_else(|p| p.into_inner()));

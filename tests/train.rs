@@ -1,0 +1,204 @@
+//! Fine-tuning runs end to end on the tiny GGUF (CPU): resume equals an uninterrupted run,
+//! a writer killed mid-checkpoint leaves a loadable checkpoint, bad inputs are clear errors.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::ndarray::NdArrayDevice;
+use burn::backend::NdArray;
+use meft::backend::BackendTask;
+use meft::train::{TrainConfig, TrainTask};
+
+fn workdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("meft-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// 60 arithmetic questions as JSONL.
+fn qa_file(dir: &Path) -> PathBuf {
+    let path = dir.join("qa.jsonl");
+    let lines: Vec<String> = (0..60)
+        .map(|i| format!(r#"{{"prompt": "What is {i} plus one?", "answer": "{}"}}"#, i + 1))
+        .collect();
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    path
+}
+
+fn config(dir: &Path, data: &Path, steps: usize, extra: &[&str]) -> TrainConfig {
+    let text = format!(
+        r#"
+model = "{}"
+output = "{}"
+steps = {steps}
+batch = 4
+eval_every = 500
+checkpoint_every = 250
+display = "plain"
+seed = 7
+[data]
+source = "jsonl"
+path = "{}"
+[adapter]
+kind = "meft"
+neurons = 512
+top_k = 8
+experts_per_token = 4
+value_init_std = 0.02
+[optimizer]
+lr = 0.01
+weight_decay = 0.01
+warmup_steps = 20
+min_lr_ratio = 0.1
+"#,
+        common::tinycoder().display(),
+        dir.join("run").display(),
+        data.display()
+    );
+    let set: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    TrainConfig::parse(&text, "test", &set).unwrap()
+}
+
+fn train(config: TrainConfig, resume: bool, stop_after: Option<usize>) -> meft::Result<meft::train::TrainOutcome> {
+    TrainTask {
+        config,
+        resume,
+        stop_after,
+        skip_eval: true,
+    }
+    .run::<NdArray<f32>>(NdArrayDevice::Cpu)
+}
+
+#[test]
+fn resume_equals_an_uninterrupted_run() {
+    let dir = workdir("resume");
+    let data = qa_file(&dir);
+    let straight_dir = dir.join("straight");
+    let split_dir = dir.join("split");
+    let straight = train(config(&straight_dir, &data, 2000, &[]), false, None).unwrap();
+    let first = train(config(&split_dir, &data, 2000, &[]), false, Some(1000)).unwrap();
+    assert_eq!(first.steps, 1000);
+    let resumed = train(config(&split_dir, &data, 2000, &[]), true, None).unwrap();
+    assert_eq!(resumed.resumed_from, 1000);
+    assert_eq!(straight.losses.len(), 2000);
+    assert_eq!(resumed.losses.len(), 2000);
+    for (i, (a, b)) in straight.losses.iter().zip(&resumed.losses).enumerate() {
+        assert_eq!(a.to_bits(), b.to_bits(), "step {}: {a} vs {b}", i + 1);
+    }
+    // It learned something: the loss of the last 100 steps is well below the first 100's.
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    assert!(mean(&straight.losses[1900..]) < 0.8 * mean(&straight.losses[..100]));
+    let a = std::fs::read(straight_dir.join("run/adapter.safetensors")).unwrap();
+    let b = std::fs::read(split_dir.join("run/adapter.safetensors")).unwrap();
+    assert!(a == b, "final adapters differ");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_fresh_run_refuses_to_overwrite_checkpoints_and_resume_checks_the_config() {
+    let dir = workdir("refuse");
+    let data = qa_file(&dir);
+    train(config(&dir, &data, 4, &["checkpoint_every=2"]), false, None).unwrap();
+    let e = train(config(&dir, &data, 4, &[]), false, None).unwrap_err().to_string();
+    assert!(e.contains("--resume"), "{e}");
+    let e = train(config(&dir, &data, 8, &["adapter.neurons=256"]), true, None).unwrap_err().to_string();
+    assert!(e.contains("adapter.neurons") && e.contains("512") && e.contains("256"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let dir = workdir("bad");
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "\n\n").unwrap();
+    let e = train(config(&dir, &empty, 4, &[]), false, None).unwrap_err().to_string();
+    assert!(e.contains("empty dataset") && e.contains("empty.jsonl"), "{e}");
+
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\": \"a\", \"answer\": \"b\"}\n{\"prompt\": \"a\"\n").unwrap();
+    let e = train(config(&dir, &bad, 4, &[]), false, None).unwrap_err().to_string();
+    assert!(e.contains("bad.jsonl:2"), "{e}");
+
+    let long = dir.join("long.jsonl");
+    let answer = "word ".repeat(200);
+    std::fs::write(&long, format!("{{\"prompt\": \"q\", \"answer\": \"{answer}\"}}\n").repeat(40)).unwrap();
+    let e = train(config(&dir, &long, 4, &["data.max_len=64"]), false, None).unwrap_err().to_string();
+    assert!(e.contains("do not fit the 64-token context"), "{e}");
+
+    let e = TrainConfig::parse("model = \"m\"\nsteps = 1\noutput = \"o\"\nbatchsize = 3\n[data]\nsource = \"jsonl\"\npath = \"p\"\n[adapter]\nkind = \"meft\"\nneurons = 64\n", "cfg.toml", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("batchsize") && e.contains("cfg.toml"), "{e}");
+    let e = TrainConfig::parse("model = \"m\"\nsteps = 1\noutput = \"o\"\n[data]\nsource = \"csv\"\npath = \"p\"\n[adapter]\nkind = \"meft\"\nneurons = 64\n", "cfg.toml", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("data.source") && e.contains("csv"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn killing_the_writer_leaves_a_loadable_checkpoint() {
+    use std::process::{Command, Stdio};
+    let dir = workdir("kill");
+    let data = qa_file(&dir);
+    let cfg = dir.join("run.toml");
+    let c = config(&dir, &data, 400, &["checkpoint_every=1", "keep_checkpoints=2"]);
+    std::fs::write(&cfg, toml::to_string(&c).unwrap()).unwrap();
+    let meft = env!("CARGO_BIN_EXE_meft");
+    let mut killed_with_checkpoint = 0;
+    for trial in 0..12u64 {
+        let mut resume = Vec::new();
+        if dir.join("run/checkpoints/latest").exists() {
+            resume.push("--resume");
+        }
+        let mut child = Command::new(meft)
+            .args(["train", "--config", cfg.to_str().unwrap(), "--no-eval"])
+            .args(&resume)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill at a varying point: with a checkpoint every step, most points are mid-write.
+        std::thread::sleep(std::time::Duration::from_millis(700 + 97 * trial));
+        let _ = child.kill();
+        let _ = child.wait();
+        if dir.join("run/checkpoints/latest").exists() {
+            killed_with_checkpoint += 1;
+        }
+    }
+    assert!(killed_with_checkpoint > 0, "no trial got as far as a checkpoint");
+    // Whatever state the kills left, the run resumes from its latest checkpoint and finishes.
+    let out = train(config(&dir, &data, 400, &["checkpoint_every=50"]), true, None).unwrap();
+    assert!(out.resumed_from > 0);
+    assert_eq!(out.steps, 400);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_answer_only_loss_equals_the_masked_loss() {
+    use burn::data::dataloader::batcher::Batcher;
+    use meft::data::{QaBatcher, TokenizedExample};
+    use meft::model::Llama;
+    type B = burn::backend::Autodiff<NdArray<f32>>;
+    let device = NdArrayDevice::Cpu;
+    let model = Llama::<B>::init_random(&common::tiny_llama(2), &device);
+    let examples = vec![
+        TokenizedExample { id: "a".into(), ids: vec![1, 5, 9, 13, 2, 7], prompt_len: 3 },
+        TokenizedExample { id: "b".into(), ids: vec![1, 4, 6, 8, 10, 12, 14, 16, 3, 11, 2], prompt_len: 8 },
+        TokenizedExample { id: "c".into(), ids: vec![1, 20, 21], prompt_len: 2 },
+    ];
+    let batch: meft::data::QaBatch<B> = QaBatcher { pad_id: 0 }.batch(examples, &device);
+    assert_eq!(batch.targets, 3 + 3 + 1);
+    let (masked, correct_masked) = model.loss_and_correct(&batch.lm);
+    let (selected, correct_selected) = model.selected_loss_and_correct(
+        batch.lm.inputs.clone(),
+        batch.positions.clone(),
+        batch.answer_targets.clone(),
+    );
+    let v = |t: burn::tensor::Tensor<B, 1>| t.into_scalar();
+    let (a, b) = (v(masked), v(selected));
+    assert!((a - b).abs() <= 1e-5 * a.abs(), "{a} vs {b}");
+    assert_eq!(v(correct_masked), v(correct_selected));
+}
