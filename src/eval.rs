@@ -35,7 +35,10 @@ pub fn exact_match(prediction: &str, answer: &str) -> f64 {
 pub fn token_f1(prediction: &str, answer: &str) -> f64 {
     let p = normalize(prediction);
     let a = normalize(answer);
-    let (p, a): (Vec<&str>, Vec<&str>) = (p.split(' ').filter(|w| !w.is_empty()).collect(), a.split(' ').filter(|w| !w.is_empty()).collect());
+    let (p, a): (Vec<&str>, Vec<&str>) = (
+        p.split(' ').filter(|w| !w.is_empty()).collect(),
+        a.split(' ').filter(|w| !w.is_empty()).collect(),
+    );
     if p.is_empty() || a.is_empty() {
         return f64::from(u8::from(p.is_empty() && a.is_empty()));
     }
@@ -115,7 +118,8 @@ pub fn evaluate<B: Backend>(
     let end = end_token(tok);
     let mut predictions = Vec::with_capacity(examples.len());
     for e in examples {
-        let ids = prompt_ids(tok, &e.prompt).map_err(|m| Error::Other(format!("tokenizing eval example {}: {m}", e.id)))?;
+        let ids = prompt_ids(tok, &e.prompt)
+            .map_err(|m| Error::Other(format!("tokenizing eval example {}: {m}", e.id)))?;
         let max_new = max_new.min(model.max_seq_len.saturating_sub(ids.len()));
         // Only the first line is scored: stop once a line break follows some text.
         let mut out = generate_until(model, &ids, max_new, Sampling::Greedy, end, device, |new| {
@@ -130,9 +134,22 @@ pub fn evaluate<B: Backend>(
             }
         }
         let text = tok.decode(&out)?;
-        let prediction = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("").to_string();
-        let em = e.answers.iter().map(|a| exact_match(&prediction, a)).fold(0.0, f64::max);
-        let f1 = e.answers.iter().map(|a| token_f1(&prediction, a)).fold(0.0, f64::max);
+        let prediction = text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or("")
+            .to_string();
+        let em = e
+            .answers
+            .iter()
+            .map(|a| exact_match(&prediction, a))
+            .fold(0.0, f64::max);
+        let f1 = e
+            .answers
+            .iter()
+            .map(|a| token_f1(&prediction, a))
+            .fold(0.0, f64::max);
         predictions.push(Prediction {
             id: e.id.clone(),
             prompt: e.prompt.clone(),

@@ -88,7 +88,12 @@ struct ConfigArgs {
 impl ConfigArgs {
     fn load(&self) -> anyhow::Result<TrainConfig> {
         let mut set = Vec::new();
-        let q = |v: &dyn std::fmt::Display| format!("\"{}\"", v.to_string().replace('\\', "\\\\").replace('"', "\\\""));
+        let q = |v: &dyn std::fmt::Display| {
+            format!(
+                "\"{}\"",
+                v.to_string().replace('\\', "\\\\").replace('"', "\\\"")
+            )
+        };
         if let Some(v) = &self.model {
             set.push(format!("model={}", q(&v.display())));
         }
@@ -434,7 +439,9 @@ fn main() -> anyhow::Result<()> {
                 config: config.clone(),
             };
             let out = run_on(config.backend, config.dtype, task)?;
-            let show = |r: &Option<meft::eval::EvalReport>| r.as_ref().map_or("-".to_string(), |r| r.summary());
+            let show = |r: &Option<meft::eval::EvalReport>| {
+                r.as_ref().map_or("-".to_string(), |r| r.summary())
+            };
             println!(
                 "trained {} steps (from step {}): loss {:.3} → {:.3}, {:.0} tokens/s",
                 out.steps,

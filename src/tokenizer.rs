@@ -6,19 +6,19 @@
 //! 4 (user-defined) become special tokens, so ChatML markers such as `<|im_start|>` encode to
 //! single ids.
 
-use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::{Vocab, BPE};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::decoders::fuse::Fuse;
 use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
 use tokenizers::decoders::DecoderWrapper;
+use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::models::unigram::Unigram;
 use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::gguf::{GgufError, GgufFile};
@@ -109,7 +109,11 @@ fn byte_level_bpe(gguf: &GgufFile, tokens: &[&str]) -> Result<Tokenizer, Tokeniz
 /// fallback, spaces as `▁` with one prepended. Built as a unigram model over the pieces'
 /// scores, which picks the highest-scoring segmentation (SentencePiece's BPE merges by the
 /// same scores; the two agree on common text, and an id sequence always decodes exactly).
-fn sentencepiece(gguf: &GgufFile, tokens: &[&str], types: &[u64]) -> Result<Tokenizer, TokenizerError> {
+fn sentencepiece(
+    gguf: &GgufFile,
+    tokens: &[&str],
+    types: &[u64],
+) -> Result<Tokenizer, TokenizerError> {
     let scores: Vec<f64> = gguf
         .metadata
         .get("tokenizer.ggml.scores")
@@ -131,9 +135,11 @@ fn sentencepiece(gguf: &GgufFile, tokens: &[&str], types: &[u64]) -> Result<Toke
         .or_else(|| types.iter().position(|&t| t == 2))
         .filter(|&u| u < tokens.len());
     let vocab = tokens.iter().map(|t| t.to_string()).zip(scores).collect();
-    let model = Unigram::from(vocab, unk, true).map_err(|e| TokenizerError::Build(e.to_string()))?;
+    let model =
+        Unigram::from(vocab, unk, true).map_err(|e| TokenizerError::Build(e.to_string()))?;
     let mut inner = Tokenizer::new(model);
-    let replace = |a: &str, b: &str| Replace::new(a, b).map_err(|e| TokenizerError::Build(e.to_string()));
+    let replace =
+        |a: &str, b: &str| Replace::new(a, b).map_err(|e| TokenizerError::Build(e.to_string()));
     inner.with_normalizer(Some(NormalizerSequence::new(vec![
         Prepend::new("▁".into()).into(),
         replace(" ", "▁")?.into(),

@@ -34,7 +34,8 @@ pub fn end_token(tok: &TextTokenizer) -> Option<u32> {
 
 /// The prompt's ids: the ChatML user turn, ending where the assistant's answer begins.
 pub fn prompt_ids(tok: &TextTokenizer, prompt: &str) -> Result<Vec<u32>, String> {
-    tok.encode(&tok.chatml_prompt(prompt)).map_err(|e| e.to_string())
+    tok.encode(&tok.chatml_prompt(prompt))
+        .map_err(|e| e.to_string())
 }
 
 /// Tokenizes examples with their first answer as the target. Errors name the example: one
@@ -104,7 +105,12 @@ pub struct QaBatcher {
 impl<B: Backend> Batcher<B, TokenizedExample, QaBatch<B>> for QaBatcher {
     fn batch(&self, items: Vec<TokenizedExample>, device: &B::Device) -> QaBatch<B> {
         let b = items.len();
-        let longest = items.iter().map(|e| e.ids.len() - 1).max().unwrap_or(1).max(1);
+        let longest = items
+            .iter()
+            .map(|e| e.ids.len() - 1)
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let t = longest.div_ceil(PAD_TO) * PAD_TO;
         let mut inputs = vec![self.pad_id as i64; b * t];
         let mut targets = vec![self.pad_id as i64; b * t];

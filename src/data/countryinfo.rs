@@ -9,37 +9,83 @@ use serde_json::Value;
 use super::{read, DataError, QaExample};
 
 /// A question template: id suffix, question, and how to read the answer from the country.
-type Template = (&'static str, fn(&str) -> String, fn(&Value) -> Option<String>);
+type Template = (
+    &'static str,
+    fn(&str) -> String,
+    fn(&Value) -> Option<String>,
+);
 
 fn field(key: &'static str) -> impl Fn(&Value) -> Option<String> {
-    move |c| c.get(key).and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty()).map(String::from)
+    move |c| {
+        c.get(key)
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+    }
 }
 
 const TEMPLATES: &[Template] = &[
-    ("capital", |n| format!("What is the capital of {n}?"), |c| field("capital")(c)),
-    ("region", |n| format!("In which region of the world is {n}?"), |c| field("region")(c)),
-    ("subregion", |n| format!("In which subregion of the world is {n}?"), |c| field("subregion")(c)),
-    ("demonym", |n| format!("What is the demonym for people from {n}?"), |c| field("demonym")(c)),
-    ("currency", |n| format!("What is the ISO 4217 code of the currency of {n}?"), |c| {
-        first(c, "currencies")
-    }),
-    ("calling_code", |n| format!("What is the international calling code of {n}?"), |c| {
-        first(c, "callingCodes").map(|s| format!("+{s}"))
-    }),
-    ("tld", |n| format!("What is the country-code top-level domain of {n}?"), |c| first(c, "tld")),
-    ("iso3", |n| format!("What is the ISO 3166-1 alpha-3 code of {n}?"), |c| {
-        let v = c.get("ISO")?.get("alpha3")?.as_str()?.trim();
-        (!v.is_empty()).then(|| v.to_string())
-    }),
-    ("borders", |n| format!("How many countries share a land border with {n}?"), |c| {
-        list(c, "borders").map(|v| v.len().to_string())
-    }),
+    (
+        "capital",
+        |n| format!("What is the capital of {n}?"),
+        |c| field("capital")(c),
+    ),
+    (
+        "region",
+        |n| format!("In which region of the world is {n}?"),
+        |c| field("region")(c),
+    ),
+    (
+        "subregion",
+        |n| format!("In which subregion of the world is {n}?"),
+        |c| field("subregion")(c),
+    ),
+    (
+        "demonym",
+        |n| format!("What is the demonym for people from {n}?"),
+        |c| field("demonym")(c),
+    ),
+    (
+        "currency",
+        |n| format!("What is the ISO 4217 code of the currency of {n}?"),
+        |c| first(c, "currencies"),
+    ),
+    (
+        "calling_code",
+        |n| format!("What is the international calling code of {n}?"),
+        |c| first(c, "callingCodes").map(|s| format!("+{s}")),
+    ),
+    (
+        "tld",
+        |n| format!("What is the country-code top-level domain of {n}?"),
+        |c| first(c, "tld"),
+    ),
+    (
+        "iso3",
+        |n| format!("What is the ISO 3166-1 alpha-3 code of {n}?"),
+        |c| {
+            let v = c.get("ISO")?.get("alpha3")?.as_str()?.trim();
+            (!v.is_empty()).then(|| v.to_string())
+        },
+    ),
+    (
+        "borders",
+        |n| format!("How many countries share a land border with {n}?"),
+        |c| list(c, "borders").map(|v| v.len().to_string()),
+    ),
 ];
 
 /// A list field: a JSON array of strings, or a Python-repr string of one.
 fn list(c: &Value, key: &str) -> Option<Vec<String>> {
     match c.get(key)? {
-        Value::Array(v) => Some(v.iter().filter_map(Value::as_str).map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()),
+        Value::Array(v) => Some(
+            v.iter()
+                .filter_map(Value::as_str)
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        ),
         Value::String(s) => Some(py_list(s)),
         _ => None,
     }
@@ -76,17 +122,21 @@ pub fn load(dir: &Path) -> Result<Vec<QaExample>, DataError> {
     files.sort();
     let mut out = Vec::new();
     for path in files {
-        let country: Value = serde_json::from_slice(&read(&path)?).map_err(|e| DataError::Format {
-            path: path.display().to_string(),
-            message: format!("not JSON: {e}"),
-        })?;
+        let country: Value =
+            serde_json::from_slice(&read(&path)?).map_err(|e| DataError::Format {
+                path: path.display().to_string(),
+                message: format!("not JSON: {e}"),
+            })?;
         let Some(name) = field("name")(&country) else {
             return Err(DataError::Format {
                 path: path.display().to_string(),
                 message: "no \"name\" field".into(),
             });
         };
-        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         for (key, question, answer) in TEMPLATES {
             if let Some(a) = answer(&country) {
                 out.push(QaExample {

@@ -35,7 +35,9 @@ pub fn load(path: &Path) -> Result<Vec<QaExample>, DataError> {
 fn walk(q: &Value, out: &mut Vec<QaExample>, seen: &mut std::collections::HashSet<String>) {
     let id = q.get("id").and_then(Value::as_str);
     let question = q.get("question").and_then(Value::as_str).map(str::trim);
-    if let (Some(id), Some(question), Some(answer)) = (id, question, q.get("answer").and_then(short_answer)) {
+    if let (Some(id), Some(question), Some(answer)) =
+        (id, question, q.get("answer").and_then(short_answer))
+    {
         if !question.is_empty() && seen.insert(id.to_string()) {
             out.push(QaExample {
                 id: id.to_string(),

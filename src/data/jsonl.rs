@@ -34,20 +34,27 @@ pub fn load(path: &Path) -> Result<Vec<QaExample>, DataError> {
             message,
         };
         if line.len() > MAX_LINE {
-            return Err(bad(format!("line is {} bytes, over the {MAX_LINE}-byte limit", line.len())));
+            return Err(bad(format!(
+                "line is {} bytes, over the {MAX_LINE}-byte limit",
+                line.len()
+            )));
         }
         let text = std::str::from_utf8(line).map_err(|e| bad(format!("not UTF-8: {e}")))?;
         if text.trim().is_empty() {
             continue;
         }
-        let l: Line = serde_json::from_str(text).map_err(|e| bad(format!("not a prompt/answer object: {e}")))?;
+        let l: Line = serde_json::from_str(text)
+            .map_err(|e| bad(format!("not a prompt/answer object: {e}")))?;
         let answers = match (l.answer, l.answers) {
             (Some(a), None) => vec![a],
             (None, Some(v)) => v,
             (Some(_), Some(_)) => return Err(bad("has both \"answer\" and \"answers\"".into())),
             (None, None) => return Err(bad("has no \"answer\"".into())),
         };
-        if l.prompt.trim().is_empty() || answers.is_empty() || answers.iter().any(|a| a.trim().is_empty()) {
+        if l.prompt.trim().is_empty()
+            || answers.is_empty()
+            || answers.iter().any(|a| a.trim().is_empty())
+        {
             return Err(bad("empty prompt or answer".into()));
         }
         out.push(QaExample {

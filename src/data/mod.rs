@@ -13,7 +13,6 @@ pub mod jsonl;
 
 use std::path::{Path, PathBuf};
 
-
 use serde::{Deserialize, Serialize};
 
 pub use batch::{tokenize, QaBatch, QaBatcher, TokenizedExample};
@@ -123,7 +122,11 @@ impl QaSplit {
     /// Puts an example in eval when a hash of (`seed`, its id) falls in the first
     /// `eval_fraction` of the range, so the split does not depend on load order or count.
     /// Errors if either side is empty.
-    pub fn by_id(examples: Vec<QaExample>, eval_fraction: f64, seed: u64) -> Result<Self, DataError> {
+    pub fn by_id(
+        examples: Vec<QaExample>,
+        eval_fraction: f64,
+        seed: u64,
+    ) -> Result<Self, DataError> {
         if !(0.0..1.0).contains(&eval_fraction) || eval_fraction == 0.0 {
             return Err(DataError::Empty(format!(
                 "eval_fraction must be in (0, 1), got {eval_fraction}"

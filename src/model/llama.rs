@@ -544,7 +544,10 @@ impl<B: Backend> Llama<B> {
             .gather(2, batch.targets.clone().unsqueeze_dim(2))
             .squeeze_dim::<2>(2);
         let mask = batch.target_mask.clone().cast(picked.dtype());
-        let hits = best.equal(batch.targets.clone()).float().cast(picked.dtype());
+        let hits = best
+            .equal(batch.targets.clone())
+            .float()
+            .cast(picked.dtype());
         let correct = (hits * mask.clone()).sum();
         let count = mask.clone().sum().clamp_min(1.0);
         ((picked * mask).sum().neg() / count, correct)

@@ -50,7 +50,11 @@ pub struct TrainState {
 
 /// The identity of a run's trainable state: model geometry, adapter config and layers.
 /// A checkpoint with another fingerprint is refused, naming the differing field.
-pub fn fingerprint(model: &serde_json::Value, adapter: &serde_json::Value, layers: &serde_json::Value) -> serde_json::Value {
+pub fn fingerprint(
+    model: &serde_json::Value,
+    adapter: &serde_json::Value,
+    layers: &serde_json::Value,
+) -> serde_json::Value {
     serde_json::json!({ "model": model, "adapter": adapter, "layers": layers })
 }
 
@@ -59,18 +63,25 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
 }
 
 fn sync_dir(path: &Path) -> Result<()> {
-    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| io("syncing", path, e))
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io("syncing", path, e))
 }
 
 /// Writes `bytes` to `path` atomically (temp file in the same folder, fsync, rename, fsync of
 /// the folder).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".tmp-{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    let tmp = dir.join(format!(
+        ".tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating", &tmp, e))?;
-        f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| io("writing", &tmp, e))?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| io("writing", &tmp, e))?;
     }
     std::fs::rename(&tmp, path).map_err(|e| io("renaming into", path, e))?;
     sync_dir(dir)
@@ -103,7 +114,11 @@ pub fn save<B: AutodiffBackend>(
     tensors_file::sync_file(&tmp.join("state.json"))?;
 
     let trainable = params::trainable(&lm.model)?;
-    write_trainable(&tmp.join("trainable.safetensors"), &trainable, HashMap::new())?;
+    write_trainable(
+        &tmp.join("trainable.safetensors"),
+        &trainable,
+        HashMap::new(),
+    )?;
 
     let bytes = BinBytesRecorder::<FullPrecisionSettings>::default()
         .record(optim.dense_record(), ())
@@ -126,7 +141,11 @@ pub fn save<B: AutodiffBackend>(
 }
 
 /// Writes trainable parameters (by path) to a safetensors file.
-pub fn write_trainable(path: &Path, values: &BTreeMap<String, HostTensor>, metadata: HashMap<String, String>) -> Result<()> {
+pub fn write_trainable(
+    path: &Path,
+    values: &BTreeMap<String, HostTensor>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
     let entries = values
         .iter()
         .map(|(k, v)| Entry::f32(k.clone(), v.shape.clone(), &v.values))
@@ -159,7 +178,11 @@ fn write_stores<B: AutodiffBackend>(path: &Path, lm: &AdaptedLm<B>) -> Result<()
         entries.push(Entry::f32(format!("layer{l}.params"), shape.clone(), p));
         entries.push(Entry::f32(format!("layer{l}.moment1"), shape.clone(), m1));
         entries.push(Entry::f32(format!("layer{l}.moment2"), shape, m2));
-        entries.push(Entry::u32(format!("layer{l}.row_steps"), vec![s.neurons()], steps));
+        entries.push(Entry::u32(
+            format!("layer{l}.row_steps"),
+            vec![s.neurons()],
+            steps,
+        ));
     }
     tensors_file::write(path, entries, HashMap::new())
 }
@@ -191,7 +214,11 @@ pub fn read_state(path: &Path, fingerprint: &serde_json::Value) -> Result<TrainS
     let state: TrainState = serde_json::from_slice(&bytes)
         .map_err(|e| Error::Other(format!("{} is not a checkpoint state: {e}", file.display())))?;
     if state.format != FORMAT {
-        return Err(Error::Other(format!("{}: checkpoint format {} (this build reads {FORMAT})", file.display(), state.format)));
+        return Err(Error::Other(format!(
+            "{}: checkpoint format {} (this build reads {FORMAT})",
+            file.display(),
+            state.format
+        )));
     }
     if let Some(field) = differing_field(&state.fingerprint, fingerprint, String::new()) {
         return Err(Error::Other(format!(
@@ -209,7 +236,11 @@ fn differing_field(a: &serde_json::Value, b: &serde_json::Value, at: String) -> 
         (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
             let keys: std::collections::BTreeSet<_> = x.keys().chain(y.keys()).collect();
             keys.into_iter().find_map(|k| {
-                let p = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+                let p = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
                 match (x.get(k), y.get(k)) {
                     (Some(u), Some(v)) => differing_field(u, v, p),
                     _ => Some(p),
@@ -235,13 +266,22 @@ pub fn restore<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<AdaptedLm<B>> {
     let trainable = read_trainable(&TensorsFile::open(&path.join("trainable.safetensors"))?)?;
-    let AdaptedLm { model, adapters, staged } = lm;
+    let AdaptedLm {
+        model,
+        adapters,
+        staged,
+    } = lm;
     let model = params::load_trainable(model, &trainable)?;
     let file = path.join("optimizer.bin");
     let bytes = std::fs::read(&file).map_err(|e| io("reading", &file, e))?;
     let record = BinBytesRecorder::<FullPrecisionSettings>::default()
         .load(bytes, device)
-        .map_err(|e| Error::Other(format!("{}: not an optimizer state of this run: {e}", file.display())))?;
+        .map_err(|e| {
+            Error::Other(format!(
+                "{}: not an optimizer state of this run: {e}",
+                file.display()
+            ))
+        })?;
     optim.load_dense_record(record);
     let stores = TensorsFile::open(&path.join("meft.safetensors"))?;
     for a in &adapters.sparse {
@@ -252,14 +292,23 @@ pub fn restore<B: AutodiffBackend>(
         let (_, st) = stores.u32(&format!("layer{l}.row_steps"))?;
         a.with_store_mut(|s| s.restore(p, m1, m2, st))??;
     }
-    Ok(AdaptedLm { model, adapters, staged })
+    Ok(AdaptedLm {
+        model,
+        adapters,
+        staged,
+    })
 }
 
 fn prune(dir: &Path, keep: usize) -> Result<()> {
     let mut steps: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| io("listing", dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir() && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("step-"))
+        })
         .collect();
     steps.sort();
     let n = steps.len().saturating_sub(keep.max(1));

@@ -242,23 +242,39 @@ impl TrainConfig {
         }
         let o = &self.optimizer;
         if !(o.lr.is_finite() && o.lr > 0.0 && o.lr <= 1.0) {
-            return Err(format!("field `optimizer.lr` must be in (0, 1], got {}", o.lr));
+            return Err(format!(
+                "field `optimizer.lr` must be in (0, 1], got {}",
+                o.lr
+            ));
         }
-        if let Some(s) = o.sparse_lr.filter(|s| !(s.is_finite() && *s > 0.0 && *s <= 1.0)) {
-            return Err(format!("field `optimizer.sparse_lr` must be in (0, 1], got {s}"));
+        if let Some(s) = o
+            .sparse_lr
+            .filter(|s| !(s.is_finite() && *s > 0.0 && *s <= 1.0))
+        {
+            return Err(format!(
+                "field `optimizer.sparse_lr` must be in (0, 1], got {s}"
+            ));
         }
         if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
-            return Err(format!("field `optimizer.weight_decay` must be ≥ 0, got {}", o.weight_decay));
+            return Err(format!(
+                "field `optimizer.weight_decay` must be ≥ 0, got {}",
+                o.weight_decay
+            ));
         }
         if !(0.0..=1.0).contains(&o.min_lr_ratio) {
-            return Err(format!("field `optimizer.min_lr_ratio` must be in [0, 1], got {}", o.min_lr_ratio));
+            return Err(format!(
+                "field `optimizer.min_lr_ratio` must be in [0, 1], got {}",
+                o.min_lr_ratio
+            ));
         }
         if let Some(c) = o.grad_clip.filter(|c| !(c.is_finite() && *c > 0.0)) {
             return Err(format!("field `optimizer.grad_clip` must be > 0, got {c}"));
         }
         let f = self.data.eval_fraction;
         if !(f > 0.0 && f < 1.0) {
-            return Err(format!("field `data.eval_fraction` must be in (0, 1), got {f}"));
+            return Err(format!(
+                "field `data.eval_fraction` must be in (0, 1), got {f}"
+            ));
         }
         Ok(())
     }

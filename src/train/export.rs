@@ -27,26 +27,36 @@ pub fn export_adapter<B: Backend>(
 ) -> Result<()> {
     adapters.wait_updates()?;
     let trainable = params::trainable(model)?;
-    let guards: Vec<_> = adapters.sparse.iter().map(|a| a.read_store()).collect::<Result<_>>()?;
+    let guards: Vec<_> = adapters
+        .sparse
+        .iter()
+        .map(|a| a.read_store())
+        .collect::<Result<_>>()?;
     let mut entries: Vec<Entry<'_>> = trainable
         .iter()
         .map(|(k, v)| Entry::f32(format!("param.{k}"), v.shape.clone(), &v.values))
         .collect();
     for (a, s) in adapters.sparse.iter().zip(&guards) {
         let (p, ..) = s.training_state();
-        entries.push(Entry::f32(format!("meft.layer{}", a.layer()), vec![s.neurons(), 2 * s.d_model()], p));
+        entries.push(Entry::f32(
+            format!("meft.layer{}", a.layer()),
+            vec![s.neurons(), 2 * s.d_model()],
+            p,
+        ));
     }
-    let json = |v: serde_json::Result<String>| v.map_err(|e| Error::Other(e.to_string()));
-    let metadata = HashMap::from([
-        ("format".to_string(), KIND.to_string()),
-        ("adapter".to_string(), json(serde_json::to_string(config))?),
-        ("layers".to_string(), json(serde_json::to_string(layers))?),
-    ]);
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    // One metadata entry (a JSON object with sorted keys): safetensors writes its metadata
+    // map in hash order, and equal adapters should be equal files.
+    let meta = serde_json::json!({ "format": KIND, "adapter": config, "layers": layers });
+    let metadata = HashMap::from([("meft".to_string(), meta.to_string())]);
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".tmp-export-{}", std::process::id()));
     tensors_file::write(&tmp, entries, metadata)?;
     drop(guards);
-    let bytes = std::fs::read(&tmp).map_err(|e| Error::Other(format!("reading {}: {e}", tmp.display())))?;
+    let bytes =
+        std::fs::read(&tmp).map_err(|e| Error::Other(format!("reading {}: {e}", tmp.display())))?;
     let _ = std::fs::remove_file(&tmp);
     write_atomic(path, &bytes)
 }
@@ -55,13 +65,24 @@ pub fn export_adapter<B: Backend>(
 /// and loads the saved values. Errors name what does not fit (file kind, layer, shape).
 pub fn load_adapter<B: Backend>(model: Llama<B>, path: &Path) -> Result<(Llama<B>, Adapters)> {
     let file = TensorsFile::open(path)?;
-    let meta = file.metadata()?;
-    if meta.get("format").map(String::as_str) != Some(KIND) {
-        return Err(Error::Other(format!("{} is not a meft adapter export (no format = {KIND})", path.display())));
+    let not_ours = || {
+        Error::Other(format!(
+            "{} is not a meft adapter export (no {KIND} metadata)",
+            path.display()
+        ))
+    };
+    let meta: serde_json::Value = file
+        .metadata()?
+        .get("meft")
+        .and_then(|s| serde_json::from_str(s).ok())
+        .ok_or_else(not_ours)?;
+    if meta.get("format").and_then(|f| f.as_str()) != Some(KIND) {
+        return Err(not_ours());
     }
     let parse = |k: &str| -> Result<serde_json::Value> {
-        let s = meta.get(k).ok_or_else(|| Error::Other(format!("{}: metadata has no {k}", path.display())))?;
-        serde_json::from_str(s).map_err(|e| Error::Other(format!("{}: metadata {k}: {e}", path.display())))
+        meta.get(k)
+            .cloned()
+            .ok_or_else(|| Error::Other(format!("{}: metadata has no {k}", path.display())))
     };
     let config: AdapterConfig = serde_json::from_value(parse("adapter")?)
         .map_err(|e| Error::Other(format!("{}: adapter config: {e}", path.display())))?;
@@ -79,7 +100,9 @@ pub fn load_adapter<B: Backend>(model: Llama<B>, path: &Path) -> Result<(Llama<B
         let (shape, p) = file.f32(&name)?;
         a.with_store_mut(|s| {
             if shape != [s.neurons(), 2 * s.d_model()] {
-                return Err(Error::AdapterConfig(format!("{name}: shape {shape:?} does not match the store")));
+                return Err(Error::AdapterConfig(format!(
+                    "{name}: shape {shape:?} does not match the store"
+                )));
             }
             let len = p.len();
             s.restore(p, vec![0.0; len], vec![0.0; len], vec![0; s.neurons()])

@@ -52,7 +52,11 @@ impl RowSlot {
 
     /// Takes the pending error, if any.
     pub fn take_error(&self) -> Option<Error> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).error.take()
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .error
+            .take()
     }
 
     /// Takes the staged row gradients.
@@ -97,7 +101,13 @@ impl<B: Backend> AdaptedLm<B> {
             .execute()
             .try_into()
             .unwrap_or_else(|_| unreachable!("two tensors registered"));
-        let scalar = |d: burn::tensor::TensorData| d.convert::<f64>().into_vec::<f64>().ok().and_then(|v| v.first().copied()).unwrap_or(f64::NAN);
+        let scalar = |d: burn::tensor::TensorData| {
+            d.convert::<f64>()
+                .into_vec::<f64>()
+                .ok()
+                .and_then(|v| v.first().copied())
+                .unwrap_or(f64::NAN)
+        };
         let out = LmStepOutput {
             loss: scalar(l),
             correct: scalar(c),
@@ -130,7 +140,9 @@ impl<B: AutodiffBackend> TrainStep for AdaptedLm<B> {
                         .collect::<Result<Vec<_>>>()
                 });
             match taken {
-                Ok(rows) => self.staged.0.lock().unwrap_or_else(|p| p.into_inner()).rows = Some(rows),
+                Ok(rows) => {
+                    self.staged.0.lock().unwrap_or_else(|p| p.into_inner()).rows = Some(rows)
+                }
                 Err(e) => self.staged.fail(e),
             }
         }

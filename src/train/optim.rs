@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::LearningRate;
 use burn::optim::{AdamW, AdamWConfig, GradientsParams, MultiGradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
-use burn::optim::LearningRate;
 
 use super::model::AdaptedLm;
 use crate::adapter::{HostWorker, SparseAdamW};
@@ -107,7 +107,12 @@ where
 {
     type Record = DenseRecord<B>;
 
-    fn step(&mut self, lr: LearningRate, module: AdaptedLm<B>, grads: GradientsParams) -> AdaptedLm<B> {
+    fn step(
+        &mut self,
+        lr: LearningRate,
+        module: AdaptedLm<B>,
+        grads: GradientsParams,
+    ) -> AdaptedLm<B> {
         if let Err(e) = self.sparse_step(lr, &module) {
             module.staged.fail(e);
         }

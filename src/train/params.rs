@@ -41,9 +41,12 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
         let shape = t.dims().to_vec();
         match t.into_data().convert::<f32>().into_vec::<f32>() {
             Ok(values) => {
-                self.out.insert(self.path.join("."), HostTensor { shape, values });
+                self.out
+                    .insert(self.path.join("."), HostTensor { shape, values });
             }
-            Err(e) => self.error = Some(format!("reading parameter {}: {e:?}", self.path.join("."))),
+            Err(e) => {
+                self.error = Some(format!("reading parameter {}: {e:?}", self.path.join(".")))
+            }
         }
     }
 }
@@ -83,7 +86,8 @@ impl<B: Backend> ModuleMapper<B> for Load<'_> {
         let key = self.path.join(".");
         let (id, tensor, mapper) = param.consume();
         let Some(v) = self.values.get(&key) else {
-            self.error.get_or_insert(format!("no saved value for trainable parameter {key}"));
+            self.error
+                .get_or_insert(format!("no saved value for trainable parameter {key}"));
             return Param::from_mapped_value(id, tensor, mapper);
         };
         if v.shape != tensor.dims().to_vec() {

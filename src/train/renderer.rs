@@ -59,13 +59,25 @@ impl MetricsRendererTraining for PlainLog {
     fn render_train(&mut self, item: TrainingProgress, _: Vec<ProgressType>) {
         let step = item.iteration.unwrap_or(0);
         if step % self.every == 0 || step == self.total_steps {
-            eprintln!("[train] step {step}/{} | {}", self.total_steps, self.line(&self.train));
+            eprintln!(
+                "[train] step {step}/{} | {}",
+                self.total_steps,
+                self.line(&self.train)
+            );
         }
     }
 
     fn render_valid(&mut self, item: TrainingProgress, _: Vec<ProgressType>) {
-        if item.progress.as_ref().is_some_and(|p| p.items_processed >= p.items_total) {
-            eprintln!("[valid] after round {} | {}", item.global_progress.items_processed, self.line(&self.valid));
+        if item
+            .progress
+            .as_ref()
+            .is_some_and(|p| p.items_processed >= p.items_total)
+        {
+            eprintln!(
+                "[valid] after round {} | {}",
+                item.global_progress.items_processed,
+                self.line(&self.valid)
+            );
         }
     }
 }

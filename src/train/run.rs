@@ -53,7 +53,9 @@ impl StepOrder {
         let mut epoch = 0u64;
         while order.len() < len {
             let mut perm: Vec<u32> = (0..n as u32).collect();
-            perm.shuffle(&mut StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+            perm.shuffle(&mut StdRng::seed_from_u64(
+                seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ));
             order.extend(perm.into_iter().take(len - order.len()));
             epoch += 1;
         }
@@ -63,7 +65,9 @@ impl StepOrder {
 
 impl Dataset<TokenizedExample> for StepOrder {
     fn get(&self, index: usize) -> Option<TokenizedExample> {
-        self.order.get(index).map(|&i| self.items[i as usize].clone())
+        self.order
+            .get(index)
+            .map(|&i| self.items[i as usize].clone())
     }
 
     fn len(&self) -> usize {
@@ -132,7 +136,11 @@ fn device_memory() -> Option<f64> {
 static RUNNING_ON_CUDA: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Loads the split and tokenizes it, checking lengths against the model's context.
-fn load_data(config: &TrainConfig, tok: &TextTokenizer, max_seq: usize) -> Result<(QaSplit, Vec<TokenizedExample>, Vec<TokenizedExample>)> {
+fn load_data(
+    config: &TrainConfig,
+    tok: &TextTokenizer,
+    max_seq: usize,
+) -> Result<(QaSplit, Vec<TokenizedExample>, Vec<TokenizedExample>)> {
     let data = |e: crate::data::DataError| Error::Other(e.to_string());
     let examples = config.data.source().load().map_err(data)?;
     let split = QaSplit::by_id(examples, config.data.eval_fraction, config.seed).map_err(data)?;
@@ -160,10 +168,14 @@ impl BackendTask for TrainTask {
 
     fn run<B: Backend>(self, device: B::Device) -> Result<TrainOutcome> {
         #[cfg(feature = "cuda")]
-        RUNNING_ON_CUDA.store(self.config.backend == crate::backend::BackendKind::Cuda, std::sync::atomic::Ordering::Relaxed);
+        RUNNING_ON_CUDA.store(
+            self.config.backend == crate::backend::BackendKind::Cuda,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let c = &self.config;
         let out_dir = &c.output;
-        std::fs::create_dir_all(out_dir).map_err(|e| Error::Other(format!("creating {}: {e}", out_dir.display())))?;
+        std::fs::create_dir_all(out_dir)
+            .map_err(|e| Error::Other(format!("creating {}: {e}", out_dir.display())))?;
         let ckpt_dir = out_dir.join("checkpoints");
         let existing = checkpoint::latest(&ckpt_dir)?;
         if existing.is_some() && !self.resume {
@@ -187,13 +199,25 @@ impl BackendTask for TrainTask {
 
         let (model, _) = Llama::<Autodiff<B>>::from_gguf(&gguf, &device)?;
         drop(gguf);
-        let (model, adapters) = Hybrid::<Autodiff<B>>::new(device.clone()).wrap(model, &c.adapter, &c.layers)?;
+        let (model, adapters) =
+            Hybrid::<Autodiff<B>>::new(device.clone()).wrap(model, &c.adapter, &c.layers)?;
         let model = params::stable_ids(model);
-        let trainable: usize = params::trainable(&model)?.values().map(|t| t.values.len()).sum();
-        let host: usize = adapters.sparse.iter().map(|a| a.config().neurons * 2 * model_cfg.d_model).sum();
+        let trainable: usize = params::trainable(&model)?
+            .values()
+            .map(|t| t.values.len())
+            .sum();
+        let host: usize = adapters
+            .sparse
+            .iter()
+            .map(|a| a.config().neurons * 2 * model_cfg.d_model)
+            .sum();
         eprintln!("adapter: {trainable} trainable parameters on the device, {host} in host stores");
         let mut lm = AdaptedLm::new(model, adapters);
-        let optim = AdapterOptimizer::<Autodiff<B>>::new(c.optimizer.weight_decay, c.optimizer.grad_clip, c.sparse_lr() / c.optimizer.lr)?;
+        let optim = AdapterOptimizer::<Autodiff<B>>::new(
+            c.optimizer.weight_decay,
+            c.optimizer.grad_clip,
+            c.sparse_lr() / c.optimizer.lr,
+        )?;
         let fingerprint = checkpoint::fingerprint(
             &serde_json::to_value(&model_cfg).map_err(|e| Error::Other(e.to_string()))?,
             &serde_json::to_value(&c.adapter).map_err(|e| Error::Other(e.to_string()))?,
@@ -203,7 +227,12 @@ impl BackendTask for TrainTask {
             (Some(path), true) => {
                 let state = checkpoint::read_state(path, &fingerprint)?;
                 if state.seed != c.seed {
-                    return Err(Error::Other(format!("checkpoint {} used seed {}, the config {}", path.display(), state.seed, c.seed)));
+                    return Err(Error::Other(format!(
+                        "checkpoint {} used seed {}, the config {}",
+                        path.display(),
+                        state.seed,
+                        c.seed
+                    )));
                 }
                 lm = checkpoint::restore(path, lm, &optim, &device)?;
                 eprintln!("resuming from {} (step {})", path.display(), state.step);
@@ -219,14 +248,26 @@ impl BackendTask for TrainTask {
             },
         };
         if start.step > c.steps {
-            return Err(Error::Other(format!("the checkpoint is at step {}, past the config's {} steps", start.step, c.steps)));
+            return Err(Error::Other(format!(
+                "the checkpoint is at step {}, past the config's {} steps",
+                start.step, c.steps
+            )));
         }
 
         let eval_examples = eval_set(c, &split);
         let inner_device = device.clone();
         let run_eval = |lm: &AdaptedLm<B>, label: &str| -> Result<EvalReport> {
-            eprintln!("evaluating {label} training on {} examples...", eval_examples.len());
-            let r = evaluate(&lm.model, &tok, &eval_examples, c.eval.max_new_tokens, &inner_device)?;
+            eprintln!(
+                "evaluating {label} training on {} examples...",
+                eval_examples.len()
+            );
+            let r = evaluate(
+                &lm.model,
+                &tok,
+                &eval_examples,
+                c.eval.max_new_tokens,
+                &inner_device,
+            )?;
             eprintln!("eval {label} training: {}", r.summary());
             Ok(r)
         };
@@ -263,7 +304,12 @@ impl BackendTask for TrainTask {
         };
         let resumed_from = start.step;
         let (step_loop, report) = StepLoop::new(loop_config, start, optim.clone(), device_memory);
-        let schedule = WarmupCosine::new(c.optimizer.lr, c.optimizer.warmup_steps, c.steps, c.optimizer.min_lr_ratio);
+        let schedule = WarmupCosine::new(
+            c.optimizer.lr,
+            c.optimizer.warmup_steps,
+            c.steps,
+            c.optimizer.min_lr_ratio,
+        );
         let learner = Learner::new(lm, optim, schedule);
         let mut training = SupervisedTraining::new(out_dir, train_loader, valid_loader)
             .with_training_strategy(TrainingStrategy::Custom(Arc::new(step_loop)))
@@ -287,7 +333,10 @@ impl BackendTask for TrainTask {
             Display::Auto => !std::io::IsTerminal::is_terminal(&std::io::stdout()),
         };
         if plain {
-            training = training.renderer(PlainLog::new((c.steps / 50).clamp(1, c.eval_every), c.steps));
+            training = training.renderer(PlainLog::new(
+                (c.steps / 50).clamp(1, c.eval_every),
+                c.steps,
+            ));
         }
         let result = training.launch(learner);
         let mut report = std::mem::take(&mut *report.lock().unwrap_or_else(|p| p.into_inner()));
@@ -296,7 +345,13 @@ impl BackendTask for TrainTask {
         }
         let trained = result.model;
         let adapter_path = out_dir.join("adapter.safetensors");
-        export_adapter(&adapter_path, &trained.model, &trained.adapters, &c.adapter, &c.layers)?;
+        export_adapter(
+            &adapter_path,
+            &trained.model,
+            &trained.adapters,
+            &c.adapter,
+            &c.layers,
+        )?;
         let finished = report.steps_done == c.steps;
         let after = match finished && !self.skip_eval {
             true => {
@@ -312,7 +367,11 @@ impl BackendTask for TrainTask {
             losses: report.losses,
             steps: report.steps_done,
             resumed_from,
-            tokens_per_sec: if report.secs > 0.0 { report.tokens as f64 / report.secs } else { 0.0 },
+            tokens_per_sec: if report.secs > 0.0 {
+                report.tokens as f64 / report.secs
+            } else {
+                0.0
+            },
             peak_device_bytes: report.peak_device_bytes,
             split_sizes: (split.train.len(), split.eval.len()),
             adapter: Some(adapter_path),
@@ -342,11 +401,22 @@ impl BackendTask for EvalTask {
         let (model, _) = Llama::<B>::from_gguf(&gguf, &device)?;
         drop(gguf);
         let data = |e: crate::data::DataError| Error::Other(e.to_string());
-        let split = QaSplit::by_id(c.data.source().load().map_err(data)?, c.data.eval_fraction, c.seed).map_err(data)?;
+        let split = QaSplit::by_id(
+            c.data.source().load().map_err(data)?,
+            c.data.eval_fraction,
+            c.seed,
+        )
+        .map_err(data)?;
         let model = match &self.adapter {
             Some(path) => super::export::load_adapter(model, path)?.0,
             None => model,
         };
-        evaluate(&model, &tok, &eval_set(c, &split), c.eval.max_new_tokens, &device)
+        evaluate(
+            &model,
+            &tok,
+            &eval_set(c, &split),
+            c.eval.max_new_tokens,
+            &device,
+        )
     }
 }

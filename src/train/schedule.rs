@@ -2,8 +2,8 @@
 //! [`LrScheduler`] (its record is the step count, so a resumed run continues the curve).
 
 use burn::lr_scheduler::LrScheduler;
-use burn::tensor::backend::Backend;
 use burn::optim::LearningRate;
+use burn::tensor::backend::Backend;
 
 /// Linear warm-up over `warmup` steps, then cosine from `peak` to `peak · min_ratio` at `total`.
 #[derive(Debug, Clone, Copy)]

@@ -10,14 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use burn::data::dataloader::Progress;
+use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
+use burn::train::InferenceStep;
 use burn::train::{
     EventProcessorTraining, Learner, LearnerEvent, LearningComponentsMarker,
     SupervisedLearningStrategy, SupervisedTrainingEventProcessor, TrainLoader, TrainingComponents,
     TrainingItem, ValidLoader,
 };
-use burn::module::AutodiffModule;
-use burn::train::InferenceStep;
 
 use super::checkpoint::{self, TrainState};
 use super::model::{AdaptedLm, StepStats};
@@ -26,7 +26,8 @@ use super::schedule::WarmupCosine;
 use crate::{Error, Result};
 
 /// The components this loop trains.
-pub type Components<B> = LearningComponentsMarker<B, WarmupCosine, AdaptedLm<B>, AdapterOptimizer<B>>;
+pub type Components<B> =
+    LearningComponentsMarker<B, WarmupCosine, AdaptedLm<B>, AdapterOptimizer<B>>;
 
 /// What the loop leaves behind.
 #[derive(Debug, Default)]
@@ -145,7 +146,9 @@ impl<B: AutodiffBackend> StepLoop<B> {
         let processor = &mut components.event_processor;
         for step in first + 1..=c.steps {
             let Some(batch) = batches.next() else {
-                return Err(Error::Other(format!("the data loader ran out at step {step}")));
+                return Err(Error::Other(format!(
+                    "the data loader ran out at step {step}"
+                )));
             };
             let model = learner.model();
             let before = model.adapters.transfer_stats();
@@ -168,15 +171,24 @@ impl<B: AutodiffBackend> StepLoop<B> {
             }
             let secs = t0.elapsed().as_secs_f64();
             let moved = model.adapters.transfer_stats().since(&before);
-            let (touched, total) = model.adapters.sparse.iter().fold((0usize, 0usize), |(t, n), a| {
-                let active = a.last_active().map_or(0, |x| x.rows.len());
-                (t + active, n + a.config().neurons)
-            });
+            let (touched, total) =
+                model
+                    .adapters
+                    .sparse
+                    .iter()
+                    .fold((0usize, 0usize), |(t, n), a| {
+                        let active = a.last_active().map_or(0, |x| x.rows.len());
+                        (t + active, n + a.config().neurons)
+                    });
             let device_bytes = (self.device_memory)();
             out.item.stats = StepStats {
                 secs,
                 pcie_bytes: (moved.to_device() + moved.to_host()) as f64,
-                touched_share: if total > 0 { touched as f64 / total as f64 } else { 0.0 },
+                touched_share: if total > 0 {
+                    touched as f64 / total as f64
+                } else {
+                    0.0
+                },
                 device_bytes,
             };
             state.step = step;
@@ -206,7 +218,11 @@ impl<B: AutodiffBackend> StepLoop<B> {
             let stop = c.stop_after == Some(step) || components.interrupter.should_stop();
             if step % c.checkpoint_every == 0 || step == c.steps || stop {
                 let path = self.checkpoint(&state, &learner.model())?;
-                self.report.lock().unwrap_or_else(|p| p.into_inner()).checkpoints.push(path);
+                self.report
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .checkpoints
+                    .push(path);
             }
             if in_round == round_len {
                 processor.process_train(LearnerEvent::EndEpoch(round));
@@ -228,7 +244,10 @@ impl<B: AutodiffBackend> SupervisedLearningStrategy<Components<B>> for StepLoop<
         train: TrainLoader<Components<B>>,
         valid: ValidLoader<Components<B>>,
         _starting_epoch: usize,
-    ) -> (AdaptedLm<B>, SupervisedTrainingEventProcessor<Components<B>>) {
+    ) -> (
+        AdaptedLm<B>,
+        SupervisedTrainingEventProcessor<Components<B>>,
+    ) {
         if let Err(e) = self.run(&mut learner, &train, &valid, &mut components) {
             self.report.lock().unwrap_or_else(|p| p.into_inner()).error = Some(e);
         }

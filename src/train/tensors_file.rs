@@ -44,11 +44,16 @@ impl<'a> Entry<'a> {
 }
 
 /// Writes `entries` with `metadata` to `path` and fsyncs it.
-pub fn write(path: &Path, entries: Vec<Entry<'_>>, metadata: HashMap<String, String>) -> Result<()> {
+pub fn write(
+    path: &Path,
+    entries: Vec<Entry<'_>>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
     let err = |m: String| Error::Other(format!("writing {}: {m}", path.display()));
     let mut views = Vec::with_capacity(entries.len());
     for e in entries {
-        let v = TensorView::new(e.dtype, e.shape, e.bytes).map_err(|x| err(format!("tensor {}: {x}", e.name)))?;
+        let v = TensorView::new(e.dtype, e.shape, e.bytes)
+            .map_err(|x| err(format!("tensor {}: {x}", e.name)))?;
         views.push((e.name, v));
     }
     safetensors::serialize_to_file(views, Some(metadata), path).map_err(|x| err(x.to_string()))?;
@@ -71,7 +76,8 @@ pub struct TensorsFile {
 impl TensorsFile {
     /// Reads and validates the header of `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::Other(format!("reading {}: {e}", path.display())))?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| Error::Other(format!("reading {}: {e}", path.display())))?;
         let f = Self {
             path: path.display().to_string(),
             bytes,
@@ -81,8 +87,12 @@ impl TensorsFile {
     }
 
     fn parsed(&self) -> Result<SafeTensors<'_>> {
-        SafeTensors::deserialize(&self.bytes)
-            .map_err(|e| Error::Other(format!("{} is not a valid safetensors file: {e}", self.path)))
+        SafeTensors::deserialize(&self.bytes).map_err(|e| {
+            Error::Other(format!(
+                "{} is not a valid safetensors file: {e}",
+                self.path
+            ))
+        })
     }
 
     /// The file's metadata.
@@ -94,7 +104,12 @@ impl TensorsFile {
 
     /// Tensor names.
     pub fn names(&self) -> Result<Vec<String>> {
-        Ok(self.parsed()?.names().into_iter().map(String::from).collect())
+        Ok(self
+            .parsed()?
+            .names()
+            .into_iter()
+            .map(String::from)
+            .collect())
     }
 
     fn view(&self, name: &str, dtype: Dtype) -> Result<(Vec<usize>, Vec<[u8; 4]>)> {
@@ -103,9 +118,17 @@ impl TensorsFile {
             .tensor(name)
             .map_err(|_| Error::Other(format!("{}: no tensor {name}", self.path)))?;
         if v.dtype() != dtype {
-            return Err(Error::Other(format!("{}: tensor {name} is {:?}, expected {dtype:?}", self.path, v.dtype())));
+            return Err(Error::Other(format!(
+                "{}: tensor {name} is {:?}, expected {dtype:?}",
+                self.path,
+                v.dtype()
+            )));
         }
-        let words = v.data().chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect();
+        let words = v
+            .data()
+            .chunks_exact(4)
+            .map(|c| [c[0], c[1], c[2], c[3]])
+            .collect();
         Ok((v.shape().to_vec(), words))
     }
 

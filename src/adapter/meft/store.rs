@@ -137,7 +137,11 @@ impl AdapterStore {
         row_steps: Vec<u32>,
     ) -> Result<()> {
         let len = self.neurons * 2 * self.d;
-        if params.len() != len || moment1.len() != len || moment2.len() != len || row_steps.len() != self.neurons {
+        if params.len() != len
+            || moment1.len() != len
+            || moment2.len() != len
+            || row_steps.len() != self.neurons
+        {
             return Err(Error::AdapterConfig(format!(
                 "store: expected {} × {} parameters and moments and {} step counts, got {}, {}, {} and {}",
                 self.neurons,
