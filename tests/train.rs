@@ -261,3 +261,101 @@ fn the_answer_only_loss_equals_the_masked_loss() {
     assert!((a - b).abs() <= 1e-5 * a.abs(), "{a} vs {b}");
     assert_eq!(v(correct_masked), v(correct_selected));
 }
+
+#[test]
+fn every_adapter_kind_trains_and_the_export_loads_for_generation() {
+    let dir = workdir("kinds");
+    let data = qa_file(&dir);
+    let meft = env!("CARGO_BIN_EXE_meft");
+    for (kind, extra) in [
+        ("meft", vec![]),
+        (
+            "dense",
+            vec!["adapter.kind=\"dense\"", "adapter.neurons=64"],
+        ),
+        (
+            "lora",
+            vec![
+                "adapter.kind=\"lora\"",
+                "adapter.rank=4",
+                "adapter.targets=[\"q\", \"v\", \"down\"]",
+            ],
+        ),
+    ] {
+        let sub = dir.join(kind);
+        let mut c = config(
+            &sub,
+            &data,
+            6,
+            &[
+                "checkpoint_every=3",
+                "eval.examples=3",
+                "eval.max_new_tokens=4",
+            ],
+        );
+        if !extra.is_empty() {
+            // Swap the adapter table: other kinds do not know MEFT's fields.
+            let mut doc: toml::Table = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+            doc.remove("adapter");
+            let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+            c = TrainConfig::parse(&toml::to_string(&doc).unwrap(), kind, &extra).unwrap();
+        }
+        let out = TrainTask {
+            config: c,
+            resume: false,
+            stop_after: None,
+            skip_eval: false,
+        }
+        .run::<NdArray<f32>>(NdArrayDevice::Cpu)
+        .unwrap();
+        assert_eq!(out.losses.len(), 6, "{kind}");
+        assert!(out.before.is_some() && out.after.is_some(), "{kind}");
+        let adapter = sub.join("run/adapter.safetensors");
+        let gen = std::process::Command::new(meft)
+            .args([
+                "generate",
+                "--model",
+                common::tinycoder().to_str().unwrap(),
+                "--prompt",
+                "What is 3 plus one?",
+                "--max-tokens",
+                "3",
+                "--adapter",
+                adapter.to_str().unwrap(),
+            ])
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&gen.stderr);
+        assert!(
+            gen.status.success() && err.contains("added the adapter"),
+            "{kind}: {err}"
+        );
+    }
+    // A file that is not an adapter export is refused with a message naming it.
+    let bogus = dir.join("bogus.safetensors");
+    std::fs::copy(
+        dir.join("meft/run/checkpoints/step-00000006/trainable.safetensors"),
+        &bogus,
+    )
+    .unwrap();
+    let gen = std::process::Command::new(meft)
+        .args([
+            "generate",
+            "--model",
+            common::tinycoder().to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--adapter",
+            bogus.to_str().unwrap(),
+        ])
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&gen.stderr);
+    assert!(
+        !gen.status.success() && err.contains("is not a meft adapter export"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

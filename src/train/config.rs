@@ -87,7 +87,7 @@ impl DataConfig {
 /// Optimizer settings: AdamW for the trainable parameters on the compute device, sparse AdamW
 /// for the MEFT rows on the host; both follow one warm-up + cosine schedule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct OptimizerConfig {
     /// Peak learning rate of the device parameters (router, LoRA, dense adapter).
     pub lr: f64,
@@ -120,7 +120,7 @@ impl Default for OptimizerConfig {
 
 /// Generation-based evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
     /// Eval examples scored (the first of the eval split); 0 = all.
     pub examples: usize,
