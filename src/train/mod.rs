@@ -5,9 +5,9 @@
 //!
 //! - [`config`]: the run's TOML config ([`TrainConfig`]).
 //! - [`model`]: [`AdaptedLm`] and its train/validation steps.
-//! - [`optim`]: [`AdapterOptimizer`].
-//! - [`schedule`]: [`WarmupCosine`].
-//! - [`strategy`]: [`StepLoop`].
+//! - [`optim`]: the optimizer, [`AdapterOptimizer`].
+//! - [`schedule`]: the schedule, [`WarmupCosine`].
+//! - [`strategy`]: the step loop, [`StepLoop`].
 //! - [`checkpoint`], [`export`]: saving and loading state; [`params`]: trainable parameters
 //!   by path; [`tensors_file`]: safetensors I/O.
 //! - [`metrics`], [`renderer`]: dashboard metrics and the plain-log renderer.

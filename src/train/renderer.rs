@@ -58,7 +58,7 @@ impl MetricsRendererTraining for PlainLog {
 
     fn render_train(&mut self, item: TrainingProgress, _: Vec<ProgressType>) {
         let step = item.iteration.unwrap_or(0);
-        if step % self.every == 0 || step == self.total_steps {
+        if step.is_multiple_of(self.every) || step == self.total_steps {
             eprintln!(
                 "[train] step {step}/{} | {}",
                 self.total_steps,
