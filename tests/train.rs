@@ -301,7 +301,7 @@ fn every_adapter_kind_trains_and_the_export_loads_for_generation() {
             c = TrainConfig::parse(&toml::to_string(&doc).unwrap(), kind, &extra).unwrap();
         }
         let out = TrainTask {
-            config: c,
+            config: c.clone(),
             resume: false,
             stop_after: None,
             skip_eval: false,
@@ -330,6 +330,37 @@ fn every_adapter_kind_trains_and_the_export_loads_for_generation() {
         assert!(
             gen.status.success() && err.contains("added the adapter"),
             "{kind}: {err}"
+        );
+        // `meft eval` on the same config and adapter scores the same eval examples.
+        let cfg = sub.join("run.toml");
+        std::fs::write(&cfg, toml::to_string(&c).unwrap()).unwrap();
+        let report = sub.join("eval.json");
+        let ev = std::process::Command::new(meft)
+            .args([
+                "eval",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--adapter",
+                adapter.to_str().unwrap(),
+            ])
+            .args(["--out", report.to_str().unwrap()])
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        assert!(
+            ev.status.success(),
+            "{kind}: {}",
+            String::from_utf8_lossy(&ev.stderr)
+        );
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        assert_eq!(r["examples"], 3, "{kind}");
+        let after: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(sub.join("run/eval-after.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            r["predictions"], after["predictions"],
+            "{kind}: eval after training vs meft eval"
         );
     }
     // A file that is not an adapter export is refused with a message naming it.

@@ -271,6 +271,15 @@ pub fn restore<B: AutodiffBackend>(
         adapters,
         staged,
     } = lm;
+    if let Some(missing) = params::trainable_paths(&model)?
+        .into_iter()
+        .find(|p| !trainable.contains_key(p))
+    {
+        return Err(Error::Other(format!(
+            "checkpoint {} has no value for the trainable parameter {missing}",
+            path.display()
+        )));
+    }
     let model = params::load_trainable(model, &trainable)?;
     let file = path.join("optimizer.bin");
     let bytes = std::fs::read(&file).map_err(|e| io("reading", &file, e))?;

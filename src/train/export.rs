@@ -3,7 +3,7 @@
 //! and the adapter config and layers in the metadata — and its loading onto a base model
 //! (`meft generate --adapter PATH`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
@@ -17,16 +17,18 @@ use crate::{Error, Result};
 
 const KIND: &str = "meft-adapter/1";
 
-/// Writes the adapter of `model` (wrapped with `config` on `layers`) to `path` atomically.
+/// Writes the adapter of `model` (wrapped with `config` on `layers`; its trainable parameters
+/// at `paths`, see [`params::trainable_paths`]) to `path` atomically.
 pub fn export_adapter<B: Backend>(
     path: &Path,
     model: &Llama<B>,
+    paths: &BTreeSet<String>,
     adapters: &Adapters,
     config: &AdapterConfig,
     layers: &Layers,
 ) -> Result<()> {
     adapters.wait_updates()?;
-    let trainable = params::trainable(model)?;
+    let trainable = params::at_paths(model, paths)?;
     let guards: Vec<_> = adapters
         .sparse
         .iter()

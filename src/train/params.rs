@@ -2,7 +2,7 @@
 //! adapter exports, loaded back by path, and given ids derived from their paths so that an
 //! optimizer record written by one process matches the parameters of the next.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::Backend;
@@ -20,13 +20,15 @@ pub struct HostTensor {
     pub values: Vec<f32>,
 }
 
-struct Collect {
+struct Collect<'a> {
     path: Vec<String>,
+    /// Collect these paths; `None`: every parameter that requires a gradient.
+    only: Option<&'a BTreeSet<String>>,
     out: BTreeMap<String, HostTensor>,
     error: Option<String>,
 }
 
-impl<B: Backend> ModuleVisitor<B> for Collect {
+impl<B: Backend> ModuleVisitor<B> for Collect<'_> {
     fn enter_module(&mut self, name: &str, _: &str) {
         self.path.push(name.to_string());
     }
@@ -34,7 +36,11 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
         self.path.pop();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if !param.is_require_grad() {
+        let wanted = match self.only {
+            Some(paths) => paths.contains(&self.path.join(".")),
+            None => param.is_require_grad(),
+        };
+        if !wanted {
             return;
         }
         let t = param.val();
@@ -53,8 +59,36 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
 
 /// Every parameter that requires a gradient, keyed by its module path (`blocks.3.ffn...`).
 pub fn trainable<B: Backend, M: Module<B>>(module: &M) -> Result<BTreeMap<String, HostTensor>> {
+    collect(module, None)
+}
+
+/// The module paths of the parameters that require a gradient. (A model converted for
+/// inference with `valid()` no longer marks them: take the paths from the training model.)
+pub fn trainable_paths<B: Backend, M: Module<B>>(module: &M) -> Result<BTreeSet<String>> {
+    Ok(trainable(module)?.into_keys().collect())
+}
+
+/// The parameters at `paths` (on any backend, marked or not); errors if one is missing.
+pub fn at_paths<B: Backend, M: Module<B>>(
+    module: &M,
+    paths: &BTreeSet<String>,
+) -> Result<BTreeMap<String, HostTensor>> {
+    let out = collect(module, Some(paths))?;
+    if let Some(missing) = paths.iter().find(|p| !out.contains_key(*p)) {
+        return Err(Error::Other(format!(
+            "the model has no parameter {missing}"
+        )));
+    }
+    Ok(out)
+}
+
+fn collect<B: Backend, M: Module<B>>(
+    module: &M,
+    only: Option<&BTreeSet<String>>,
+) -> Result<BTreeMap<String, HostTensor>> {
     let mut c = Collect {
         path: Vec::new(),
+        only,
         out: BTreeMap::new(),
         error: None,
     };
@@ -80,16 +114,12 @@ impl<B: Backend> ModuleMapper<B> for Load<'_> {
         self.path.pop();
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        if !param.is_require_grad() {
-            return param;
-        }
         let key = self.path.join(".");
-        let (id, tensor, mapper) = param.consume();
         let Some(v) = self.values.get(&key) else {
-            self.error
-                .get_or_insert(format!("no saved value for trainable parameter {key}"));
-            return Param::from_mapped_value(id, tensor, mapper);
+            return param;
         };
+        let trainable = param.is_require_grad();
+        let (id, tensor, mapper) = param.consume();
         if v.shape != tensor.dims().to_vec() {
             self.error.get_or_insert(format!(
                 "parameter {key}: saved shape {:?}, model shape {:?}",
@@ -99,14 +129,19 @@ impl<B: Backend> ModuleMapper<B> for Load<'_> {
             return Param::from_mapped_value(id, tensor, mapper);
         }
         let data = TensorData::new(v.values.clone(), tensor.shape()).convert_dtype(tensor.dtype());
-        let t = Tensor::from_data(data, (&tensor.device(), tensor.dtype())).require_grad();
+        let mut t = Tensor::from_data(data, (&tensor.device(), tensor.dtype()));
+        if trainable {
+            t = t.require_grad();
+        }
         self.loaded += 1;
         Param::from_mapped_value(id, t, mapper)
     }
 }
 
-/// Replaces every trainable parameter by the saved value at its path. Errors (naming the
-/// parameter) if one is missing or has another shape, or if saved values are left over.
+/// Replaces the parameters at the saved values' paths (keeping whether each is trainable).
+/// Errors (naming the parameter) on a shape mismatch or a saved value the model has no
+/// parameter for. Callers that need every trainable parameter covered check
+/// [`trainable_paths`] against the values first.
 pub fn load_trainable<B: Backend, M: Module<B>>(
     module: M,
     values: &BTreeMap<String, HostTensor>,

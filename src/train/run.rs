@@ -202,6 +202,7 @@ impl BackendTask for TrainTask {
         let (model, adapters) =
             Hybrid::<Autodiff<B>>::new(device.clone()).wrap(model, &c.adapter, &c.layers)?;
         let model = params::stable_ids(model);
+        let trainable_paths = params::trainable_paths(&model)?;
         let trainable: usize = params::trainable(&model)?
             .values()
             .map(|t| t.values.len())
@@ -348,6 +349,7 @@ impl BackendTask for TrainTask {
         export_adapter(
             &adapter_path,
             &trained.model,
+            &trainable_paths,
             &trained.adapters,
             &c.adapter,
             &c.layers,
