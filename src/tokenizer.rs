@@ -165,6 +165,9 @@ impl TextTokenizer {
     /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self, TokenizerError> {
         let model = gguf.get_str("tokenizer.ggml.model")?;
+        if !matches!(model, "gpt2" | "llama") {
+            return Err(TokenizerError::UnsupportedModel(model.to_string()));
+        }
         let tokens = gguf.get_str_array("tokenizer.ggml.tokens")?;
         let token_types: Vec<u64> = match gguf.metadata.get("tokenizer.ggml.token_type") {
             Some(v) => v

@@ -163,13 +163,39 @@ fn prompt_longer_than_context_and_bad_ids() {
 
 #[test]
 fn unsupported_tokenizer_model_is_named() {
-    let gguf = GgufFile::open(common::tinycoder()).unwrap();
+    let gguf = GgufFile::from_bytes(
+        GgufBuilder::default()
+            .string("tokenizer.ggml.model", "bert")
+            .build(),
+    )
+    .unwrap();
     let msg = meft::tokenizer::TextTokenizer::from_gguf(&gguf)
         .err()
         .unwrap()
         .to_string();
     assert!(
-        msg.contains("'llama'") && msg.contains("not supported"),
+        msg.contains("'bert'") && msg.contains("not supported"),
         "{msg}"
     );
+}
+
+#[test]
+fn sentencepiece_tokenizer_round_trips() {
+    // tinycoder ships a LLaMA SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`).
+    let gguf = GgufFile::open(common::tinycoder()).unwrap();
+    let tok = meft::tokenizer::TextTokenizer::from_gguf(&gguf).unwrap();
+    for text in [
+        "What is 3 plus one?",
+        "fn main() {\n    println!(\"héllo\");\n}",
+        "日本",
+    ] {
+        let ids = tok.encode(text).unwrap();
+        assert!(ids.iter().all(|&i| (i as usize) < tok.vocab_size));
+        let body: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|&i| Some(i) != tok.bos_id)
+            .collect();
+        assert_eq!(tok.decode(&body).unwrap(), text);
+    }
 }

@@ -52,8 +52,8 @@ fn bad_inputs_are_clear_errors() {
             "cannot read GGUF file",
         ),
         (
-            generate(&tiny, &[]),
-            "tokenizer model 'llama' is not supported",
+            generate(&tiny, &["--adapter", "/nonexistent.safetensors"]),
+            "/nonexistent.safetensors",
         ),
         (
             generate(&smol, &["--dtype", "bf16"]),
