@@ -244,7 +244,7 @@ impl BackendTask for TrainTask {
                 step: 0,
                 examples: 0,
                 seed: c.seed,
-                fingerprint: fingerprint.clone(),
+                fingerprint,
                 losses: Vec::new(),
             },
         };
@@ -299,8 +299,6 @@ impl BackendTask for TrainTask {
             checkpoint_every: c.checkpoint_every,
             keep: c.keep_checkpoints,
             dir: ckpt_dir.clone(),
-            seed: c.seed,
-            fingerprint,
             stop_after: self.stop_after,
         };
         let resumed_from = start.step;

@@ -63,10 +63,6 @@ pub struct LoopConfig {
     pub keep: usize,
     /// Checkpoint folder.
     pub dir: PathBuf,
-    /// Seed of the data order (recorded in checkpoints).
-    pub seed: u64,
-    /// Fingerprint written into checkpoints.
-    pub fingerprint: serde_json::Value,
     /// Stop (with a checkpoint) after this step, simulating an interruption; for tests.
     pub stop_after: Option<usize>,
 }
