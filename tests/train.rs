@@ -66,6 +66,19 @@ min_lr_ratio = 0.1
     TrainConfig::parse(&text, "test", &set).unwrap()
 }
 
+/// Runs the `meft` binary; returns (success, stderr).
+fn run_meft(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meft"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn train(
     config: TrainConfig,
     resume: bool,
@@ -266,7 +279,6 @@ fn the_answer_only_loss_equals_the_masked_loss() {
 fn every_adapter_kind_trains_and_the_export_loads_for_generation() {
     let dir = workdir("kinds");
     let data = qa_file(&dir);
-    let meft = env!("CARGO_BIN_EXE_meft");
     for (kind, extra) in [
         ("meft", vec![]),
         (
@@ -311,47 +323,32 @@ fn every_adapter_kind_trains_and_the_export_loads_for_generation() {
         assert_eq!(out.losses.len(), 6, "{kind}");
         assert!(out.before.is_some() && out.after.is_some(), "{kind}");
         let adapter = sub.join("run/adapter.safetensors");
-        let gen = std::process::Command::new(meft)
-            .args([
-                "generate",
-                "--model",
-                common::tinycoder().to_str().unwrap(),
-                "--prompt",
-                "What is 3 plus one?",
-                "--max-tokens",
-                "3",
-                "--adapter",
-                adapter.to_str().unwrap(),
-            ])
-            .env_remove("RUST_BACKTRACE")
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&gen.stderr);
-        assert!(
-            gen.status.success() && err.contains("added the adapter"),
-            "{kind}: {err}"
-        );
+        let (ok, err) = run_meft(&[
+            "generate",
+            "--model",
+            common::tinycoder().to_str().unwrap(),
+            "--prompt",
+            "What is 3 plus one?",
+            "--max-tokens",
+            "3",
+            "--adapter",
+            adapter.to_str().unwrap(),
+        ]);
+        assert!(ok && err.contains("added the adapter"), "{kind}: {err}");
         // `meft eval` on the same config and adapter scores the same eval examples.
         let cfg = sub.join("run.toml");
         std::fs::write(&cfg, toml::to_string(&c).unwrap()).unwrap();
         let report = sub.join("eval.json");
-        let ev = std::process::Command::new(meft)
-            .args([
-                "eval",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--adapter",
-                adapter.to_str().unwrap(),
-            ])
-            .args(["--out", report.to_str().unwrap()])
-            .env_remove("RUST_BACKTRACE")
-            .output()
-            .unwrap();
-        assert!(
-            ev.status.success(),
-            "{kind}: {}",
-            String::from_utf8_lossy(&ev.stderr)
-        );
+        let (ok, err) = run_meft(&[
+            "eval",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            report.to_str().unwrap(),
+        ]);
+        assert!(ok, "{kind}: {err}");
         let r: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
         assert_eq!(r["examples"], 3, "{kind}");
@@ -370,23 +367,15 @@ fn every_adapter_kind_trains_and_the_export_loads_for_generation() {
         &bogus,
     )
     .unwrap();
-    let gen = std::process::Command::new(meft)
-        .args([
-            "generate",
-            "--model",
-            common::tinycoder().to_str().unwrap(),
-            "--prompt",
-            "x",
-            "--adapter",
-            bogus.to_str().unwrap(),
-        ])
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&gen.stderr);
-    assert!(
-        !gen.status.success() && err.contains("is not a meft adapter export"),
-        "{err}"
-    );
+    let (ok, err) = run_meft(&[
+        "generate",
+        "--model",
+        common::tinycoder().to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--adapter",
+        bogus.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("is not a meft adapter export"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -88,7 +88,15 @@ impl<B: AutodiffBackend> AdapterOptimizer<B> {
         g.dense = g.dense.clone().load_record(record);
     }
 
-    fn sparse_step(&self, lr: LearningRate, module: &AdaptedLm<B>) -> Result<()> {
+    /// Hands the staged row gradients to the sparse optimizer; an error is left in the
+    /// module's slot for the training loop (burn's `Optimizer::step` cannot return one).
+    fn sparse_step(&self, lr: LearningRate, module: &AdaptedLm<B>) {
+        if let Err(e) = self.hand_off_rows(lr, module) {
+            module.staged.fail(e);
+        }
+    }
+
+    fn hand_off_rows(&self, lr: LearningRate, module: &AdaptedLm<B>) -> Result<()> {
         let Some(rows) = module.staged.take_rows() else {
             return Ok(());
         };
@@ -113,9 +121,7 @@ where
         module: AdaptedLm<B>,
         grads: GradientsParams,
     ) -> AdaptedLm<B> {
-        if let Err(e) = self.sparse_step(lr, &module) {
-            module.staged.fail(e);
-        }
+        self.sparse_step(lr, &module);
         self.lock().dense.step(lr, module, grads)
     }
 
@@ -125,9 +131,7 @@ where
         module: AdaptedLm<B>,
         grads: MultiGradientsParams,
     ) -> AdaptedLm<B> {
-        if let Err(e) = self.sparse_step(lr, &module) {
-            module.staged.fail(e);
-        }
+        self.sparse_step(lr, &module);
         self.lock().dense.step_multi(lr, module, grads)
     }
 
