@@ -166,3 +166,15 @@ pub fn cuda_memory() -> Option<(u64, u64)> {
     #[cfg(not(feature = "cuda"))]
     None
 }
+
+/// Releases the CUDA memory pool's free pages on device 0, so that the next
+/// [`cuda_memory`] "reserved" figure is the high-water mark of what runs after it. No-op in
+/// builds without CUDA.
+pub fn cuda_memory_cleanup() {
+    #[cfg(feature = "cuda")]
+    {
+        use cubecl::Runtime;
+        let client = cubecl::cuda::CudaRuntime::client(&burn::backend::cuda::CudaDevice::new(0));
+        client.memory_cleanup();
+    }
+}

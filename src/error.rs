@@ -19,6 +19,9 @@ pub enum Error {
     /// An adapter config is inconsistent (with itself or with the model it wraps).
     #[error("invalid adapter config: {0}")]
     AdapterConfig(String),
+    /// A LeMo (token elimination) config is inconsistent.
+    #[error("invalid LeMo config: {0}")]
+    LemoConfig(String),
     /// The loss or a gradient is not finite.
     #[error("non-finite value: {0}")]
     NonFinite(String),

@@ -11,8 +11,9 @@ use clap::{Args, Parser, Subcommand};
 use meft::adapter::MeftConfig;
 use meft::backend::{run_on, BackendKind, BackendTask, FloatType};
 use meft::bench::{
-    AdapterBench, AdapterBenchResult, AdapterMethod, KernelBench, KernelBenchResult, ModelBench,
-    ModelBenchResult, Preset, TransferBench, TransferBenchResult,
+    AdapterBench, AdapterBenchResult, AdapterMethod, KernelBench, KernelBenchResult, LemoBench,
+    LemoBenchMode, LemoBenchRow, ModelBench, ModelBenchResult, Preset, TransferBench,
+    TransferBenchResult,
 };
 use meft::generate::{generate, Sampling};
 use meft::gguf::GgufFile;
@@ -217,6 +218,51 @@ enum BenchCommand {
         iters: usize,
         /// Where to write the JSON results.
         #[arg(long, default_value = "bench-model.json")]
+        out: PathBuf,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Long-context training steps with and without LeMo token elimination (and with
+    /// activation checkpointing): step time, activation and peak memory per context length
+    /// (random weights, LoRA on q/v).
+    Lemo {
+        /// Model geometry.
+        #[arg(long, value_enum, default_value = "smollm2-135m")]
+        preset: Preset,
+        /// Number of layers (default: the preset's).
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Sequences per batch.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Context lengths.
+        #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192,16384")]
+        seqs: Vec<usize>,
+        /// Modes per context length, in order.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "full,checkpoint,lemo"
+        )]
+        modes: Vec<LemoBenchMode>,
+        /// LeMo: share of each segment kept.
+        #[arg(long, default_value_t = 0.5)]
+        keep_ratio: f64,
+        /// LeMo: tokens per segment.
+        #[arg(long, default_value_t = 256)]
+        segment: usize,
+        /// LoRA rank (q and v).
+        #[arg(long, default_value_t = 8)]
+        lora_rank: usize,
+        /// Untimed steps.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        /// Where to write the JSON results.
+        #[arg(long, default_value = "bench-lemo.json")]
         out: PathBuf,
         #[command(flatten)]
         device: DeviceArgs,
@@ -508,6 +554,49 @@ fn main() -> anyhow::Result<()> {
             let result = run_on(device.backend, device.dtype, bench)?;
             write_json(&out, &result)?;
             print!("{}", ModelBenchResult::table(&[result]));
+        }
+        Command::Bench(BenchCommand::Lemo {
+            preset,
+            layers,
+            batch,
+            seqs,
+            modes,
+            keep_ratio,
+            segment,
+            lora_rank,
+            warmup,
+            iters,
+            out,
+            device,
+        }) => {
+            let mut config = match preset {
+                Preset::Smollm2_135m => LlamaConfig::smollm2_135m(),
+                Preset::Llama7b => LlamaConfig::llama_7b(32),
+            };
+            if let Some(n) = layers {
+                config.n_layers = n;
+            }
+            let label = format!("burn {:?} {:?}", device.backend, device.dtype).to_lowercase();
+            let lemo = meft::lemo::LemoConfig {
+                keep_ratio,
+                segment,
+                ..Default::default()
+            };
+            let bench = LemoBench {
+                config,
+                preset,
+                batch,
+                seqs,
+                modes,
+                lemo,
+                lora_rank,
+                warmup,
+                iters,
+                label,
+            };
+            let rows = run_on(device.backend, device.dtype, bench)?;
+            write_json(&out, &rows)?;
+            print!("{}", LemoBenchRow::table(&rows));
         }
         Command::Bench(BenchCommand::Transfer {
             d_model,

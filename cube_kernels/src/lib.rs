@@ -11,14 +11,17 @@
 //!   the gate gradient, and a row kernel that sums each active row's key/value gradient over
 //!   the tokens that used it, in a fixed order (deterministic, no float atomics).
 //!
-//! [`sparse_adapter`] and [`gather_rows`] are the tensor-level entry points.
+//! [`sparse_adapter`] and [`gather_rows`] are the tensor-level entry points. LeMo's token
+//! elimination kernels (segment selection, gather, merge) are in [`tokens`].
 
+pub mod attention;
 mod backward;
 mod forward;
 mod fusion;
 pub mod kernel;
 pub mod launch;
 pub mod reference;
+pub mod tokens;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};

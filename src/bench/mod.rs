@@ -2,10 +2,12 @@
 
 mod adapter;
 mod kernels;
+mod lemo;
 mod model;
 mod transfer;
 
 pub use adapter::{AdapterBench, AdapterBenchResult, AdapterMethod};
 pub use kernels::{Ceilings, KernelBench, KernelBenchResult};
+pub use lemo::{LemoBench, LemoBenchMode, LemoBenchRow};
 pub use model::{ModelBench, ModelBenchResult, Preset};
 pub use transfer::{TransferBench, TransferBenchResult};

@@ -85,7 +85,7 @@ pub(crate) fn sync<B: Backend>(device: &B::Device) -> Result<()> {
     B::sync(device).map_err(|e| Error::Other(format!("device sync failed: {e:?}")))
 }
 
-fn random_tokens<B: Backend>(
+pub(crate) fn random_tokens<B: Backend>(
     batch: usize,
     seq: usize,
     vocab: usize,

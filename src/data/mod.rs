@@ -4,12 +4,14 @@
 //! - [`countryinfo`]: templated factoid questions from the `countryinfo` country JSONs.
 //! - [`fanoutqa`]: fanoutqa's dev set, its sub-questions flattened into (question, answer).
 //! - [`jsonl`]: `{"prompt": …, "answer": …}` lines, for users' own data.
+//! - [`text`]: long documents cut into language-model windows (every token a target).
 //! - [`batch`]: ChatML tokenization ([`tokenize`]) and the burn [`QaBatcher`].
 
 pub mod batch;
 pub mod countryinfo;
 pub mod fanoutqa;
 pub mod jsonl;
+pub mod text;
 
 use std::path::{Path, PathBuf};
 
@@ -80,6 +82,9 @@ pub enum SourceKind {
     Fanoutqa,
     /// One `{"prompt": …, "answer": …}` object per line (`"answers": [...]` also accepted).
     Jsonl,
+    /// Plain UTF-8 text (e.g. the King James Bible) for language-model fine-tuning: windows
+    /// of `max_len` tokens, the held-out split the text's tail, perplexity as the eval.
+    Text,
 }
 
 /// Where examples come from: a loader and its file or folder.
@@ -94,11 +99,18 @@ pub struct DataSource {
 impl DataSource {
     /// Loads every example (before the split); errors if there are none.
     pub fn load(&self) -> Result<Vec<QaExample>, DataError> {
-        let v = match self.kind {
-            SourceKind::Countryinfo => countryinfo::load(&self.path)?,
-            SourceKind::Fanoutqa => fanoutqa::load(&self.path)?,
-            SourceKind::Jsonl => jsonl::load(&self.path)?,
-        };
+        let v =
+            match self.kind {
+                SourceKind::Countryinfo => countryinfo::load(&self.path)?,
+                SourceKind::Fanoutqa => fanoutqa::load(&self.path)?,
+                SourceKind::Jsonl => jsonl::load(&self.path)?,
+                SourceKind::Text => return Err(DataError::Format {
+                    path: self.path.display().to_string(),
+                    message:
+                        "text sources are language-model windows, not QA examples (see data::text)"
+                            .into(),
+                }),
+            };
         if v.is_empty() {
             return Err(DataError::Empty(format!(
                 "{} yields no examples",

@@ -15,7 +15,9 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Distribution, Int, Tensor, TensorData};
 
 use super::config::LlamaConfig;
+use super::ops::causal_attention;
 use crate::adapter::{DenseAdapterFfn, MeftFfn, Projection};
+use crate::lemo::{Lemo, LemoAux, LemoMode};
 
 /// Linear layer without bias, weight `[d_in, d_out]`.
 pub(crate) fn linear<B: Backend>(weight: Tensor<B, 2>) -> Linear<B> {
@@ -190,9 +192,25 @@ impl<B: Backend> RotaryEmbedding<B> {
 
     /// Rotates `[batch, heads, seq, head_dim]` for positions `start..start + seq`.
     pub fn apply(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
-        let [_, _, seq, hd] = x.dims();
+        let [_, _, seq, _] = x.dims();
         let cos = self.cos.clone().narrow(0, start, seq).unsqueeze::<4>();
         let sin = self.sin.clone().narrow(0, start, seq).unsqueeze::<4>();
+        Self::rotate(x, cos, sin)
+    }
+
+    /// Rotates `[batch, heads, seq, head_dim]` for per-token positions `[batch, seq]` (the
+    /// kept tokens of a LeMo layer keep their original positions).
+    pub fn apply_at(&self, x: Tensor<B, 4>, positions: Tensor<B, 2, Int>) -> Tensor<B, 4> {
+        let [b, seq] = positions.dims();
+        let hd = x.dims()[3];
+        let flat = positions.reshape([b * seq]);
+        let table = |t: &Tensor<B, 2>| t.clone().select(0, flat.clone()).reshape([b, 1, seq, hd]);
+        let (cos, sin) = (table(&self.cos), table(&self.sin));
+        Self::rotate(x, cos, sin)
+    }
+
+    fn rotate(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+        let hd = x.dims()[3];
         let x1 = x.clone().narrow(3, 0, hd / 2);
         let x2 = x.clone().narrow(3, hd / 2, hd / 2);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
@@ -332,6 +350,34 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
+    /// Causal self-attention among the tokens of `x` `[batch, seq, d]` at their original
+    /// `positions` `[batch, seq]` (ascending per input): a LeMo layer's kept tokens. Causal
+    /// order among them is their order in `x`.
+    pub fn forward_at(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding<B>,
+        positions: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 3> {
+        let [b, t, d] = x.dims();
+        let (q, k, v) = self.project(x);
+        let q = rope.apply_at(q, positions.clone());
+        let k = rope.apply_at(k, positions);
+        let out = causal_attention(q, self.repeat_kv(k), self.repeat_kv(v));
+        self.wo.forward(out.swap_dims(1, 2).reshape([b, t, d]))
+    }
+
+    /// Query, key and value heads `[batch, heads, seq, head_dim]` of `x` (before rotation).
+    pub fn project(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, t, d] = x.dims();
+        let hd = d / self.n_heads;
+        let heads = |y: Tensor<B, 3>, h: usize| y.reshape([b, t, h, hd]).swap_dims(1, 2);
+        let q = heads(self.wq.forward(x.clone()), self.n_heads);
+        let k = heads(self.wk.forward(x.clone()), self.n_kv_heads);
+        let v = heads(self.wv.forward(x), self.n_kv_heads);
+        (q, k, v)
+    }
+
     /// Attends `[batch, seq, d]`; with a cache, the new keys/values are appended to it.
     pub fn forward(
         &self,
@@ -340,11 +386,7 @@ impl<B: Backend> Attention<B> {
         cache: Option<LayerStep<'_, B>>,
     ) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
-        let hd = d / self.n_heads;
-        let heads = |y: Tensor<B, 3>, h: usize| y.reshape([b, t, h, hd]).swap_dims(1, 2);
-        let q = heads(self.wq.forward(x.clone()), self.n_heads);
-        let k = heads(self.wk.forward(x.clone()), self.n_kv_heads);
-        let v = heads(self.wv.forward(x), self.n_kv_heads);
+        let (q, k, v) = self.project(x);
 
         let start = cache
             .as_ref()
@@ -353,14 +395,7 @@ impl<B: Backend> Attention<B> {
         let q = rope.apply(q, start);
         let k = rope.apply(k, start);
         let out = match cache {
-            None => {
-                let opts = AttentionModuleOptions {
-                    scale: None,
-                    softcap: None,
-                    is_causal: true,
-                };
-                attention(q, self.repeat_kv(k), self.repeat_kv(v), None, None, opts)
-            }
+            None => causal_attention(q, self.repeat_kv(k), self.repeat_kv(v)),
             Some((slot, mask)) => {
                 let (k, v) = LayerCache::append(slot, k, v);
                 let mask = mask.clone().expand([b, self.n_heads, t, k.dims()[2]]);
@@ -383,7 +418,7 @@ impl<B: Backend> Attention<B> {
     }
 
     /// Repeats each key/value head for the query heads that share it.
-    fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    pub fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let rep = self.n_heads / self.n_kv_heads;
         if rep == 1 {
             return x;
@@ -437,6 +472,8 @@ pub struct Llama<B: Backend> {
     pub rope: RotaryEmbedding<B>,
     /// Longest supported sequence.
     pub max_seq_len: usize,
+    /// LeMo token elimination (its pattern predictors), when attached for training.
+    pub lemo: Option<Lemo<B>>,
 }
 
 /// A training batch for causal-LM loss: `targets[b, t]` is the token after `inputs[b, t]`,
@@ -494,6 +531,7 @@ impl<B: Backend> Llama<B> {
             lm_head: linear(lm_head),
             rope: RotaryEmbedding::new(cfg.head_dim(), cfg.max_seq_len, cfg.rope_theta, device),
             max_seq_len: cfg.max_seq_len,
+            lemo: None,
         }
     }
 
@@ -564,9 +602,37 @@ impl<B: Backend> Llama<B> {
         positions: Tensor<B, 1, Int>,
         targets: Tensor<B, 1, Int>,
     ) -> (Tensor<B, 1>, Tensor<B, 1>) {
-        let [b, t] = inputs.dims();
         let hidden = self.forward_hidden(inputs, None);
-        let d = hidden.dims()[2];
+        self.selected_loss_on_hidden(hidden, positions, targets)
+    }
+
+    /// Final hidden states with the attached LeMo layers treated as `mode` says (the plain
+    /// [`Llama::forward_hidden`] when no LeMo is attached or `mode` is off).
+    pub fn forward_hidden_lemo(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        mode: LemoMode,
+    ) -> (Tensor<B, 3>, LemoAux<B>) {
+        match (&self.lemo, mode) {
+            (Some(lemo), m) if m != LemoMode::Off => lemo.forward_hidden(self, tokens, m),
+            _ => (
+                self.forward_hidden(tokens, None),
+                LemoAux {
+                    predictor_loss: None,
+                    overlap: Vec::new(),
+                },
+            ),
+        }
+    }
+
+    /// [`Llama::selected_loss_and_correct`] from final hidden states `[batch, seq, d]`.
+    pub fn selected_loss_on_hidden(
+        &self,
+        hidden: Tensor<B, 3>,
+        positions: Tensor<B, 1, Int>,
+        targets: Tensor<B, 1, Int>,
+    ) -> (Tensor<B, 1>, Tensor<B, 1>) {
+        let [b, t, d] = hidden.dims();
         let picked_hidden = hidden.reshape([b * t, d]).select(0, positions);
         let logits = at_least_f32(self.lm_head.forward(picked_hidden));
         let best = logits.clone().detach().argmax(1).squeeze_dim::<1>(1);

@@ -134,6 +134,7 @@ impl<B: Backend> Llama<B> {
             lm_head,
             rope: RotaryEmbedding::new(hd, cfg.max_seq_len, cfg.rope_theta, device),
             max_seq_len: cfg.max_seq_len,
+            lemo: None,
         };
         Ok((model.no_grad(), cfg))
     }

@@ -3,6 +3,7 @@
 mod config;
 mod llama;
 mod load;
+pub mod ops;
 
 pub use config::{ConfigError, LlamaConfig};
 pub use llama::{

@@ -270,6 +270,7 @@ pub fn restore<B: AutodiffBackend>(
         model,
         adapters,
         staged,
+        lemo,
     } = lm;
     if let Some(missing) = params::trainable_paths(&model)?
         .into_iter()
@@ -301,11 +302,28 @@ pub fn restore<B: AutodiffBackend>(
         let (_, st) = stores.u32(&format!("layer{l}.row_steps"))?;
         a.with_store_mut(|s| s.restore(p, m1, m2, st))??;
     }
+    if let Some(l) = &lemo {
+        let step = read_state_step(path)?;
+        l.steps.store(step, std::sync::atomic::Ordering::SeqCst);
+    }
     Ok(AdaptedLm {
         model,
         adapters,
         staged,
+        lemo,
     })
+}
+
+/// The step a checkpoint folder was written at (from its state.json).
+fn read_state_step(path: &Path) -> Result<usize> {
+    let file = path.join("state.json");
+    let bytes = std::fs::read(&file).map_err(|e| io("reading", &file, e))?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Other(format!("{}: {e}", file.display())))?;
+    v.get("step")
+        .and_then(|s| s.as_u64())
+        .map(|s| s as usize)
+        .ok_or_else(|| Error::Other(format!("{}: no step", file.display())))
 }
 
 fn prune(dir: &Path, keep: usize) -> Result<()> {

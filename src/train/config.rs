@@ -56,20 +56,24 @@ pub struct TrainConfig {
     /// Progress display: `auto` (dashboard on a terminal, log lines otherwise), `tui`, `plain`.
     #[serde(default)]
     pub display: Display,
+    /// LeMo token elimination during training (absent: off).
+    #[serde(default)]
+    pub lemo: Option<crate::lemo::LemoConfig>,
 }
 
 /// Data source, split and length limit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// The loader: `countryinfo`, `fanoutqa` or `jsonl`.
+    /// The loader: `countryinfo`, `fanoutqa`, `jsonl` or `text`.
     pub source: SourceKind,
     /// Its file (fanoutqa, jsonl) or folder (countryinfo).
     pub path: PathBuf,
     /// Share of examples held out for evaluation.
     #[serde(default = "default_eval_fraction")]
     pub eval_fraction: f64,
-    /// Longest example in tokens (prompt + answer); longer ones are an error.
+    /// Longest example in tokens (prompt + answer); longer ones are an error. For `text`,
+    /// the window length.
     #[serde(default = "default_max_len")]
     pub max_len: usize,
 }
@@ -128,6 +132,10 @@ pub struct EvalConfig {
     pub max_new_tokens: usize,
     /// Evaluate before training too.
     pub before: bool,
+    /// Text sources: context lengths of the held-out perplexity (default: `data.max_len`).
+    pub contexts: Vec<usize>,
+    /// Text sources: held-out tokens scored at each context length.
+    pub tokens: usize,
 }
 
 impl Default for EvalConfig {
@@ -136,6 +144,8 @@ impl Default for EvalConfig {
             examples: 100,
             max_new_tokens: 16,
             before: true,
+            contexts: Vec::new(),
+            tokens: 16384,
         }
     }
 }

@@ -24,6 +24,8 @@ pub enum StepQuantity {
     NeuronsTouched,
     /// Device memory in use, GiB (CUDA).
     DeviceMemory,
+    /// LeMo calibration: share of the exact pattern the predictors match, percent.
+    PredictorOverlap,
 }
 
 impl StepQuantity {
@@ -34,6 +36,7 @@ impl StepQuantity {
             Self::PcieMb => ("PCIe per step", "MB", false),
             Self::NeuronsTouched => ("Neurons touched", "%", false),
             Self::DeviceMemory => ("GPU memory", "GiB", false),
+            Self::PredictorOverlap => ("Pattern overlap", "%", true),
         }
     }
 
@@ -46,6 +49,7 @@ impl StepQuantity {
             Self::PcieMb => (s.pcie_bytes / 1e6, 1.0),
             Self::NeuronsTouched => (100.0 * s.touched_share, 1.0),
             Self::DeviceMemory => (s.device_bytes.unwrap_or(0.0) / (1u64 << 30) as f64, 1.0),
+            Self::PredictorOverlap => o.predictor_overlap.map_or((0.0, 0.0), |v| (100.0 * v, 1.0)),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! into a slot shared with [`super::AdapterOptimizer`], which hands them to the host store's
 //! sparse AdamW in the same optimizer step as the device parameters' AdamW.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use burn::backend::ndarray::NdArrayDevice;
@@ -19,6 +20,7 @@ use burn::train::{InferenceStep, ItemLazy, TrainOutput, TrainStep};
 use crate::adapter::meft::RowGrad;
 use crate::adapter::Adapters;
 use crate::data::QaBatch;
+use crate::lemo::{LemoMode, PatternSource};
 use crate::model::Llama;
 use crate::{Error, Result};
 
@@ -76,6 +78,34 @@ pub struct AdaptedLm<B: Backend> {
     /// Row gradients between the training step and the optimizer step.
     #[module(skip)]
     pub staged: RowSlot,
+    /// LeMo's schedule, when the model has LeMo attached.
+    #[module(skip)]
+    pub lemo: Option<LemoSchedule>,
+}
+
+/// When LeMo eliminates during training: the first `warmup_steps` training steps calibrate
+/// the predictors on the exact pattern without eliminating, later ones eliminate with
+/// `source`'s pattern. Validation always runs the plain model.
+#[derive(Debug, Clone)]
+pub struct LemoSchedule {
+    /// Calibration steps.
+    pub warmup_steps: usize,
+    /// Pattern used after warm-up.
+    pub source: PatternSource,
+    /// Training steps taken so far (shared by the Learner's clones of the model).
+    pub steps: Arc<AtomicUsize>,
+}
+
+impl LemoSchedule {
+    /// The mode of the next training step (and counts it).
+    fn next_mode(&self) -> LemoMode {
+        let step = self.steps.fetch_add(1, Ordering::SeqCst);
+        if step < self.warmup_steps {
+            LemoMode::Calibrate
+        } else {
+            LemoMode::eliminating(self.source)
+        }
+    }
 }
 
 impl<B: Backend> AdaptedLm<B> {
@@ -85,13 +115,18 @@ impl<B: Backend> AdaptedLm<B> {
             model,
             adapters,
             staged: RowSlot::default(),
+            lemo: None,
         }
     }
 
-    /// Loss and greedy-correct count of a batch, read back to the host in one transaction.
-    fn measure(&self, batch: &QaBatch<B>) -> (Tensor<B, 1>, LmStepOutput) {
-        let (loss, correct) = self.model.selected_loss_and_correct(
-            batch.lm.inputs.clone(),
+    /// Loss and greedy-correct count of a batch, read back to the host in one transaction;
+    /// with LeMo, the loss to differentiate also holds the predictors' calibration loss.
+    fn measure(&self, batch: &QaBatch<B>, mode: LemoMode) -> (Tensor<B, 1>, LmStepOutput) {
+        let (hidden, aux) = self
+            .model
+            .forward_hidden_lemo(batch.lm.inputs.clone(), mode);
+        let (loss, correct) = self.model.selected_loss_on_hidden(
+            hidden,
             batch.positions.clone(),
             batch.answer_targets.clone(),
         );
@@ -114,6 +149,14 @@ impl<B: Backend> AdaptedLm<B> {
             targets: batch.targets,
             tokens: batch.tokens,
             stats: StepStats::default(),
+            predictor_overlap: match aux.overlap.is_empty() {
+                true => None,
+                false => Some(aux.overlap.iter().sum::<f64>() / aux.overlap.len() as f64),
+            },
+        };
+        let loss = match aux.predictor_loss {
+            Some(p) => loss + p,
+            None => loss,
         };
         (loss, out)
     }
@@ -124,7 +167,11 @@ impl<B: AutodiffBackend> TrainStep for AdaptedLm<B> {
     type Output = LmStepOutput;
 
     fn step(&self, batch: QaBatch<B>) -> TrainOutput<LmStepOutput> {
-        let (loss, out) = self.measure(&batch);
+        let mode = self
+            .lemo
+            .as_ref()
+            .map_or(LemoMode::Off, LemoSchedule::next_mode);
+        let (loss, out) = self.measure(&batch, mode);
         let mut grads = loss.backward();
         if !self.adapters.sparse.is_empty() {
             // The worker reads the row gradients back on its own thread: the backward must
@@ -155,7 +202,7 @@ impl<B: Backend> InferenceStep for AdaptedLm<B> {
     type Output = LmStepOutput;
 
     fn step(&self, batch: QaBatch<B>) -> LmStepOutput {
-        self.measure(&batch).1
+        self.measure(&batch, LemoMode::Off).1
     }
 }
 
@@ -185,6 +232,8 @@ pub struct LmStepOutput {
     pub tokens: usize,
     /// Timing and traffic (training steps only).
     pub stats: StepStats,
+    /// LeMo calibration steps: mean share of the exact pattern the predictors matched.
+    pub predictor_overlap: Option<f64>,
 }
 
 impl ItemLazy for LmStepOutput {

@@ -19,7 +19,7 @@ use super::checkpoint::{self, TrainState, FORMAT};
 use super::config::{Display, TrainConfig};
 use super::export::export_adapter;
 use super::metrics::{StepMetric, StepQuantity};
-use super::model::AdaptedLm;
+use super::model::{AdaptedLm, LemoSchedule};
 use super::optim::AdapterOptimizer;
 use super::params;
 use super::renderer::PlainLog;
@@ -27,10 +27,12 @@ use super::schedule::WarmupCosine;
 use super::strategy::{LoopConfig, StepLoop};
 use crate::adapter::{Hybrid, Placement};
 use crate::backend::BackendTask;
-use crate::data::{tokenize, QaBatcher, QaExample, QaSplit, TokenizedExample};
+use crate::data::{text, tokenize, QaBatcher, QaExample, QaSplit, SourceKind, TokenizedExample};
 use crate::eval::{evaluate, EvalReport};
 use crate::gguf::GgufFile;
+use crate::lemo::Lemo;
 use crate::model::{Llama, LlamaConfig};
+use crate::perplexity::{perplexity, PerplexityReport};
 use crate::tokenizer::TextTokenizer;
 use crate::{Error, Result};
 
@@ -94,6 +96,10 @@ pub struct TrainOutcome {
     pub before: Option<EvalReport>,
     /// Eval after training.
     pub after: Option<EvalReport>,
+    /// Held-out perplexity before training (text sources).
+    pub perplexity_before: Option<PerplexityReport>,
+    /// Held-out perplexity after training (text sources).
+    pub perplexity_after: Option<PerplexityReport>,
     /// Training loss of every step.
     pub losses: Vec<f64>,
     /// Steps completed.
@@ -104,7 +110,7 @@ pub struct TrainOutcome {
     pub tokens_per_sec: f64,
     /// Highest device memory in use after a step, bytes (CUDA).
     pub peak_device_bytes: Option<f64>,
-    /// Examples in the train and eval splits.
+    /// Examples in the train and eval splits (text: training and validation windows).
     pub split_sizes: (usize, usize),
     /// The adapter export.
     pub adapter: Option<PathBuf>,
@@ -135,19 +141,75 @@ fn device_memory() -> Option<f64> {
 #[cfg(feature = "cuda")]
 static RUNNING_ON_CUDA: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// A run's data: tokenized training and validation examples, and what evaluation needs.
+struct RunData {
+    /// What the split holds (written to `split.json`).
+    record: serde_json::Value,
+    /// Training examples.
+    train: Vec<TokenizedExample>,
+    /// Validation-loss examples.
+    valid: Vec<TokenizedExample>,
+    /// QA sources: the split (generation eval reads its eval side).
+    qa: Option<QaSplit>,
+    /// Text sources: the held-out token stream (perplexity eval).
+    eval_stream: Option<Vec<u32>>,
+}
+
 /// Loads the split and tokenizes it, checking lengths against the model's context.
-fn load_data(
-    config: &TrainConfig,
-    tok: &TextTokenizer,
-    max_seq: usize,
-) -> Result<(QaSplit, Vec<TokenizedExample>, Vec<TokenizedExample>)> {
+fn load_data(config: &TrainConfig, tok: &TextTokenizer, max_seq: usize) -> Result<RunData> {
     let data = |e: crate::data::DataError| Error::Other(e.to_string());
+    let max_len = config.data.max_len.min(max_seq);
+    if config.data.source == SourceKind::Text {
+        if config.data.max_len > max_seq {
+            return Err(Error::ContextTooLong {
+                tokens: config.data.max_len,
+                max: max_seq,
+            });
+        }
+        let split =
+            text::load(&config.data.path, tok, max_len, config.data.eval_fraction).map_err(data)?;
+        let valid = text::windows(&split.eval_stream, max_len, VALID_LOSS_EXAMPLES, "eval-");
+        if valid.is_empty() {
+            return Err(Error::Other(format!(
+                "{}: the held-out tail ({} tokens) is shorter than one {max_len}-token window",
+                config.data.path.display(),
+                split.eval_stream.len()
+            )));
+        }
+        let record = serde_json::json!({
+            "source": "text",
+            "total_tokens": split.total_tokens,
+            "window": max_len,
+            "train_windows": split.train.len(),
+            "eval_tokens": split.eval_stream.len(),
+            "eval": "the last eval_fraction of the token stream",
+        });
+        return Ok(RunData {
+            record,
+            train: split.train,
+            valid,
+            qa: None,
+            eval_stream: Some(split.eval_stream),
+        });
+    }
     let examples = config.data.source().load().map_err(data)?;
     let split = QaSplit::by_id(examples, config.data.eval_fraction, config.seed).map_err(data)?;
-    let max_len = config.data.max_len.min(max_seq);
     let train = tokenize(&split.train, tok, max_len).map_err(data)?;
     let eval = tokenize(&split.eval, tok, max_len).map_err(data)?;
-    Ok((split, train, eval))
+    let valid_n = eval.len().min(VALID_LOSS_EXAMPLES);
+    Ok(RunData {
+        record: split.record(),
+        train,
+        valid: eval[..valid_n].to_vec(),
+        qa: Some(split),
+        eval_stream: None,
+    })
+}
+
+/// What an evaluation produced: QA scores or held-out perplexity.
+enum Evaluation {
+    Qa(EvalReport),
+    Perplexity(PerplexityReport),
 }
 
 fn eval_set(config: &TrainConfig, split: &QaSplit) -> Vec<QaExample> {
@@ -188,12 +250,12 @@ impl BackendTask for TrainTask {
         let gguf = GgufFile::open(&c.model)?;
         let tok = TextTokenizer::from_gguf(&gguf)?;
         let model_cfg = LlamaConfig::from_gguf(&gguf)?;
-        let (split, train_tok, eval_tok) = load_data(c, &tok, model_cfg.max_seq_len)?;
-        write_json(&out_dir.join("split.json"), &split.record())?;
+        let data = load_data(c, &tok, model_cfg.max_seq_len)?;
+        write_json(&out_dir.join("split.json"), &data.record)?;
         eprintln!(
-            "data: {} training and {} eval examples from {}",
-            split.train.len(),
-            split.eval.len(),
+            "data: {} training and {} validation examples from {}",
+            data.train.len(),
+            data.valid.len(),
             c.data.path.display()
         );
 
@@ -201,6 +263,15 @@ impl BackendTask for TrainTask {
         drop(gguf);
         let (model, adapters) =
             Hybrid::<Autodiff<B>>::new(device.clone()).wrap(model, &c.adapter, &c.layers)?;
+        let mut model = model;
+        if let Some(lc) = &c.lemo {
+            model.lemo = Some(Lemo::new(lc, &model, &device)?);
+            let plan = &model.lemo.as_ref().expect("just attached").plan;
+            eprintln!(
+                "lemo: layers {:?} keep {:?} of {} tokens per segment; {} calibration steps, then {:?} patterns",
+                plan.layers, plan.keep, plan.segment, lc.warmup_steps, lc.pattern
+            );
+        }
         let model = params::stable_ids(model);
         let trainable_paths = params::trainable_paths(&model)?;
         let trainable: usize = params::trainable(&model)?
@@ -214,16 +285,26 @@ impl BackendTask for TrainTask {
             .sum();
         eprintln!("adapter: {trainable} trainable parameters on the device, {host} in host stores");
         let mut lm = AdaptedLm::new(model, adapters);
+        lm.lemo = c.lemo.as_ref().map(|lc| LemoSchedule {
+            warmup_steps: lc.warmup_steps,
+            source: lc.pattern,
+            steps: Default::default(),
+        });
         let optim = AdapterOptimizer::<Autodiff<B>>::new(
             c.optimizer.weight_decay,
             c.optimizer.grad_clip,
             c.sparse_lr() / c.optimizer.lr,
         )?;
-        let fingerprint = checkpoint::fingerprint(
+        let mut fingerprint = checkpoint::fingerprint(
             &serde_json::to_value(&model_cfg).map_err(|e| Error::Other(e.to_string()))?,
             &serde_json::to_value(&c.adapter).map_err(|e| Error::Other(e.to_string()))?,
             &serde_json::to_value(&c.layers).map_err(|e| Error::Other(e.to_string()))?,
         );
+        if let Some(lc) = &c.lemo {
+            // The predictors are trainable state: a checkpoint only fits the same LeMo setup.
+            fingerprint["lemo"] =
+                serde_json::to_value(lc).map_err(|e| Error::Other(e.to_string()))?;
+        }
         let start = match (&existing, self.resume) {
             (Some(path), true) => {
                 let state = checkpoint::read_state(path, &fingerprint)?;
@@ -255,9 +336,19 @@ impl BackendTask for TrainTask {
             )));
         }
 
-        let eval_examples = eval_set(c, &split);
+        let eval_examples = data.qa.as_ref().map(|q| eval_set(c, q)).unwrap_or_default();
+        let contexts = match c.eval.contexts.is_empty() {
+            true => vec![c.data.max_len],
+            false => c.eval.contexts.clone(),
+        };
         let inner_device = device.clone();
-        let run_eval = |lm: &AdaptedLm<B>, label: &str| -> Result<EvalReport> {
+        let run_eval = |lm: &AdaptedLm<B>, label: &str| -> Result<Evaluation> {
+            if let Some(stream) = &data.eval_stream {
+                eprintln!("perplexity {label} training at contexts {contexts:?}...");
+                let r = perplexity(&lm.model, stream, &contexts, c.eval.tokens, &inner_device)?;
+                eprintln!("perplexity {label} training: {}", r.summary());
+                return Ok(Evaluation::Perplexity(r));
+            }
             eprintln!(
                 "evaluating {label} training on {} examples...",
                 eval_examples.len()
@@ -270,27 +361,39 @@ impl BackendTask for TrainTask {
                 &inner_device,
             )?;
             eprintln!("eval {label} training: {}", r.summary());
-            Ok(r)
+            Ok(Evaluation::Qa(r))
         };
-        let before = match c.eval.before && start.step == 0 && !self.skip_eval {
-            true => {
-                let r = run_eval(&lm.valid(), "before")?;
-                write_json(&out_dir.join("eval-before.json"), &r)?;
-                Some(r)
-            }
-            false => None,
+        let record =
+            |e: Evaluation, name: &str| -> Result<(Option<EvalReport>, Option<PerplexityReport>)> {
+                match e {
+                    Evaluation::Qa(r) => {
+                        write_json(&out_dir.join(format!("eval-{name}.json")), &r)?;
+                        Ok((Some(r), None))
+                    }
+                    Evaluation::Perplexity(r) => {
+                        write_json(&out_dir.join(format!("perplexity-{name}.json")), &r)?;
+                        Ok((None, Some(r)))
+                    }
+                }
+            };
+        let (before, ppl_before) = match c.eval.before && start.step == 0 && !self.skip_eval {
+            true => record(run_eval(&lm.valid(), "before")?, "before")?,
+            false => (None, None),
         };
 
         let pad = tok.eos_id.unwrap_or(0);
         let train_loader = DataLoaderBuilder::new(QaBatcher { pad_id: pad })
             .batch_size(c.batch)
             .set_device(device.clone())
-            .build(StepOrder::new(train_tok, c.steps * c.batch, c.seed));
-        let valid_n = eval_tok.len().min(VALID_LOSS_EXAMPLES);
+            .build(StepOrder::new(
+                data.train.clone(),
+                c.steps * c.batch,
+                c.seed,
+            ));
         let valid_loader = DataLoaderBuilder::new(QaBatcher { pad_id: pad })
             .batch_size(c.batch)
             .set_device(device.clone())
-            .build(InMemory(eval_tok[..valid_n].to_vec()));
+            .build(InMemory(data.valid.clone()));
 
         let loop_config = LoopConfig {
             steps: c.steps,
@@ -326,6 +429,10 @@ impl BackendTask for TrainTask {
         if device_memory().is_some() {
             training = training.metric_train_numeric(StepMetric::new(StepQuantity::DeviceMemory));
         }
+        if c.lemo.is_some() {
+            training =
+                training.metric_train_numeric(StepMetric::new(StepQuantity::PredictorOverlap));
+        }
         let plain = match c.display {
             Display::Plain => true,
             Display::Tui => false,
@@ -344,22 +451,24 @@ impl BackendTask for TrainTask {
         }
         let trained = result.model;
         let adapter_path = out_dir.join("adapter.safetensors");
+        // LeMo's predictors are a training aid: the export is the adapter alone.
+        let adapter_paths = trainable_paths
+            .iter()
+            .filter(|p| !p.starts_with("lemo."))
+            .cloned()
+            .collect();
         export_adapter(
             &adapter_path,
             &trained.model,
-            &trainable_paths,
+            &adapter_paths,
             &trained.adapters,
             &c.adapter,
             &c.layers,
         )?;
         let finished = report.steps_done == c.steps;
-        let after = match finished && !self.skip_eval {
-            true => {
-                let r = run_eval(&trained, "after")?;
-                write_json(&out_dir.join("eval-after.json"), &r)?;
-                Some(r)
-            }
-            false => None,
+        let (after, ppl_after) = match finished && !self.skip_eval {
+            true => record(run_eval(&trained, "after")?, "after")?,
+            false => (None, None),
         };
         let outcome = TrainOutcome {
             before,
@@ -373,7 +482,14 @@ impl BackendTask for TrainTask {
                 0.0
             },
             peak_device_bytes: report.peak_device_bytes,
-            split_sizes: (split.train.len(), split.eval.len()),
+            perplexity_before: ppl_before,
+            perplexity_after: ppl_after,
+            split_sizes: data
+                .qa
+                .as_ref()
+                .map_or((data.train.len(), data.valid.len()), |q| {
+                    (q.train.len(), q.eval.len())
+                }),
             adapter: Some(adapter_path),
             checkpoints: report.checkpoints,
         };
@@ -391,26 +507,63 @@ pub struct EvalTask {
     pub adapter: Option<PathBuf>,
 }
 
-impl BackendTask for EvalTask {
-    type Output = EvalReport;
+/// What `meft eval` reports: QA scores, or held-out perplexity for text sources.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum EvalOutput {
+    /// Exact match / F1 (QA sources).
+    Qa(EvalReport),
+    /// Perplexity per context length (text sources).
+    Perplexity(PerplexityReport),
+}
 
-    fn run<B: Backend>(self, device: B::Device) -> Result<EvalReport> {
+impl EvalOutput {
+    /// One line for the terminal.
+    pub fn summary(&self) -> String {
+        match self {
+            EvalOutput::Qa(r) => r.summary(),
+            EvalOutput::Perplexity(r) => r.summary(),
+        }
+    }
+}
+
+impl BackendTask for EvalTask {
+    type Output = EvalOutput;
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<EvalOutput> {
         let c = &self.config;
         let gguf = GgufFile::open(&c.model)?;
         let tok = TextTokenizer::from_gguf(&gguf)?;
         let (model, _) = Llama::<B>::from_gguf(&gguf, &device)?;
         drop(gguf);
+        let model = match &self.adapter {
+            Some(path) => super::export::load_adapter(model, path)?.0,
+            None => model,
+        };
         let data = |e: crate::data::DataError| Error::Other(e.to_string());
+        if c.data.source == SourceKind::Text {
+            let max_len = c.data.max_len.min(model.max_seq_len);
+            let split =
+                text::load(&c.data.path, &tok, max_len, c.data.eval_fraction).map_err(data)?;
+            let contexts = match c.eval.contexts.is_empty() {
+                true => vec![c.data.max_len],
+                false => c.eval.contexts.clone(),
+            };
+            return perplexity(
+                &model,
+                &split.eval_stream,
+                &contexts,
+                c.eval.tokens,
+                &device,
+            )
+            .map(EvalOutput::Perplexity);
+        }
         let split = QaSplit::by_id(
             c.data.source().load().map_err(data)?,
             c.data.eval_fraction,
             c.seed,
         )
         .map_err(data)?;
-        let model = match &self.adapter {
-            Some(path) => super::export::load_adapter(model, path)?.0,
-            None => model,
-        };
         evaluate(
             &model,
             &tok,
@@ -418,5 +571,6 @@ impl BackendTask for EvalTask {
             c.eval.max_new_tokens,
             &device,
         )
+        .map(EvalOutput::Qa)
     }
 }

@@ -1,0 +1,263 @@
+//! Memory-efficient causal attention: query chunks in the forward, recomputation in the
+//! backward, so no `T × T` matrix is ever stored.
+//!
+//! burn 0.21's autodiff attention is the decomposed fallback: it keeps the scores, the mask
+//! and the probabilities of every layer for the backward (`~12·H·T²` bytes per layer, 7 GB
+//! at T = 8192 with 9 heads), which makes long-context fine-tuning impossible whatever else
+//! is saved. Here the forward runs query chunk by chunk (each chunk only against the keys it
+//! may see), keeps only the output and the per-row log-sum-exp, and the backward recomputes
+//! each chunk's probabilities (the FlashAttention recurrence, at the tensor-op level):
+//! `P = exp(S − lse)`, `dV += Pᵀ dO`, `dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`, `dQ = dS K·s`,
+//! `dK += dSᵀ Q·s`. Scores and softmax are computed in f32 whatever the storage type.
+//!
+//! [`ChunkedAttentionBackend`]'s default method is the whole forward in plain burn ops (any
+//! backend); `Autodiff<B>` registers the recomputing backward.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Bool, DType, Tensor, TensorPrimitive};
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+/// Bytes of f32 scores one chunk may hold: `MEFT_ATTN_CHUNK_MB` (default 256 MiB).
+pub fn chunk_budget_bytes() -> usize {
+    std::env::var("MEFT_ATTN_CHUNK_MB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(256)
+        << 20
+}
+
+/// Query rows per chunk for `batch · heads` score rows of `seq` keys: as many as fit the
+/// budget, a multiple of 16, at least 16.
+pub fn chunk_rows(batch_heads: usize, seq: usize, budget: usize) -> usize {
+    let per_row = (batch_heads * seq * 4).max(1);
+    let rows = (budget / per_row).max(16) / 16 * 16;
+    rows.min(seq.max(1))
+}
+
+/// `[c, c1]` mask of query rows `c0..c0 + c` against keys `0..c1`: true where the key is later.
+fn chunk_mask<B: Backend>(
+    c0: usize,
+    c: usize,
+    c1: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    Tensor::<B, 2, Bool>::tril_mask([c, c1], c0 as i64, device).unsqueeze::<4>()
+}
+
+fn f32_of<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    match x.dtype() {
+        DType::F32 | DType::F64 => x,
+        _ => x.cast(DType::F32),
+    }
+}
+
+/// Causal attention of `q`, `k`, `v` `[batch, heads, seq, head_dim]` (query i sees keys
+/// `0..=i`), scale `1/sqrt(head_dim)`, `chunk` query rows at a time. Returns the output and
+/// the per-row log-sum-exp `[batch, heads, seq, 1]` (f32, or f64 for f64 inputs).
+pub fn forward<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    chunk: usize,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let [b, h, t, hd] = q.dims();
+    let dtype = q.dtype();
+    let device = q.device();
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut outs = Vec::new();
+    let mut lses = Vec::new();
+    for c0 in (0..t).step_by(chunk.max(1)) {
+        let c1 = (c0 + chunk).min(t);
+        let c = c1 - c0;
+        let qc = q.clone().slice([0..b, 0..h, c0..c1, 0..hd]);
+        let kc = k.clone().slice([0..b, 0..h, 0..c1, 0..hd]);
+        let vc = v.clone().slice([0..b, 0..h, 0..c1, 0..hd]);
+        let s = f32_of(qc.matmul(kc.swap_dims(2, 3))) * scale;
+        let mask = chunk_mask::<B>(c0, c, c1, &device).expand([b, h, c, c1]);
+        let s = s.mask_fill(mask, f32::NEG_INFINITY);
+        let m = s.clone().max_dim(3);
+        let p = (s - m.clone()).exp();
+        let l = p.clone().sum_dim(3);
+        let o = p.cast(dtype).matmul(vc) / l.clone().cast(dtype);
+        outs.push(o);
+        lses.push(m + l.log());
+    }
+    (Tensor::cat(outs, 2), Tensor::cat(lses, 2))
+}
+
+/// Gradients `(dq, dk, dv)` of [`forward`] for output gradient `dout`, recomputing each
+/// chunk's probabilities from `lse`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    out: Tensor<B, 4>,
+    lse: Tensor<B, 4>,
+    dout: Tensor<B, 4>,
+    chunk: usize,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    let [b, h, t, hd] = q.dims();
+    let dtype = q.dtype();
+    let device = q.device();
+    let acc = lse.dtype();
+    let scale = 1.0 / (hd as f64).sqrt();
+    let delta = (f32_of(dout.clone()) * f32_of(out)).sum_dim(3);
+    let mut dq = Vec::new();
+    let mut dk = Tensor::<B, 4>::zeros([b, h, t, hd], (&device, acc));
+    let mut dv = Tensor::<B, 4>::zeros([b, h, t, hd], (&device, acc));
+    for c0 in (0..t).step_by(chunk.max(1)) {
+        let c1 = (c0 + chunk).min(t);
+        let c = c1 - c0;
+        let rows = [0..b, 0..h, c0..c1, 0..hd];
+        let keys = [0..b, 0..h, 0..c1, 0..hd];
+        let qc = q.clone().slice(rows.clone());
+        let kc = k.clone().slice(keys.clone());
+        let vc = v.clone().slice(keys.clone());
+        let doc = dout.clone().slice(rows.clone());
+        let s = f32_of(qc.clone().matmul(kc.clone().swap_dims(2, 3))) * scale;
+        let mask = chunk_mask::<B>(c0, c, c1, &device).expand([b, h, c, c1]);
+        let s = s.mask_fill(mask, f32::NEG_INFINITY);
+        let lse_c = lse.clone().slice([0..b, 0..h, c0..c1, 0..1]);
+        let p = (s - lse_c).exp();
+        let dv_c = f32_of(p.clone().cast(dtype).swap_dims(2, 3).matmul(doc.clone()));
+        let dp = f32_of(doc.matmul(vc.swap_dims(2, 3)));
+        let delta_c = delta.clone().slice([0..b, 0..h, c0..c1, 0..1]);
+        let ds = (p * (dp - delta_c) * scale).cast(dtype);
+        dq.push(ds.clone().matmul(kc));
+        let dk_c = f32_of(ds.swap_dims(2, 3).matmul(qc));
+        dk = dk
+            .clone()
+            .slice_assign(keys.clone(), dk.slice(keys.clone()) + dk_c);
+        dv = dv.clone().slice_assign(keys.clone(), dv.slice(keys) + dv_c);
+    }
+    (Tensor::cat(dq, 2), dk.cast(dtype), dv.cast(dtype))
+}
+
+/// burn backend extension: memory-efficient causal attention (see the module docs).
+pub trait ChunkedAttentionBackend: Backend {
+    /// Causal attention of `[batch, heads, seq, head_dim]` tensors, `chunk` query rows at a
+    /// time; differentiable on `Autodiff` backends (with a recomputing backward).
+    fn chunked_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        prim(forward::<Self>(float(q), float(k), float(v), chunk).0)
+    }
+}
+
+impl ChunkedAttentionBackend for burn::backend::NdArray<f32> {}
+impl ChunkedAttentionBackend for burn::backend::NdArray<f64> {}
+impl<
+        R: burn_cubecl::CubeRuntime,
+        F: burn_cubecl::FloatElement,
+        I: burn_cubecl::IntElement,
+        BT: burn_cubecl::element::BoolElement,
+    > ChunkedAttentionBackend for burn_cubecl::CubeBackend<R, F, I, BT>
+{
+}
+impl<B: burn_fusion::FusionBackend> ChunkedAttentionBackend for burn_fusion::Fusion<B> {}
+
+#[derive(Debug, Clone)]
+struct Saved<B: Backend> {
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    out: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    chunk: usize,
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl<B: Backend> Backward<B, 3> for AttentionBackward {
+    type State = Saved<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [nq, nk, nv] = ops.parents;
+        let dout = grads.consume::<B>(&ops.node);
+        let s = ops.state;
+        let (dq, dk, dv) = backward::<B>(
+            float(s.q),
+            float(s.k),
+            float(s.v),
+            float(s.out),
+            float(s.lse),
+            float(dout),
+            s.chunk,
+        );
+        if let Some(node) = nq {
+            grads.register::<B>(node.id, prim(dq));
+        }
+        if let Some(node) = nk {
+            grads.register::<B>(node.id, prim(dk));
+        }
+        if let Some(node) = nv {
+            grads.register::<B>(node.id, prim(dv));
+        }
+    }
+}
+
+impl<B: ChunkedAttentionBackend, C: CheckpointStrategy> ChunkedAttentionBackend for Autodiff<B, C> {
+    fn chunked_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        let prep = AttentionBackward
+            .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+            .compute_bound()
+            .stateful();
+        let (qp, kp, vp) = (q.primitive, k.primitive, v.primitive);
+        let (out, lse) = forward::<B>(
+            float(qp.clone()),
+            float(kp.clone()),
+            float(vp.clone()),
+            chunk,
+        );
+        let out = prim(out);
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let state = Saved {
+                    q: qp,
+                    k: kp,
+                    v: vp,
+                    out: out.clone(),
+                    lse: prim(lse),
+                    chunk,
+                };
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+}
+
+/// Causal attention of `[batch, heads, seq, head_dim]` tensors without storing scores
+/// (chunk size from [`chunk_budget_bytes`]).
+pub fn chunked_attention<B: ChunkedAttentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let [b, h, t, _] = q.dims();
+    let chunk = chunk_rows(b * h, t, chunk_budget_bytes());
+    float(B::chunked_attention(prim(q), prim(k), prim(v), chunk))
+}

@@ -1,0 +1,338 @@
+//! `meft bench lemo`: long-context fine-tuning steps with and without LeMo's token
+//! elimination, and with burn's activation checkpointing as the common alternative, side by
+//! side in one process: step time and device memory per context length (random weights at a
+//! real geometry, LoRA on q/v so the backward runs through every layer).
+//!
+//! Memory (CUDA only; cubecl's pool accounting): *activations* = bytes in use after the
+//! decoder layers' forward minus before it (what the graph keeps for the backward, the LM
+//! head excluded); *head* = the same for the LM head + loss; *peak* = the pool's reserved
+//! bytes after the step, with free pages released before it (its high-water mark).
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Instant;
+
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::Autodiff;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor};
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
+use super::model::{median, sync, Preset};
+use crate::adapter::{wrap, AdapterConfig, Layers, LoraConfig};
+use crate::backend::{cuda_memory, cuda_memory_cleanup, BackendTask};
+use crate::lemo::{Lemo, LemoConfig, LemoMode};
+use crate::model::{Llama, LlamaConfig};
+use crate::{Error, Result};
+
+/// One way of running the step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LemoBenchMode {
+    /// Every token in every layer (memory-efficient attention).
+    Full,
+    /// Full, under burn's balanced activation checkpointing.
+    Checkpoint,
+    /// LeMo with the predicted pattern.
+    Lemo,
+    /// LeMo with the exact pattern (attention received; costly).
+    LemoExact,
+    /// Full with burn's own attention (keeps `T × T` scores; shows why the chunked form is
+    /// needed).
+    BurnAttention,
+}
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct LemoBench {
+    /// Geometry.
+    pub config: LlamaConfig,
+    /// Geometry name.
+    pub preset: Preset,
+    /// Sequences per batch.
+    pub batch: usize,
+    /// Context lengths.
+    pub seqs: Vec<usize>,
+    /// Modes, in order (per context length).
+    pub modes: Vec<LemoBenchMode>,
+    /// LeMo settings for the `lemo*` modes.
+    pub lemo: LemoConfig,
+    /// LoRA rank on q and v.
+    pub lora_rank: usize,
+    /// Untimed steps.
+    pub warmup: usize,
+    /// Timed steps.
+    pub iters: usize,
+    /// Backend and dtype label.
+    pub label: String,
+}
+
+/// One (context length, mode) measurement.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LemoBenchRow {
+    /// Backend and dtype.
+    pub label: String,
+    /// Geometry.
+    pub preset: Preset,
+    /// Layers.
+    pub n_layers: usize,
+    /// Sequences per batch.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Mode.
+    pub mode: LemoBenchMode,
+    /// Share of tokens the LeMo layers keep (1 for the other modes).
+    pub kept_share: f64,
+    /// Median step (forward + loss + backward) in ms.
+    pub step_ms: Option<f64>,
+    /// Tokens per second.
+    pub tokens_per_s: Option<f64>,
+    /// Decoder-layer activation bytes (see module docs).
+    pub activation_bytes: Option<u64>,
+    /// LM head + loss activation bytes.
+    pub head_bytes: Option<u64>,
+    /// Pool high-water mark over the step, bytes.
+    pub peak_reserved_bytes: Option<u64>,
+    /// Every timed step (ms).
+    pub runs_ms: Vec<f64>,
+    /// Why the row has no figures (e.g. out of memory).
+    pub error: Option<String>,
+}
+
+/// Mean next-token cross-entropy of `hidden` `[batch, seq, d]` over every position.
+fn lm_loss<B: Backend>(
+    model: &Llama<B>,
+    hidden: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+) -> Tensor<B, 1> {
+    let logits = model.lm_head.forward(hidden);
+    let logits = match logits.dtype() {
+        burn::tensor::DType::F32 | burn::tensor::DType::F64 => logits,
+        _ => logits.cast(burn::tensor::DType::F32),
+    };
+    let logp = log_softmax(logits, 2);
+    logp.gather(2, targets.unsqueeze_dim(2)).mean().neg()
+}
+
+fn used() -> Option<u64> {
+    cuda_memory().map(|(u, _)| u)
+}
+
+impl LemoBench {
+    fn measure<AB: AutodiffBackend>(
+        &self,
+        seq: usize,
+        mode: LemoBenchMode,
+        device: &AB::Device,
+    ) -> Result<LemoBenchRow> {
+        let mut cfg = self.config.clone();
+        cfg.max_seq_len = cfg.max_seq_len.max(seq + 1);
+        let model = Llama::<AB>::init_random(&cfg, device);
+        let lora = AdapterConfig::Lora(LoraConfig::new(self.lora_rank));
+        let (model, _) = wrap(model, &lora, &Layers::All)?;
+        let lemo = Lemo::new(&self.lemo, &model, device)?;
+        let lemo_mode = match mode {
+            LemoBenchMode::Lemo => LemoMode::Predicted,
+            LemoBenchMode::LemoExact => LemoMode::Exact,
+            _ => LemoMode::Off,
+        };
+        let kept_share = match lemo_mode {
+            LemoMode::Off => 1.0,
+            _ => {
+                let n = model.blocks.len() as f64;
+                let plan = &lemo.plan;
+                let dense = n - plan.layers.len() as f64;
+                (dense
+                    + (0..plan.layers.len())
+                        .map(|i| plan.kept_share(i, seq))
+                        .sum::<f64>())
+                    / n
+            }
+        };
+        let tokens =
+            super::model::random_tokens::<AB>(self.batch, seq + 1, cfg.vocab_size, 5, device);
+        let inputs = tokens.clone().narrow(1, 0, seq);
+        let targets = tokens.narrow(1, 1, seq);
+
+        let mut mem = (None, None, None);
+        let mut step = |record: bool| -> Result<()> {
+            sync::<AB>(device)?;
+            if record {
+                cuda_memory_cleanup();
+            }
+            let m0 = used();
+            let (hidden, _) = lemo.forward_hidden(&model, inputs.clone(), lemo_mode);
+            sync::<AB>(device)?;
+            let m1 = used();
+            let loss = lm_loss(&model, hidden, targets.clone());
+            sync::<AB>(device)?;
+            let m2 = used();
+            let grads = loss.backward();
+            sync::<AB>(device)?;
+            drop(grads);
+            if record {
+                let peak = cuda_memory().map(|(_, r)| r);
+                mem = (
+                    m1.zip(m0).map(|(a, b)| a.saturating_sub(b)),
+                    m2.zip(m1).map(|(a, b)| a.saturating_sub(b)),
+                    peak,
+                );
+            }
+            Ok(())
+        };
+        for i in 0..self.warmup {
+            let t = Instant::now();
+            step(i == 0)?;
+            eprintln!(
+                "lemo bench {mode:?} seq {seq}: warm-up {i} took {:.2}s",
+                t.elapsed().as_secs_f64()
+            );
+        }
+        let mut runs = Vec::new();
+        for i in 0..self.iters {
+            let t = Instant::now();
+            step(self.warmup == 0 && i == 0)?;
+            runs.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let ms = median(&runs);
+        Ok(LemoBenchRow {
+            label: self.label.clone(),
+            preset: self.preset,
+            n_layers: cfg.n_layers,
+            batch: self.batch,
+            seq,
+            mode,
+            kept_share,
+            step_ms: Some(ms),
+            tokens_per_s: Some((self.batch * seq) as f64 / (ms / 1e3)),
+            activation_bytes: mem.0,
+            head_bytes: mem.1,
+            peak_reserved_bytes: mem.2,
+            runs_ms: runs,
+            error: None,
+        })
+    }
+
+    fn failed(&self, seq: usize, mode: LemoBenchMode, why: String) -> LemoBenchRow {
+        LemoBenchRow {
+            label: self.label.clone(),
+            preset: self.preset,
+            n_layers: self.config.n_layers,
+            batch: self.batch,
+            seq,
+            mode,
+            kept_share: f64::NAN,
+            step_ms: None,
+            tokens_per_s: None,
+            activation_bytes: None,
+            head_bytes: None,
+            peak_reserved_bytes: None,
+            runs_ms: Vec::new(),
+            error: Some(why),
+        }
+    }
+}
+
+impl BackendTask for LemoBench {
+    type Output = Vec<LemoBenchRow>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<Vec<LemoBenchRow>> {
+        if self.batch == 0 || self.seqs.is_empty() || self.iters == 0 {
+            return Err(Error::Other(
+                "batch, seqs and iters must be given and positive".into(),
+            ));
+        }
+        self.config.validate()?;
+        let mut rows = Vec::new();
+        for &seq in &self.seqs {
+            for &mode in &self.modes {
+                // burn's attention is chosen by the environment switch the model reads.
+                let burn_attention = mode == LemoBenchMode::BurnAttention;
+                if burn_attention {
+                    std::env::set_var("MEFT_ATTENTION", "burn");
+                }
+                let outcome = catch_unwind(AssertUnwindSafe(|| match mode {
+                    LemoBenchMode::Checkpoint => {
+                        self.measure::<Autodiff<B, BalancedCheckpointing>>(seq, mode, &device)
+                    }
+                    _ => self.measure::<Autodiff<B>>(seq, mode, &device),
+                }));
+                if burn_attention {
+                    std::env::remove_var("MEFT_ATTENTION");
+                }
+                let row = match outcome {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => self.failed(seq, mode, e.to_string()),
+                    Err(p) => {
+                        let msg = p
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "panicked".into());
+                        let msg: String = msg.chars().take(300).collect();
+                        self.failed(seq, mode, format!("failed (device out of memory?): {msg}"))
+                    }
+                };
+                eprintln!(
+                    "{}",
+                    LemoBenchRow::table(std::slice::from_ref(&row))
+                        .lines()
+                        .last()
+                        .unwrap_or("")
+                );
+                rows.push(row);
+            }
+        }
+        Ok(rows)
+    }
+}
+
+impl LemoBenchRow {
+    /// A Markdown table, with each row's ratios against the `full` row of its context length.
+    pub fn table(rows: &[LemoBenchRow]) -> String {
+        let gib = |b: Option<u64>| {
+            b.map_or("–".into(), |b| {
+                format!("{:.2}", b as f64 / (1u64 << 30) as f64)
+            })
+        };
+        let mut s = String::from(
+            "| model | layers | batch×seq | mode | kept | step ms | tok/s | act GiB | head GiB | peak GiB | act vs full | speed vs full |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for r in rows {
+            let full = rows
+                .iter()
+                .find(|f| f.seq == r.seq && f.mode == LemoBenchMode::Full && f.preset == r.preset);
+            let act_ratio = full
+                .and_then(|f| f.activation_bytes.zip(r.activation_bytes))
+                .map_or("–".into(), |(f, x)| {
+                    format!("{:.2}× less", f as f64 / x.max(1) as f64)
+                });
+            let speed = full
+                .and_then(|f| f.step_ms.zip(r.step_ms))
+                .map_or("–".into(), |(f, x)| format!("{:.2}×", f / x));
+            let cell = |v: Option<f64>, p: usize| v.map_or("–".into(), |v| format!("{v:.p$}"));
+            s += &format!(
+                "| {:?} | {} | {}×{} | {:?} | {:.2} | {} | {} | {} | {} | {} | {} | {} |\n",
+                r.preset,
+                r.n_layers,
+                r.batch,
+                r.seq,
+                r.mode,
+                r.kept_share,
+                r.error.as_ref().map_or(cell(r.step_ms, 1), |e| format!(
+                    "failed: {}",
+                    e.chars().take(60).collect::<String>()
+                )),
+                cell(r.tokens_per_s, 0),
+                gib(r.activation_bytes),
+                gib(r.head_bytes),
+                gib(r.peak_reserved_bytes),
+                act_ratio,
+                speed
+            );
+        }
+        s
+    }
+}

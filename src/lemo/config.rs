@@ -1,0 +1,118 @@
+//! [`LemoConfig`]: what LeMo eliminates, where, and how the pattern is found.
+
+use serde::{Deserialize, Serialize};
+
+use crate::adapter::Layers;
+use crate::{Error, Result};
+
+/// What drives the elimination pattern once warm-up is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PatternSource {
+    /// The layer's trained predictor (cheap; the default).
+    #[default]
+    Predicted,
+    /// The exact informativeness scores (attention received; costly, for reference runs).
+    Exact,
+}
+
+/// LeMo's token elimination (arXiv 2501.09767), as configured for `meft train` (`[lemo]`)
+/// and the library. Each applicable layer keeps, in every segment of `segment` tokens, the
+/// `keep_ratio` share of tokens with the highest informativeness; the first `sink` and the
+/// last `recent` tokens of each input are always kept. Eliminated tokens skip the layer
+/// (attention and FFN) and pass through on the residual stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LemoConfig {
+    /// Share of each segment's tokens a layer keeps, in (0, 1]. 1 keeps everything.
+    pub keep_ratio: f64,
+    /// Per-layer override of `keep_ratio`, one value per selected layer (in layer order).
+    pub keep_ratios: Option<Vec<f64>>,
+    /// Tokens per segment (the unit of selection and compaction), 16 … 1024.
+    pub segment: usize,
+    /// Leading tokens always kept (attention sinks).
+    pub sink: usize,
+    /// Trailing tokens always kept (the most recent window).
+    pub recent: usize,
+    /// Hidden width of each layer's pattern predictor (a 2-layer MLP).
+    pub predictor_hidden: usize,
+    /// Optimizer steps without elimination at the start, during which the predictors learn
+    /// the exact pattern.
+    pub warmup_steps: usize,
+    /// What drives elimination after warm-up.
+    pub pattern: PatternSource,
+    /// Layers that eliminate tokens (default: all but the first two).
+    pub layers: Option<Layers>,
+}
+
+impl Default for LemoConfig {
+    fn default() -> Self {
+        Self {
+            keep_ratio: 0.5,
+            keep_ratios: None,
+            segment: 256,
+            sink: 4,
+            recent: 64,
+            predictor_hidden: 64,
+            warmup_steps: 20,
+            pattern: PatternSource::Predicted,
+            layers: None,
+        }
+    }
+}
+
+impl LemoConfig {
+    /// The layers that eliminate tokens in a model of `n` layers.
+    pub fn layer_indices(&self, n: usize) -> Result<Vec<usize>> {
+        match &self.layers {
+            Some(l) => l.indices(n),
+            None => Ok((2.min(n.saturating_sub(1))..n).collect()),
+        }
+    }
+
+    /// Tokens kept per segment at the `i`-th selected layer.
+    pub fn keep_per_segment(&self, i: usize) -> usize {
+        let r = self
+            .keep_ratios
+            .as_ref()
+            .and_then(|v| v.get(i).copied())
+            .unwrap_or(self.keep_ratio);
+        ((r * self.segment as f64).ceil() as usize).clamp(1, self.segment)
+    }
+
+    /// Checks every field for a model of `n_layers` layers; errors name the field.
+    pub fn validate(&self, n_layers: usize) -> Result<()> {
+        let bad = |field: &str, why: String| Error::LemoConfig(format!("lemo.{field}: {why}"));
+        let ratio_ok = |r: f64| r > 0.0 && r <= 1.0;
+        if !ratio_ok(self.keep_ratio) {
+            return Err(bad(
+                "keep_ratio",
+                format!("{} is not in (0, 1]", self.keep_ratio),
+            ));
+        }
+        if !(16..=1024).contains(&self.segment) {
+            return Err(bad(
+                "segment",
+                format!("{} is not in 16 … 1024", self.segment),
+            ));
+        }
+        if self.predictor_hidden == 0 {
+            return Err(bad("predictor_hidden", "must be at least 1".into()));
+        }
+        let layers = self
+            .layer_indices(n_layers)
+            .map_err(|e| bad("layers", e.to_string()))?;
+        if let Some(v) = &self.keep_ratios {
+            if v.len() != layers.len() {
+                return Err(bad(
+                    "keep_ratios",
+                    format!("{} values for {} selected layers", v.len(), layers.len()),
+                ));
+            }
+            if let Some(r) = v.iter().find(|&&r| !ratio_ok(r)) {
+                return Err(bad("keep_ratios", format!("{r} is not in (0, 1]")));
+            }
+        }
+        Ok(())
+    }
+}

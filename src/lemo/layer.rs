@@ -1,0 +1,254 @@
+//! [`Lemo`]: the per-layer predictors and plan, and the model's forward with token
+//! elimination.
+
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use cube_kernels::tokens::TokenPattern;
+
+use super::predictor::{bce_with_logits, PatternPredictor};
+use super::score::attention_received;
+use super::{LemoConfig, PatternSource};
+use crate::model::ops::{gather, kept_positions, merge, select_tokens};
+use crate::model::{Block, Llama, RotaryEmbedding};
+use crate::Result;
+
+/// How a forward pass treats the LeMo layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LemoMode {
+    /// No elimination: the plain model.
+    Off,
+    /// No elimination; each LeMo layer computes its exact pattern and its predictor's
+    /// cross-entropy against it (warm-up / calibration).
+    Calibrate,
+    /// Eliminate with the exact pattern.
+    Exact,
+    /// Eliminate with the predicted pattern.
+    Predicted,
+}
+
+impl LemoMode {
+    /// The eliminating mode for `source`.
+    pub fn eliminating(source: PatternSource) -> Self {
+        match source {
+            PatternSource::Predicted => LemoMode::Predicted,
+            PatternSource::Exact => LemoMode::Exact,
+        }
+    }
+}
+
+/// Where and how much LeMo eliminates (plain values derived from [`LemoConfig`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LemoPlan {
+    /// Model layers that eliminate tokens, ascending.
+    pub layers: Vec<usize>,
+    /// Tokens kept per segment at each of those layers.
+    pub keep: Vec<usize>,
+    /// Tokens per segment.
+    pub segment: usize,
+    /// Leading tokens always kept.
+    pub sink: usize,
+    /// Trailing tokens always kept.
+    pub recent: usize,
+}
+
+impl LemoPlan {
+    /// The plan of `cfg` for a model of `n_layers` layers (validated).
+    pub fn new(cfg: &LemoConfig, n_layers: usize) -> Result<Self> {
+        cfg.validate(n_layers)?;
+        let layers = cfg.layer_indices(n_layers)?;
+        let keep = (0..layers.len()).map(|i| cfg.keep_per_segment(i)).collect();
+        Ok(Self {
+            layers,
+            keep,
+            segment: cfg.segment,
+            sink: cfg.sink,
+            recent: cfg.recent,
+        })
+    }
+
+    /// Share of tokens layer slot `i` keeps in a `seq`-token input.
+    pub fn kept_share(&self, i: usize, seq: usize) -> f64 {
+        let k = cube_kernels::tokens::kept_per_input(seq, self.segment, self.keep[i]);
+        k as f64 / seq.max(1) as f64
+    }
+}
+
+/// What a LeMo forward pass reports besides the hidden states.
+#[derive(Debug)]
+pub struct LemoAux<B: Backend> {
+    /// Sum over LeMo layers of the predictors' cross-entropy (calibration only).
+    pub predictor_loss: Option<Tensor<B, 1>>,
+    /// Per LeMo layer, the share of the exact pattern's kept tokens the predictor also
+    /// keeps (calibration only; forced tokens excluded).
+    pub overlap: Vec<f64>,
+}
+
+/// LeMo's trainable part (one pattern predictor per eliminating layer) and its plan.
+#[derive(Module, Debug)]
+pub struct Lemo<B: Backend> {
+    /// Predictors, one per layer of `plan.layers`.
+    pub predictors: Vec<PatternPredictor<B>>,
+    /// Where and how much to eliminate.
+    #[module(skip)]
+    pub plan: LemoPlan,
+}
+
+impl<B: Backend> Lemo<B> {
+    /// Fresh predictors for `model` as `cfg` asks.
+    pub fn new(cfg: &LemoConfig, model: &Llama<B>, device: &B::Device) -> Result<Self> {
+        let plan = LemoPlan::new(cfg, model.blocks.len())?;
+        let d = model.embed.weight.dims()[1];
+        let predictors = plan
+            .layers
+            .iter()
+            .map(|_| PatternPredictor::new(d, cfg.predictor_hidden, device))
+            .collect();
+        Ok(Self { predictors, plan })
+    }
+
+    /// `+1e30` at the always-kept positions of a `seq`-token input, else 0 (`[1, seq]`).
+    fn forced_bias(&self, seq: usize, device: &B::Device) -> Tensor<B, 2> {
+        let v: Vec<f32> = (0..seq)
+            .map(|j| {
+                let forced = j < self.plan.sink || j + self.plan.recent >= seq;
+                if forced {
+                    1e30
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Tensor::<B, 2>::from_data(TensorData::new(v, [1, seq]), device).cast(DType::F32)
+    }
+
+    fn pattern(&self, slot: usize, scores: Tensor<B, 2>, bias: &Tensor<B, 2>) -> TokenPattern<B> {
+        let scores = scores.cast(DType::F32).detach() + bias.clone();
+        select_tokens(scores, self.plan.segment, self.plan.keep[slot])
+    }
+
+    /// Final hidden states `[batch, seq, d]` of `model` for `tokens`, with the LeMo layers
+    /// treated as `mode` says.
+    pub fn forward_hidden(
+        &self,
+        model: &Llama<B>,
+        tokens: Tensor<B, 2, Int>,
+        mode: LemoMode,
+    ) -> (Tensor<B, 3>, LemoAux<B>) {
+        let [_, seq] = tokens.dims();
+        let device = tokens.device();
+        let mut aux = LemoAux {
+            predictor_loss: None,
+            overlap: Vec::new(),
+        };
+        let bias = (mode != LemoMode::Off).then(|| self.forced_bias(seq, &device));
+        let mut x = model.embed.forward(tokens);
+        for (i, block) in model.blocks.iter().enumerate() {
+            let slot = self.plan.layers.iter().position(|&l| l == i);
+            let (Some(slot), Some(bias)) = (slot, bias.as_ref()) else {
+                x = block.forward(x, &model.rope, None);
+                continue;
+            };
+            x = match mode {
+                LemoMode::Off => unreachable!("no bias without LeMo"),
+                LemoMode::Calibrate => {
+                    let exact = exact_scores(block, x.clone(), &model.rope);
+                    let truth = self.pattern(slot, exact, bias);
+                    let logits = self.predictors[slot].forward(x.clone().detach());
+                    let labels = kept_mask(&truth);
+                    let loss = bce_with_logits(logits.clone().cast(DType::F32), labels);
+                    aux.predictor_loss = Some(match aux.predictor_loss.take() {
+                        Some(l) => l + loss,
+                        None => loss,
+                    });
+                    let guess = self.pattern(slot, logits, bias);
+                    aux.overlap.push(overlap(&truth, &guess, &self.plan));
+                    block.forward(x, &model.rope, None)
+                }
+                LemoMode::Exact => {
+                    let exact = exact_scores(block, x.clone(), &model.rope);
+                    let p = self.pattern(slot, exact, bias);
+                    eliminate(block, x, &model.rope, &p)
+                }
+                LemoMode::Predicted => {
+                    let logits = self.predictors[slot].forward(x.clone().detach());
+                    let p = self.pattern(slot, logits, bias);
+                    eliminate(block, x, &model.rope, &p)
+                }
+            };
+        }
+        (model.norm.forward(x), aux)
+    }
+}
+
+fn exact_scores<B: Backend>(
+    block: &Block<B>,
+    x: Tensor<B, 3>,
+    rope: &RotaryEmbedding<B>,
+) -> Tensor<B, 2> {
+    attention_received(&block.attn, block.attn_norm.forward(x.detach()), rope)
+}
+
+/// 1.0 where `p` keeps the token, else 0.0, `[batch, seq]` f32.
+pub fn kept_mask<B: Backend>(p: &TokenPattern<B>) -> Tensor<B, 2> {
+    let sentinel = (p.batch * p.kept) as i64;
+    p.inv
+        .clone()
+        .lower_elem(sentinel)
+        .float()
+        .cast(DType::F32)
+        .reshape([p.batch, p.seq])
+}
+
+/// Share of `truth`'s kept, non-forced tokens that `guess` also keeps.
+fn overlap<B: Backend>(truth: &TokenPattern<B>, guess: &TokenPattern<B>, plan: &LemoPlan) -> f64 {
+    let read = |p: &TokenPattern<B>| -> Vec<i64> {
+        p.inv
+            .clone()
+            .into_data()
+            .convert::<i64>()
+            .into_vec()
+            .unwrap_or_default()
+    };
+    let (t, g) = (read(truth), read(guess));
+    let (st, sg) = (
+        (truth.batch * truth.kept) as i64,
+        (guess.batch * guess.kept) as i64,
+    );
+    let seq = truth.seq;
+    let (mut both, mut total) = (0usize, 0usize);
+    for (r, (&a, &b)) in t.iter().zip(&g).enumerate() {
+        let j = r % seq.max(1);
+        let forced = j < plan.sink || j + plan.recent >= seq;
+        if a < st && !forced {
+            total += 1;
+            if b < sg {
+                both += 1;
+            }
+        }
+    }
+    if total == 0 {
+        1.0
+    } else {
+        both as f64 / total as f64
+    }
+}
+
+/// One block on the kept tokens of `x` only: they attend among themselves (causally, at
+/// their original positions) and go through the FFN; eliminated tokens pass through
+/// unchanged. Activations are kept for the compact tokens alone.
+pub fn eliminate<B: Backend>(
+    block: &Block<B>,
+    x: Tensor<B, 3>,
+    rope: &RotaryEmbedding<B>,
+    p: &TokenPattern<B>,
+) -> Tensor<B, 3> {
+    let positions = kept_positions(p);
+    let xc = gather(x.clone(), p);
+    let hc = xc.clone()
+        + block
+            .attn
+            .forward_at(block.attn_norm.forward(xc), rope, positions);
+    let yc = hc.clone() + block.ffn.forward(block.ffn_norm.forward(hc));
+    merge(x, yc, p)
+}

@@ -1,0 +1,23 @@
+//! LeMo (arXiv 2501.09767): contextual token sparsity for long-context fine-tuning.
+//!
+//! Per input and per layer, tokens that carry little information for that layer are
+//! *eliminated*: they skip the layer's attention (as queries and as keys) and FFN and pass
+//! through on the residual stream, so neither their compute nor their activations exist.
+//!
+//! - [`config`]: the budget and where it applies ([`LemoConfig`]).
+//! - [`score`]: exact informativeness (attention received).
+//! - [`predictor`]: the per-layer pattern predictors and their loss.
+//! - [`layer`]: the forward with elimination ([`Lemo`], [`LemoMode`]).
+//!
+//! Selection, gather and merge are `cube_kernels::tokens` (segment-based and
+//! permutation-free); attention runs in the memory-efficient chunked form
+//! (`cube_kernels::attention`) with or without elimination.
+
+pub mod config;
+pub mod layer;
+pub mod predictor;
+pub mod score;
+
+pub use config::{LemoConfig, PatternSource};
+pub use layer::{eliminate, kept_mask, Lemo, LemoAux, LemoMode, LemoPlan};
+pub use predictor::{bce_with_logits, PatternPredictor};

@@ -1,0 +1,184 @@
+//! Backend-extension operations for model code that is generic over `B: Backend`:
+//! memory-efficient causal attention and LeMo's token gather/merge/selection, routed at run
+//! time (by type) to `cube_kernels`' implementations on the backends this crate ships —
+//! ndarray (plain-op reference), wgpu and CUDA (kernels), each with or without autodiff
+//! (and with burn's balanced activation checkpointing). Any other backend falls back to
+//! burn's own attention and the plain-op reference, which is also what `MEFT_KERNELS=0`
+//! selects for the token operations.
+
+use std::any::{Any, TypeId};
+
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Int, Tensor};
+use cube_kernels::attention::chunked_attention;
+use cube_kernels::tokens::{reference, segment_select, select_segments_host, TokenPattern};
+
+use crate::adapter::meft::compute::kernels_enabled;
+
+fn cast<A: 'static, C: 'static>(a: A) -> C {
+    *(Box::new(a) as Box<dyn Any>)
+        .downcast::<C>()
+        .expect("type checked by TypeId")
+}
+
+/// Calls `$mac!(T)` for every backend type with the extensions, bare and under autodiff.
+macro_rules! extension_backends {
+    ($mac:ident) => {
+        extension_backends!(@each $mac, burn::backend::NdArray<f32>);
+        extension_backends!(@each $mac, burn::backend::NdArray<f64>);
+        #[cfg(feature = "wgpu")]
+        extension_backends!(@each $mac, burn::backend::Wgpu<f32>);
+        #[cfg(feature = "wgpu")]
+        extension_backends!(@each $mac, burn::backend::wgpu::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>);
+        #[cfg(feature = "cuda")]
+        extension_backends!(@each $mac, burn::backend::Cuda<f32>);
+        #[cfg(feature = "cuda")]
+        extension_backends!(@each $mac, burn::backend::Cuda<half::bf16>);
+        #[cfg(feature = "cuda")]
+        extension_backends!(@each $mac, crate::backend::CudaUnfused<f32>);
+        #[cfg(feature = "cuda")]
+        extension_backends!(@each $mac, crate::backend::CudaUnfused<half::bf16>);
+    };
+    (@each $mac:ident, $t:ty) => {
+        $mac!($t);
+        $mac!(Autodiff<$t>);
+        $mac!(Autodiff<$t, BalancedCheckpointing>);
+    };
+}
+
+/// Whether backend `B` has the extensions (see the module docs).
+pub fn has_extensions<B: Backend>() -> bool {
+    let id = TypeId::of::<B>();
+    macro_rules! check {
+        ($t:ty) => {
+            if id == TypeId::of::<$t>() {
+                return true;
+            }
+        };
+    }
+    extension_backends!(check);
+    false
+}
+
+/// False when `MEFT_ATTENTION=burn` asks for burn's own attention.
+fn chunked_enabled() -> bool {
+    !matches!(std::env::var("MEFT_ATTENTION").as_deref(), Ok("burn"))
+}
+
+/// Causal self-attention of `[batch, heads, seq, head_dim]` tensors (query i sees keys
+/// `0..=i`). On the extension backends it is the memory-efficient chunked form (no `T × T`
+/// matrix kept for the backward); elsewhere burn's attention.
+pub fn causal_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    if chunked_enabled() {
+        let id = TypeId::of::<B>();
+        macro_rules! run {
+            ($t:ty) => {
+                if id == TypeId::of::<$t>() {
+                    return cast(chunked_attention::<$t>(cast(q), cast(k), cast(v)));
+                }
+            };
+        }
+        extension_backends!(run);
+    }
+    let opts = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: true,
+    };
+    attention(q, k, v, None, None, opts)
+}
+
+fn token_kernels<B: Backend>() -> bool {
+    kernels_enabled() && has_extensions::<B>()
+}
+
+/// Each segment of `segment` tokens of `scores` `[batch, seq]` keeps its `keep` best tokens
+/// (`cube_kernels::tokens`): on the selection kernel where the backend has it, else on the
+/// host.
+pub fn select_tokens<B: Backend>(
+    scores: Tensor<B, 2>,
+    segment: usize,
+    keep: usize,
+) -> TokenPattern<B> {
+    if token_kernels::<B>() {
+        let id = TypeId::of::<B>();
+        macro_rules! run {
+            ($t:ty) => {
+                if id == TypeId::of::<$t>() {
+                    return cast(segment_select::<$t>(cast(scores), segment, keep));
+                }
+            };
+        }
+        extension_backends!(run);
+    }
+    let [batch, seq] = scores.dims();
+    let device = scores.device();
+    let host: Vec<f32> = scores
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .unwrap_or_default();
+    let (idx, inv) = select_segments_host(&host, batch, seq, segment, keep);
+    TokenPattern::from_host(&idx, &inv, batch, seq, &device)
+}
+
+/// The kept tokens of `x` `[batch, seq, d]`, `[batch, kept, d]` in order (differentiable).
+pub fn gather<B: Backend>(x: Tensor<B, 3>, p: &TokenPattern<B>) -> Tensor<B, 3> {
+    if token_kernels::<B>() {
+        let id = TypeId::of::<B>();
+        macro_rules! run {
+            ($t:ty) => {
+                if id == TypeId::of::<$t>() {
+                    let p: &TokenPattern<$t> = (p as &dyn Any).downcast_ref().expect("same type");
+                    return cast(cube_kernels::tokens::gather_tokens::<$t>(cast(x), p));
+                }
+            };
+        }
+        extension_backends!(run);
+    }
+    let [b, t, d] = x.dims();
+    reference::gather_tensors(x.reshape([b * t, d]), p.idx.clone()).reshape([b, p.kept, d])
+}
+
+/// `base` `[batch, seq, d]` with its kept rows replaced by `comp` `[batch, kept, d]`; the
+/// eliminated rows pass through unchanged (differentiable in both).
+pub fn merge<B: Backend>(
+    base: Tensor<B, 3>,
+    comp: Tensor<B, 3>,
+    p: &TokenPattern<B>,
+) -> Tensor<B, 3> {
+    if token_kernels::<B>() {
+        let id = TypeId::of::<B>();
+        macro_rules! run {
+            ($t:ty) => {
+                if id == TypeId::of::<$t>() {
+                    let p: &TokenPattern<$t> = (p as &dyn Any).downcast_ref().expect("same type");
+                    return cast(cube_kernels::tokens::merge_tokens::<$t>(
+                        cast(base),
+                        cast(comp),
+                        p,
+                    ));
+                }
+            };
+        }
+        extension_backends!(run);
+    }
+    let [b, t, d] = base.dims();
+    let comp = comp.reshape([b * p.kept, d]);
+    reference::merge_tensors(base.reshape([b * t, d]), comp, p.inv.clone()).reshape([b, t, d])
+}
+
+/// Original positions of the kept tokens, `[batch, kept]` (from the flat rows in `p.idx`).
+pub fn kept_positions<B: Backend>(p: &TokenPattern<B>) -> Tensor<B, 2, Int> {
+    let device = p.idx.device();
+    let offsets = Tensor::<B, 1, Int>::arange(0..p.batch as i64, &device).mul_scalar(p.seq as i64);
+    p.idx.clone().reshape([p.batch, p.kept]) - offsets.unsqueeze_dim(1)
+}

@@ -1,0 +1,292 @@
+//! LeMo token elimination on the CPU (ndarray, f64): with nothing eliminated the model is
+//! exactly the plain model (outputs and gradients); eliminated tokens leave a layer equal to
+//! their input while kept tokens equal a dense layer whose attention sees only kept keys;
+//! the memory-efficient attention equals burn's attention (values and gradients); the token
+//! operations' custom backward equals autodiff of the plain-op reference; predictors learn.
+
+mod common;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
+use cube_kernels::tokens::{
+    gather_tokens, merge_tokens, reference, select_segments_host, TokenPattern,
+};
+use meft::lemo::{eliminate, Lemo, LemoConfig, LemoMode};
+use meft::model::{ops, Llama};
+
+type B64 = Autodiff<NdArray<f64>>;
+
+fn tokens<B: Backend>(batch: usize, seq: usize, vocab: usize, seed: u64) -> Tensor<B, 2, Int> {
+    let mut s = seed;
+    let v: Vec<i64> = (0..batch * seq)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % vocab as u64) as i64
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(v, [batch, seq]), &Default::default())
+}
+
+fn max_abs<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f64 {
+    (a - b)
+        .abs()
+        .max()
+        .into_scalar()
+        .to_string()
+        .parse::<f64>()
+        .unwrap()
+}
+
+fn model(n_layers: usize, seq: usize) -> Llama<B64> {
+    let mut cfg = common::tiny_llama(n_layers);
+    cfg.max_seq_len = seq;
+    B64::seed(&Default::default(), 7);
+    Llama::<B64>::init_random(&cfg, &Default::default())
+}
+
+/// Every parameter gradient of `m` for `loss`, flattened in visiting order.
+fn param_grads(m: &Llama<B64>, loss: Tensor<B64, 1>) -> Vec<Vec<f64>> {
+    let grads = loss.backward();
+    let gp = GradientsParams::from_grads(grads, m);
+    let mut out = Vec::new();
+    struct Collect<'a>(&'a GradientsParams, &'a mut Vec<Vec<f64>>);
+    impl burn::module::ModuleVisitor<B64> for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<B64, D>>) {
+            if let Some(g) = self.0.get::<NdArray<f64>, D>(p.id) {
+                self.1
+                    .push(g.into_data().convert::<f64>().into_vec().unwrap());
+            }
+        }
+    }
+    m.visit(&mut Collect(&gp, &mut out));
+    out
+}
+
+#[test]
+fn zero_budget_equals_the_plain_model_exactly() {
+    // 24 tokens in segments of 16: a full segment and a ragged one.
+    let (batch, seq) = (2, 24);
+    let m = model(3, seq);
+    let cfg = LemoConfig {
+        keep_ratio: 1.0,
+        segment: 16,
+        layers: Some(meft::adapter::Layers::All),
+        ..LemoConfig::default()
+    };
+    let lemo = Lemo::new(&cfg, &m, &Default::default()).unwrap();
+    let toks = tokens::<B64>(batch, seq, 40, 1);
+    let weights =
+        Tensor::<B64, 3>::random([batch, seq, 16], Distribution::Default, &Default::default());
+    let plain = m.forward_hidden(toks.clone(), None);
+    let plain_grads = param_grads(&m, (plain.clone() * weights.clone()).sum());
+    for mode in [LemoMode::Exact, LemoMode::Predicted, LemoMode::Calibrate] {
+        let (h, _) = lemo.forward_hidden(&m, toks.clone(), mode);
+        assert_eq!(
+            max_abs(h.clone(), plain.clone()),
+            0.0,
+            "{mode:?}: outputs differ"
+        );
+        let g = param_grads(&m, (h * weights.clone()).sum());
+        assert_eq!(g.len(), plain_grads.len());
+        for (a, b) in g.iter().zip(&plain_grads) {
+            assert_eq!(a, b, "{mode:?}: a gradient differs");
+        }
+    }
+}
+
+#[test]
+fn eliminated_tokens_pass_through_and_kept_tokens_see_only_kept_keys() {
+    let (batch, seq, d) = (2, 21, 16);
+    let m = model(1, seq);
+    let block = &m.blocks[0];
+    let dev = Default::default();
+    let x = Tensor::<B64, 3>::random([batch, seq, d], Distribution::Normal(0.0, 1.0), &dev);
+    // Segments of 8 keeping 3: 3 + 3 + 3 of 8, 8, 5 tokens; random scores.
+    let scores: Vec<f32> = (0..batch * seq)
+        .map(|i| ((i * 37 % 11) as f32).sin())
+        .collect();
+    let (idx, inv) = select_segments_host(&scores, batch, seq, 8, 3);
+    let p = TokenPattern::<B64>::from_host(&idx, &inv, batch, seq, &dev);
+    let y = eliminate(block, x.clone(), &m.rope, &p);
+
+    // Reference: the dense block whose attention lets query i see key j iff j <= i and j
+    // is kept.
+    let kept: Vec<bool> = inv.iter().map(|&s| (s as usize) < batch * p.kept).collect();
+    let mask: Vec<bool> = (0..batch)
+        .flat_map(|b| {
+            let kept = &kept;
+            (0..seq).flat_map(move |i| (0..seq).map(move |j| j > i || !kept[b * seq + j]))
+        })
+        .collect();
+    let mask = Tensor::<B64, 4, Bool>::from_data(TensorData::new(mask, [batch, 1, seq, seq]), &dev);
+    let xn = block.attn_norm.forward(x.clone());
+    let (q, k, v) = block.attn.project(xn);
+    let (q, k) = (m.rope.apply(q, 0), m.rope.apply(k, 0));
+    let heads = block.attn.n_heads;
+    let opts = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: false,
+    };
+    let att = attention(
+        q,
+        block.attn.repeat_kv(k),
+        block.attn.repeat_kv(v),
+        Some(mask.expand([batch, heads, seq, seq])),
+        None,
+        opts,
+    );
+    let att = block
+        .attn
+        .wo
+        .forward(att.swap_dims(1, 2).reshape([batch, seq, d]));
+    let h = x.clone() + att;
+    let dense = h.clone() + block.ffn.forward(block.ffn_norm.forward(h));
+
+    let (y, x, dense) = (
+        y.into_data().convert::<f64>().into_vec::<f64>().unwrap(),
+        x.into_data().convert::<f64>().into_vec::<f64>().unwrap(),
+        dense
+            .into_data()
+            .convert::<f64>()
+            .into_vec::<f64>()
+            .unwrap(),
+    );
+    let (mut n_kept, mut n_gone) = (0, 0);
+    for r in 0..batch * seq {
+        let row = |v: &Vec<f64>| v[r * d..][..d].to_vec();
+        if kept[r] {
+            n_kept += 1;
+            for (a, b) in row(&y).iter().zip(row(&dense)) {
+                assert!((a - b).abs() < 1e-10, "kept row {r}: {a} vs {b}");
+            }
+        } else {
+            n_gone += 1;
+            assert_eq!(row(&y), row(&x), "eliminated row {r} changed");
+        }
+    }
+    assert_eq!(n_kept, batch * 9);
+    assert_eq!(n_gone, batch * (seq - 9));
+}
+
+#[test]
+fn chunked_attention_equals_burn_attention_with_gradients() {
+    let dev = Default::default();
+    for (b, h, t, hd, chunk) in [(1, 1, 5, 4, 16), (2, 3, 37, 8, 16), (1, 2, 33, 4, 5)] {
+        let r = |s: u64| {
+            B64::seed(&dev, s);
+            Tensor::<B64, 4>::random([b, h, t, hd], Distribution::Normal(0.0, 1.0), &dev)
+                .require_grad()
+        };
+        let (q, k, v) = (r(1), r(2), r(3));
+        let w = Tensor::<B64, 4>::random([b, h, t, hd], Distribution::Default, &dev);
+        let opts = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
+        let want = attention(q.clone(), k.clone(), v.clone(), None, None, opts);
+        let got = Tensor::<B64, 4>::from_primitive(burn::tensor::TensorPrimitive::Float(
+            <B64 as cube_kernels::attention::ChunkedAttentionBackend>::chunked_attention(
+                q.clone().into_primitive().tensor(),
+                k.clone().into_primitive().tensor(),
+                v.clone().into_primitive().tensor(),
+                chunk,
+            ),
+        ));
+        assert!(
+            max_abs(got.clone(), want.clone()) < 1e-12,
+            "forward t {t} chunk {chunk}"
+        );
+        let gw = (want * w.clone()).sum().backward();
+        let gg = (got * w.clone()).sum().backward();
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (a, c) = (x.grad(&gw).unwrap(), x.grad(&gg).unwrap());
+            let err = max_abs(a, c);
+            assert!(err < 1e-11, "d{name} t {t} chunk {chunk}: {err}");
+        }
+    }
+}
+
+#[test]
+fn token_ops_backward_equals_reference_autodiff() {
+    let dev = Default::default();
+    let (batch, seq, d) = (3, 19, 5);
+    let scores: Vec<f32> = (0..batch * seq)
+        .map(|i| ((i * 13 % 7) as f32) * 0.5)
+        .collect();
+    // Ties (equal scores) and a ragged last segment of 3.
+    let (idx, inv) = select_segments_host(&scores, batch, seq, 4, 2);
+    let p = TokenPattern::<B64>::from_host(&idx, &inv, batch, seq, &dev);
+    let x = Tensor::<B64, 3>::random([batch, seq, d], Distribution::Default, &dev).require_grad();
+    let c =
+        Tensor::<B64, 3>::random([batch, p.kept, d], Distribution::Default, &dev).require_grad();
+    let w1 = Tensor::<B64, 3>::random([batch, p.kept, d], Distribution::Default, &dev);
+    let w2 = Tensor::<B64, 3>::random([batch, seq, d], Distribution::Default, &dev);
+
+    let loss =
+        |g: Tensor<B64, 3>, m: Tensor<B64, 3>| (g * w1.clone()).sum() + (m * w2.clone()).sum();
+    // The trait path (custom backward nodes).
+    let g = gather_tokens(x.clone(), &p);
+    let m = merge_tokens(x.clone(), c.clone(), &p);
+    let grads = loss(g.clone(), m.clone()).backward();
+    // The plain-op reference under burn's autodiff.
+    let flat = x.clone().reshape([batch * seq, d]);
+    let gr = reference::gather_tensors(flat.clone(), p.idx.clone()).reshape([batch, p.kept, d]);
+    let mr = reference::merge_tensors(flat, c.clone().reshape([batch * p.kept, d]), p.inv.clone())
+        .reshape([batch, seq, d]);
+    let grads_r = loss(gr.clone(), mr.clone()).backward();
+    assert_eq!(max_abs(g, gr), 0.0);
+    assert_eq!(max_abs(m, mr), 0.0);
+    assert_eq!(
+        max_abs(x.grad(&grads).unwrap(), x.grad(&grads_r).unwrap()),
+        0.0
+    );
+    assert_eq!(
+        max_abs(c.grad(&grads).unwrap(), c.grad(&grads_r).unwrap()),
+        0.0
+    );
+    // And through the model-level dispatch.
+    let md = ops::merge(x.clone(), c.clone(), &p);
+    assert_eq!(max_abs(md, merge_tokens(x, c, &p)), 0.0);
+}
+
+#[test]
+fn predictors_fit_the_exact_pattern_in_calibration() {
+    let (batch, seq) = (2, 32);
+    let m = model(3, seq);
+    let cfg = LemoConfig {
+        keep_ratio: 0.5,
+        segment: 16,
+        sink: 1,
+        recent: 2,
+        predictor_hidden: 32,
+        layers: Some(meft::adapter::Layers::Only(vec![1, 2])),
+        ..LemoConfig::default()
+    };
+    let m = m.no_grad();
+    let mut lemo = Lemo::new(&cfg, &m, &Default::default()).unwrap();
+    let toks = tokens::<B64>(batch, seq, 40, 3);
+    let mut optim = AdamWConfig::new().init::<B64, Lemo<B64>>();
+    let mut losses = Vec::new();
+    let mut overlaps = Vec::new();
+    for _ in 0..60 {
+        let (_, aux) = lemo.forward_hidden(&m, toks.clone(), LemoMode::Calibrate);
+        let loss = aux.predictor_loss.expect("calibration reports a loss");
+        losses.push(loss.clone().into_scalar());
+        overlaps.push(aux.overlap.iter().sum::<f64>() / aux.overlap.len() as f64);
+        let grads = GradientsParams::from_grads(loss.backward(), &lemo);
+        lemo = optim.step(1e-2, lemo, grads);
+    }
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(last < 0.5 * first, "predictor loss {first} -> {last}");
+    let (o0, o1) = (overlaps[0], *overlaps.last().unwrap());
+    assert!(o1 > 0.9 && o1 > o0, "overlap {o0} -> {o1}");
+}

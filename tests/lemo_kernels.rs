@@ -1,0 +1,213 @@
+//! LeMo's token kernels on wgpu (lavapipe on CPU-only machines) against the host oracle and
+//! the plain-op reference: segment selection (ragged last segments, ties, a segment shorter
+//! than the budget, keep-all, batch offsets), gather and merge with their backward (exact:
+//! they only copy), and the memory-efficient attention (f32 kernels vs an f64 reference,
+//! within 1e-5 of the largest magnitude).
+#![cfg(feature = "wgpu")]
+
+use burn::backend::wgpu::{CubeBackend, WgpuRuntime};
+use burn::backend::{Autodiff, NdArray, Wgpu};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
+use cube_kernels::attention::{forward as attn_ref, ChunkedAttentionBackend};
+use cube_kernels::tokens::{
+    gather_tokens, merge_tokens, reference, segment_select, select_segments_host, TokenPattern,
+    TokenSparsityBackend,
+};
+
+type Fused = Autodiff<Wgpu<f32>>;
+type Unfused = Autodiff<CubeBackend<WgpuRuntime, f32, i32, u32>>;
+type Ref = Autodiff<NdArray<f64>>;
+
+fn scores(n: usize, seed: u64, levels: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // Few levels: many ties.
+            ((s >> 33) % levels) as f32 * 0.25 - 1.0
+        })
+        .collect()
+}
+
+fn ints<B: Backend>(t: Tensor<B, 1, Int>, n: usize) -> Vec<i64> {
+    let v: Vec<i64> = t.into_data().convert::<i64>().into_vec().unwrap();
+    v[..n].to_vec()
+}
+
+fn floats<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+    t.into_data().convert::<f64>().into_vec().unwrap()
+}
+
+const CASES: [(usize, usize, usize, usize); 6] = [
+    (1, 5, 16, 3),    // one segment shorter than the budget... and than S
+    (2, 100, 32, 7),  // ragged last segment of 4 (keeps 4)
+    (3, 256, 64, 64), // keep everything
+    (2, 1000, 256, 100),
+    (1, 33, 16, 1),
+    (4, 70, 32, 31),
+];
+
+fn check_select<K: TokenSparsityBackend>(name: &str) {
+    let dev = Default::default();
+    for (i, &(batch, seq, seg, keep)) in CASES.iter().enumerate() {
+        for levels in [3, 1 << 20] {
+            let s = scores(batch * seq, i as u64 + levels, levels);
+            let (idx, inv) = select_segments_host(&s, batch, seq, seg, keep);
+            let t = Tensor::<K, 2>::from_data(TensorData::new(s.clone(), [batch, seq]), &dev);
+            let p = segment_select(t, seg, keep);
+            assert_eq!(p.kept * batch, idx.len(), "{name} case {i}");
+            let want_idx: Vec<i64> = idx.iter().map(|&v| v as i64).collect();
+            let want_inv: Vec<i64> = inv.iter().map(|&v| v as i64).collect();
+            assert_eq!(ints(p.idx, idx.len()), want_idx, "{name} case {i} idx");
+            assert_eq!(ints(p.inv, inv.len()), want_inv, "{name} case {i} inv");
+        }
+    }
+}
+
+#[test]
+fn segment_select_equals_the_host_oracle() {
+    check_select::<Fused>("fused");
+    check_select::<Unfused>("unfused");
+}
+
+fn check_gather_merge<K: AutodiffBackend + TokenSparsityBackend>(name: &str) {
+    let dev = Default::default();
+    let kdev: K::Device = Default::default();
+    for (i, &(batch, seq, seg, keep)) in CASES.iter().enumerate() {
+        for d in [1, 33, 130] {
+            let s = scores(batch * seq, i as u64, 5);
+            let (idx, inv) = select_segments_host(&s, batch, seq, seg, keep);
+            let kept = idx.len() / batch;
+            let x = Tensor::<Ref, 3>::random([batch, seq, d], Distribution::Default, &dev);
+            let c = Tensor::<Ref, 3>::random([batch, kept, d], Distribution::Default, &dev);
+            let w1 = Tensor::<Ref, 3>::random([batch, kept, d], Distribution::Default, &dev);
+            let w2 = Tensor::<Ref, 3>::random([batch, seq, d], Distribution::Default, &dev);
+            // The reference in f64, on values that are exact in f32.
+            let f32s = |t: Tensor<Ref, 3>| -> Vec<f32> {
+                t.into_data().convert::<f32>().into_vec().unwrap()
+            };
+            let (xv, cv, w1v, w2v) = (f32s(x), f32s(c), f32s(w1), f32s(w2));
+            let on = |v: &[f32], shape: [usize; 3]| {
+                Tensor::<Ref, 3>::from_data(
+                    TensorData::new(v.to_vec(), shape).convert::<f64>(),
+                    &dev,
+                )
+                .require_grad()
+            };
+            let (x, c) = (on(&xv, [batch, seq, d]), on(&cv, [batch, kept, d]));
+            let pr = TokenPattern::<Ref>::from_host(&idx, &inv, batch, seq, &dev);
+            let flat = x.clone().reshape([batch * seq, d]);
+            let g =
+                reference::gather_tensors(flat.clone(), pr.idx.clone()).reshape([batch, kept, d]);
+            let m = reference::merge_tensors(
+                flat,
+                c.clone().reshape([batch * kept, d]),
+                pr.inv.clone(),
+            )
+            .reshape([batch, seq, d]);
+            let grads = ((g.clone() * on(&w1v, [batch, kept, d])).sum()
+                + (m.clone() * on(&w2v, [batch, seq, d])).sum())
+            .backward();
+
+            let onk = |v: &[f32], shape: [usize; 3]| {
+                Tensor::<K, 3>::from_data(TensorData::new(v.to_vec(), shape), &kdev).require_grad()
+            };
+            let (xk, ck) = (onk(&xv, [batch, seq, d]), onk(&cv, [batch, kept, d]));
+            let pk = TokenPattern::<K>::from_host(&idx, &inv, batch, seq, &kdev);
+            let gk = gather_tokens(xk.clone(), &pk);
+            let mk = merge_tokens(xk.clone(), ck.clone(), &pk);
+            let gradsk = ((gk.clone() * onk(&w1v, [batch, kept, d])).sum()
+                + (mk.clone() * onk(&w2v, [batch, seq, d])).sum())
+            .backward();
+            let tag = format!("{name} case {i} d {d}");
+            assert_eq!(floats(gk), floats(g), "{tag}: gather");
+            assert_eq!(floats(mk), floats(m), "{tag}: merge");
+            let close = |a: Vec<f64>, b: Vec<f64>, what: &str| {
+                for (x, y) in a.iter().zip(&b) {
+                    assert!(
+                        (x - y).abs() <= 1e-6 * (1.0 + y.abs()),
+                        "{tag}: {what} {x} vs {y}"
+                    );
+                }
+            };
+            // Gradients: copies of w (exact), plus the sum over the two uses of x.
+            close(
+                floats(xk.grad(&gradsk).unwrap()),
+                floats(x.grad(&grads).unwrap()),
+                "dx",
+            );
+            close(
+                floats(ck.grad(&gradsk).unwrap()),
+                floats(c.grad(&grads).unwrap()),
+                "dcomp",
+            );
+        }
+    }
+}
+
+#[test]
+fn gather_and_merge_equal_the_reference_with_gradients() {
+    check_gather_merge::<Fused>("fused");
+    check_gather_merge::<Unfused>("unfused");
+}
+
+#[test]
+fn chunked_attention_on_wgpu_equals_the_f64_reference() {
+    let dev = Default::default();
+    let gdev = Default::default();
+    for (b, h, t, hd, chunk) in [(1, 2, 50, 16, 16), (2, 1, 17, 8, 16), (1, 3, 64, 32, 64)] {
+        let n = b * h * t * hd;
+        let vals = |s: u64| -> Vec<f32> { scores(n, s, 1 << 20) };
+        let (qv, kv, vv, wv) = (vals(1), vals(2), vals(3), vals(4));
+        let shape = [b, h, t, hd];
+        let r = |v: &[f32]| {
+            Tensor::<Ref, 4>::from_data(TensorData::new(v.to_vec(), shape).convert::<f64>(), &dev)
+                .require_grad()
+        };
+        let (q, k, v) = (r(&qv), r(&kv), r(&vv));
+        let (want, _) = attn_ref(q.clone(), k.clone(), v.clone(), chunk);
+        let gw = (want.clone() * r(&wv)).sum().backward();
+        let g = |v: &[f32]| {
+            Tensor::<Fused, 4>::from_data(TensorData::new(v.to_vec(), shape), &gdev).require_grad()
+        };
+        let (qk, kk, vk) = (g(&qv), g(&kv), g(&vv));
+        let prim = |x: &Tensor<Fused, 4>| x.clone().into_primitive().tensor();
+        let got = Tensor::<Fused, 4>::from_primitive(TensorPrimitive::Float(
+            <Fused as ChunkedAttentionBackend>::chunked_attention(
+                prim(&qk),
+                prim(&kk),
+                prim(&vk),
+                chunk,
+            ),
+        ));
+        let gg = (got.clone() * g(&wv)).sum().backward();
+        let close = |a: Vec<f64>, b: Vec<f64>, what: &str| {
+            let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * scale,
+                    "t {t} chunk {chunk} {what}: {x} vs {y}"
+                );
+            }
+        };
+        close(floats(got), floats(want), "out");
+        close(
+            floats(qk.grad(&gg).unwrap()),
+            floats(q.grad(&gw).unwrap()),
+            "dq",
+        );
+        close(
+            floats(kk.grad(&gg).unwrap()),
+            floats(k.grad(&gw).unwrap()),
+            "dk",
+        );
+        close(
+            floats(vk.grad(&gg).unwrap()),
+            floats(v.grad(&gw).unwrap()),
+            "dv",
+        );
+    }
+}

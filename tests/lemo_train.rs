@@ -1,0 +1,154 @@
+//! `meft train` with LeMo on a text source, end to end on the tiny GGUF (CPU): calibration
+//! steps then elimination steps, held-out perplexity before and after at two context
+//! lengths, and resume equal to an uninterrupted run (the calibration/elimination schedule
+//! continues where it stopped).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::ndarray::NdArrayDevice;
+use burn::backend::NdArray;
+use meft::backend::BackendTask;
+use meft::train::{TrainConfig, TrainTask};
+
+fn workdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("meft-lemo-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A few thousand words of patterned text.
+fn text_file(dir: &Path) -> PathBuf {
+    let path = dir.join("doc.txt");
+    let names = [
+        "Adam",
+        "Seth",
+        "Enos",
+        "Cainan",
+        "Mahalaleel",
+        "Jared",
+        "Enoch",
+    ];
+    let mut s = String::new();
+    for i in 0..400 {
+        let a = names[i % names.len()];
+        let b = names[(i * 3 + 1) % names.len()];
+        s += &format!("{i} And {a} lived {} years, and begat {b}.\n", 30 + i % 70);
+    }
+    std::fs::write(&path, s).unwrap();
+    path
+}
+
+fn config(dir: &Path, data: &Path, steps: usize) -> TrainConfig {
+    let text = format!(
+        r#"
+model = "{}"
+output = "{}"
+steps = {steps}
+batch = 2
+eval_every = 500
+checkpoint_every = 4
+display = "plain"
+seed = 3
+[data]
+source = "text"
+path = "{}"
+eval_fraction = 0.2
+max_len = 48
+[adapter]
+kind = "lora"
+rank = 4
+[optimizer]
+lr = 0.01
+warmup_steps = 2
+[eval]
+contexts = [16, 32]
+tokens = 96
+[lemo]
+keep_ratio = 0.5
+segment = 16
+sink = 1
+recent = 4
+predictor_hidden = 8
+warmup_steps = 3
+"#,
+        common::tinycoder().display(),
+        dir.join("run").display(),
+        data.display()
+    );
+    TrainConfig::parse(&text, "test", &[]).unwrap()
+}
+
+fn train(
+    cfg: TrainConfig,
+    resume: bool,
+    stop_after: Option<usize>,
+) -> meft::train::run::TrainOutcome {
+    TrainTask {
+        config: cfg,
+        resume,
+        stop_after,
+        skip_eval: false,
+    }
+    .run::<NdArray>(NdArrayDevice::Cpu)
+    .unwrap()
+}
+
+#[test]
+fn lemo_text_run_trains_evaluates_and_resumes_exactly() {
+    let dir = workdir("straight");
+    let data = text_file(&dir);
+    let straight = train(config(&dir, &data, 8), false, None);
+    assert_eq!(straight.steps, 8);
+    assert!(
+        straight.losses.iter().all(|l| l.is_finite()),
+        "{:?}",
+        straight.losses
+    );
+    for report in [&straight.perplexity_before, &straight.perplexity_after] {
+        let r = report.as_ref().expect("perplexity before and after");
+        assert_eq!(
+            r.contexts.iter().map(|c| c.context).collect::<Vec<_>>(),
+            vec![16, 32]
+        );
+        assert!(r
+            .contexts
+            .iter()
+            .all(|c| c.perplexity.is_finite() && c.perplexity > 1.0));
+        assert!(r.contexts.iter().all(|c| c.targets >= 90), "{r:?}");
+    }
+    assert!(dir.join("run/perplexity-after.json").exists());
+
+    let dir2 = workdir("resumed");
+    let first = train(config(&dir2, &data, 8), false, Some(4));
+    assert_eq!(first.steps, 4);
+    let rest = train(config(&dir2, &data, 8), true, None);
+    assert_eq!(rest.resumed_from, 4);
+    assert_eq!(
+        rest.losses, straight.losses,
+        "resume must continue the same schedule"
+    );
+    let a = std::fs::read(dir.join("run/adapter.safetensors")).unwrap();
+    let b = std::fs::read(dir2.join("run/adapter.safetensors")).unwrap();
+    assert_eq!(a, b, "adapter exports differ");
+}
+
+#[test]
+fn lemo_config_errors_name_the_field() {
+    let dir = workdir("bad");
+    let data = text_file(&dir);
+    let mut cfg = config(&dir, &data, 2);
+    cfg.lemo.as_mut().unwrap().keep_ratio = 0.0;
+    let err = TrainTask {
+        config: cfg,
+        resume: false,
+        stop_after: None,
+        skip_eval: true,
+    }
+    .run::<NdArray>(NdArrayDevice::Cpu)
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("lemo.keep_ratio"), "{err}");
+}
