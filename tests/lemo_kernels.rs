@@ -160,7 +160,13 @@ fn chunked_attention_on_wgpu_equals_the_f64_reference() {
     let gdev = Default::default();
     for (b, h, t, hd, chunk) in [(1, 2, 50, 16, 16), (2, 1, 17, 8, 16), (1, 3, 64, 32, 64)] {
         let n = b * h * t * hd;
-        let vals = |s: u64| -> Vec<f32> { scores(n, s, 1 << 20) };
+        // Values in [-2, 2) (the selection scores' generator, rescaled).
+        let vals = |s: u64| -> Vec<f32> {
+            scores(n, s, 1 << 20)
+                .iter()
+                .map(|v| (v + 1.0) / 65536.0 - 2.0)
+                .collect()
+        };
         let (qv, kv, vv, wv) = (vals(1), vals(2), vals(3), vals(4));
         let shape = [b, h, t, hd];
         let r = |v: &[f32]| {

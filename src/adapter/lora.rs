@@ -40,6 +40,10 @@ pub struct LoraConfig {
     /// Projections to adapt.
     #[serde(default = "default_targets")]
     pub targets: Vec<LoraTarget>,
+    /// Seed of the A matrices' init (layer i, target j draws from seed, i, j), so an init
+    /// does not depend on the backend's shared generator.
+    #[serde(default)]
+    pub seed: u64,
 }
 
 fn default_alpha() -> f64 {
@@ -57,6 +61,7 @@ impl LoraConfig {
             rank,
             alpha: default_alpha(),
             targets: default_targets(),
+            seed: 0,
         }
     }
 
@@ -102,15 +107,22 @@ impl<B: Backend> Projection<B> {
         Self { linear, lora: None }
     }
 
-    /// Adds a fresh rank-`rank` update.
-    pub fn with_lora(mut self, rank: usize, alpha: f64) -> Self {
+    /// Adds a fresh rank-`rank` update: A ~ N(0, 1/d_in) drawn from `seed`, B = 0 (so the
+    /// adapted projection starts equal to the base).
+    pub fn with_lora(mut self, rank: usize, alpha: f64, seed: u64) -> Self {
+        use rand::SeedableRng;
+        use rand_distr::Distribution as _;
         let [d_in, d_out] = self.linear.weight.dims();
         let device = self.linear.weight.device();
         let dtype = self.linear.weight.dtype();
-        let std = (1.0 / d_in as f64).sqrt();
-        let normal = Distribution::Normal(0.0, std);
+        let std = (1.0 / d_in as f64).sqrt() as f32;
+        let normal = rand_distr::Normal::new(0.0f32, std).expect("finite std");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let a: Vec<f32> = (0..d_in * rank).map(|_| normal.sample(&mut rng)).collect();
+        let a = Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(a, [d_in, rank]), &device)
+            .cast(dtype);
         self.lora = Some(LoraDelta {
-            a: Param::from_tensor(Tensor::random([d_in, rank], normal, (&device, dtype))),
+            a: Param::from_tensor(a),
             b: Param::from_tensor(Tensor::zeros([rank, d_out], (&device, dtype))),
             scale: alpha / rank as f64,
         });
@@ -136,6 +148,7 @@ impl<B: Backend> Projection<B> {
 pub(crate) fn apply<B: Backend>(
     mut block: crate::model::Block<B>,
     config: &LoraConfig,
+    layer: usize,
 ) -> Result<crate::model::Block<B>> {
     use crate::model::Ffn;
     let Ffn::Base(mut ffn) = block.ffn else {
@@ -144,7 +157,7 @@ pub(crate) fn apply<B: Backend>(
         ));
     };
     let attn = &mut block.attn;
-    for t in &config.targets {
+    for (j, t) in config.targets.iter().enumerate() {
         let slot = match t {
             LoraTarget::Q => &mut attn.wq,
             LoraTarget::K => &mut attn.wk,
@@ -158,7 +171,11 @@ pub(crate) fn apply<B: Backend>(
             return Err(Error::AdapterConfig(format!("lora: {t:?} is listed twice")));
         }
         let p = std::mem::replace(slot, Projection::new(placeholder(&slot.linear)));
-        *slot = p.with_lora(config.rank, config.alpha);
+        let seed = config
+            .seed
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add((layer as u64) << 8 | j as u64);
+        *slot = p.with_lora(config.rank, config.alpha, seed);
     }
     block.ffn = Ffn::Base(ffn);
     Ok(block)

@@ -219,7 +219,7 @@ pub fn wrap<B: Backend>(
                     block.ffn = Ffn::Dense(DenseAdapterFfn::new(block.ffn.into_base(), c, i)?);
                 }
                 AdapterConfig::Lora(c) => {
-                    block = lora::apply(block, c)?;
+                    block = lora::apply(block, c, i)?;
                 }
             }
         }

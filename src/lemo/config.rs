@@ -43,6 +43,8 @@ pub struct LemoConfig {
     pub pattern: PatternSource,
     /// Layers that eliminate tokens (default: all but the first two).
     pub layers: Option<Layers>,
+    /// Seed of the predictors' init (layer l uses seed + l).
+    pub seed: u64,
 }
 
 impl Default for LemoConfig {
@@ -57,6 +59,7 @@ impl Default for LemoConfig {
             warmup_steps: 20,
             pattern: PatternSource::Predicted,
             layers: None,
+            seed: 0,
         }
     }
 }

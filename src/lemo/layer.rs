@@ -102,7 +102,14 @@ impl<B: Backend> Lemo<B> {
         let predictors = plan
             .layers
             .iter()
-            .map(|_| PatternPredictor::new(d, cfg.predictor_hidden, device))
+            .map(|&l| {
+                PatternPredictor::new(
+                    d,
+                    cfg.predictor_hidden,
+                    cfg.seed.wrapping_add(l as u64),
+                    device,
+                )
+            })
             .collect();
         Ok(Self { predictors, plan })
     }

@@ -2,11 +2,11 @@
 //! the exact informativeness (which needs the layer's full attention) is not computed at run
 //! time. Trained with binary cross-entropy against the exact pattern (keep = 1).
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 
 /// `score(x) = w₂ · relu(W₁ · x / rms(x) + b₁) + b₂` per token.
 #[derive(Module, Debug)]
@@ -18,11 +18,31 @@ pub struct PatternPredictor<B: Backend> {
 }
 
 impl<B: Backend> PatternPredictor<B> {
-    /// A fresh predictor for width `d` (burn's default Linear init).
-    pub fn new(d: usize, hidden: usize, device: &B::Device) -> Self {
+    /// A fresh predictor for width `d`: weights and biases ~ U(±1/sqrt(fan_in)) drawn from
+    /// `seed` (not from the backend's shared generator, so runs are reproducible).
+    pub fn new(d: usize, hidden: usize, seed: u64, device: &B::Device) -> Self {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut linear = |fan_in: usize, fan_out: usize| {
+            let k = (1.0 / fan_in as f64).sqrt() as f32;
+            let mut draw =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-k..k)).collect() };
+            let mut l = LinearConfig::new(fan_in, fan_out).init(device);
+            let w = draw(fan_in * fan_out);
+            let b = draw(fan_out);
+            l.weight = Param::from_tensor(Tensor::from_data(
+                TensorData::new(w, [fan_in, fan_out]),
+                device,
+            ));
+            l.bias = Some(Param::from_tensor(Tensor::from_data(
+                TensorData::new(b, [fan_out]),
+                device,
+            )));
+            l
+        };
         Self {
-            hidden: LinearConfig::new(d, hidden).init(device),
-            out: LinearConfig::new(hidden, 1).init(device),
+            hidden: linear(d, hidden),
+            out: linear(hidden, 1),
         }
     }
 

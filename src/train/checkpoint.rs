@@ -293,8 +293,17 @@ pub fn restore<B: AutodiffBackend>(
             ))
         })?;
     optim.load_dense_record(record);
-    let stores = TensorsFile::open(&path.join("meft.safetensors"))?;
-    for a in &adapters.sparse {
+    // Only MEFT runs have host stores (an empty safetensors file is not readable back).
+    let stores = match adapters.sparse.is_empty() {
+        true => None,
+        false => Some(TensorsFile::open(&path.join("meft.safetensors"))?),
+    };
+    for (a, stores) in adapters
+        .sparse
+        .iter()
+        .zip(std::iter::repeat(stores.as_ref()))
+    {
+        let stores = stores.expect("opened when there are stores");
         let l = a.layer();
         let (_, p) = stores.f32(&format!("layer{l}.params"))?;
         let (_, m1) = stores.f32(&format!("layer{l}.moment1"))?;
