@@ -178,7 +178,10 @@ impl<B: Backend> Lemo<B> {
                     eliminate(block, x, &model.rope, &p)
                 }
                 LemoMode::Predicted => {
-                    let logits = self.predictors[slot].forward(x.clone().detach());
+                    // Only the selection reads the logits: run the predictor untracked, so
+                    // no graph (and none of its full-length activations) is kept.
+                    let predictor = self.predictors[slot].clone().no_grad();
+                    let logits = predictor.forward(x.clone().detach());
                     let p = self.pattern(slot, logits, bias);
                     eliminate(block, x, &model.rope, &p)
                 }
