@@ -1,5 +1,8 @@
 //! Token elimination kernels (see the module docs of [`super`]).
 
+// Kernel code is cubecl's subset of Rust: `usize::div_ceil` is not in it.
+#![allow(clippy::manual_div_ceil)]
+
 use cubecl::prelude::*;
 
 #[cube]
