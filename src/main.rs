@@ -252,6 +252,9 @@ enum BenchCommand {
         /// LeMo: tokens per segment.
         #[arg(long, default_value_t = 256)]
         segment: usize,
+        /// LeMo: the layers that eliminate tokens (default: all but the first two).
+        #[arg(long, value_delimiter = ',')]
+        lemo_layers: Option<Vec<usize>>,
         /// LoRA rank (q and v).
         #[arg(long, default_value_t = 8)]
         lora_rank: usize,
@@ -563,6 +566,7 @@ fn main() -> anyhow::Result<()> {
             modes,
             keep_ratio,
             segment,
+            lemo_layers,
             lora_rank,
             warmup,
             iters,
@@ -580,6 +584,7 @@ fn main() -> anyhow::Result<()> {
             let lemo = meft::lemo::LemoConfig {
                 keep_ratio,
                 segment,
+                layers: lemo_layers.map(meft::adapter::Layers::Only),
                 ..Default::default()
             };
             let bench = LemoBench {
