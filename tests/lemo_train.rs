@@ -172,3 +172,26 @@ fn lemo_config_errors_name_the_field() {
     .to_string();
     assert!(err.contains("lemo.keep_ratio"), "{err}");
 }
+
+#[test]
+fn lemo_composes_with_a_meft_adapter() {
+    let dir = workdir("meft");
+    let data = text_file(&dir);
+    let mut cfg = config(&dir, &data, 6);
+    cfg.adapter = serde_json::from_value(serde_json::json!({
+        "kind": "meft", "neurons": 256, "top_k": 8, "experts_per_token": 4
+    }))
+    .unwrap();
+    let out = TrainTask {
+        config: cfg,
+        resume: false,
+        stop_after: None,
+        skip_eval: false,
+    }
+    .run::<NdArray>(NdArrayDevice::Cpu)
+    .unwrap();
+    // 3 calibration steps, then 3 with the MEFT FFN running on the kept tokens only.
+    assert_eq!(out.steps, 6);
+    assert!(out.losses.iter().all(|l| l.is_finite()), "{:?}", out.losses);
+    assert!(out.perplexity_after.is_some());
+}
