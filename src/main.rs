@@ -270,6 +270,15 @@ enum BenchCommand {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// LeMo's device operations (selection, gather/merge, chunked attention, with backward)
+    /// against the host oracle and the f64 reference; exits non-zero on a mismatch.
+    LemoCheck {
+        /// Where to write the JSON results.
+        #[arg(long, default_value = "lemo-check.json")]
+        out: PathBuf,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
     /// Adapter rows host → device and gradients back: the adapter's transfer path (pinned
     /// staging on un-fused CUDA f32) vs burn's from_data/into_data vs a raw pinned copy; every
     /// transfer is checked byte for byte.
@@ -602,6 +611,14 @@ fn main() -> anyhow::Result<()> {
             let rows = run_on(device.backend, device.dtype, bench)?;
             write_json(&out, &rows)?;
             print!("{}", LemoBenchRow::table(&rows));
+        }
+        Command::Bench(BenchCommand::LemoCheck { out, device }) => {
+            let rows = run_on(device.backend, device.dtype, meft::bench::LemoCheck)?;
+            write_json(&out, &rows)?;
+            print!("{}", meft::bench::CheckRow::table(&rows));
+            if let Some(bad) = rows.iter().find(|r| !r.pass) {
+                anyhow::bail!("{} ({}) is off by {:.2e}", bad.check, bad.case, bad.max_err);
+            }
         }
         Command::Bench(BenchCommand::Transfer {
             d_model,

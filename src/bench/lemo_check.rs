@@ -1,0 +1,251 @@
+//! `meft bench lemo-check`: LeMo's device operations (segment selection, gather and merge
+//! with their backward, the chunked attention with its backward) on the chosen backend
+//! against the host oracle and the f64 plain-op reference on ndarray, on random inputs at
+//! several sizes including ragged ones — the same checks `tests/lemo_kernels.rs` runs on wgpu,
+//! for backends CI has not got (CUDA).
+
+use burn::backend::{Autodiff, NdArray};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use cube_kernels::tokens::{reference, select_segments_host, TokenPattern};
+use serde::Serialize;
+
+use crate::backend::BackendTask;
+use crate::model::ops;
+use crate::Result;
+
+type Ref = Autodiff<NdArray<f64>>;
+
+/// One comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckRow {
+    /// What was compared.
+    pub check: String,
+    /// The case's shape.
+    pub case: String,
+    /// Largest difference, relative to the reference's largest magnitude (0 for exact checks).
+    pub max_err: f64,
+    /// Allowed.
+    pub tolerance: f64,
+    /// Within tolerance.
+    pub pass: bool,
+}
+
+/// The check (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct LemoCheck;
+
+fn lcg(n: usize, seed: u64, levels: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % levels) as f32 / levels as f32 * 4.0 - 2.0
+        })
+        .collect()
+}
+
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+    t.into_data()
+        .convert::<f64>()
+        .into_vec()
+        .unwrap_or_default()
+}
+
+fn rel_err(got: &[f64], want: &[f64]) -> f64 {
+    let scale = want.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
+    let worst = got
+        .iter()
+        .zip(want)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    worst / scale
+}
+
+fn row(check: &str, case: String, max_err: f64, tolerance: f64) -> CheckRow {
+    CheckRow {
+        check: check.into(),
+        case,
+        max_err,
+        tolerance,
+        pass: max_err <= tolerance,
+    }
+}
+
+fn on<B: Backend, const D: usize>(
+    v: &[f32],
+    shape: [usize; D],
+    device: &B::Device,
+) -> Tensor<B, D> {
+    Tensor::from_data(
+        TensorData::new(v.to_vec(), shape).convert::<B::FloatElem>(),
+        device,
+    )
+}
+
+impl LemoCheck {
+    fn tokens<AB: AutodiffBackend>(&self, device: &AB::Device, out: &mut Vec<CheckRow>) {
+        let rdev = Default::default();
+        for (i, &(b, t, seg, keep, d)) in [
+            (1, 5, 16, 3, 8),
+            (2, 100, 32, 7, 33),
+            (3, 256, 64, 64, 130),
+            (2, 1000, 256, 100, 576),
+            (4, 70, 32, 31, 64),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let case = format!("batch {b} seq {t} segment {seg} keep {keep} d {d}");
+            let scores = lcg(b * t, i as u64 + 1, 5);
+            let (idx, inv) = select_segments_host(&scores, b, t, seg, keep);
+            let p = ops::select_tokens(on::<AB, 2>(&scores, [b, t], device), seg, keep);
+            let ints = |x: Tensor<AB, 1, Int>, n: usize| -> Vec<i64> {
+                let v: Vec<i64> = x
+                    .into_data()
+                    .convert::<i64>()
+                    .into_vec()
+                    .unwrap_or_default();
+                v.into_iter().take(n).collect()
+            };
+            let same = ints(p.idx.clone(), idx.len())
+                == idx.iter().map(|&v| v as i64).collect::<Vec<_>>()
+                && ints(p.inv.clone(), inv.len())
+                    == inv.iter().map(|&v| v as i64).collect::<Vec<_>>();
+            out.push(row(
+                "segment selection = host oracle",
+                case.clone(),
+                if same { 0.0 } else { 1.0 },
+                0.0,
+            ));
+
+            let k = idx.len() / b;
+            let (xv, cv) = (
+                lcg(b * t * d, 11 + i as u64, 1 << 20),
+                lcg(b * k * d, 17 + i as u64, 1 << 20),
+            );
+            let (w1, w2) = (
+                lcg(b * k * d, 23 + i as u64, 1 << 20),
+                lcg(b * t * d, 29 + i as u64, 1 << 20),
+            );
+            let pr = TokenPattern::<Ref>::from_host(&idx, &inv, b, t, &rdev);
+            let x = on::<Ref, 2>(&xv, [b * t, d], &rdev).require_grad();
+            let c = on::<Ref, 2>(&cv, [b * k, d], &rdev).require_grad();
+            let g = reference::gather_tensors(x.clone(), pr.idx.clone());
+            let m = reference::merge_tensors(x.clone(), c.clone(), pr.inv.clone());
+            let gr = ((g.clone() * on::<Ref, 2>(&w1, [b * k, d], &rdev)).sum()
+                + (m.clone() * on::<Ref, 2>(&w2, [b * t, d], &rdev)).sum())
+            .backward();
+            let xk = on::<AB, 3>(&xv, [b, t, d], device).require_grad();
+            let ck = on::<AB, 3>(&cv, [b, k, d], device).require_grad();
+            let gk = ops::gather(xk.clone(), &p);
+            let mk = ops::merge(xk.clone(), ck.clone(), &p);
+            let grk = ((gk.clone() * on::<AB, 3>(&w1, [b, k, d], device)).sum()
+                + (mk.clone() * on::<AB, 3>(&w2, [b, t, d], device)).sum())
+            .backward();
+            out.push(row(
+                "gather",
+                case.clone(),
+                rel_err(&host(gk), &host(g)),
+                0.0,
+            ));
+            out.push(row(
+                "merge",
+                case.clone(),
+                rel_err(&host(mk), &host(m)),
+                0.0,
+            ));
+            let dx = rel_err(
+                &host(xk.grad(&grk).expect("dx")),
+                &host(x.grad(&gr).expect("dx")),
+            );
+            let dc = rel_err(
+                &host(ck.grad(&grk).expect("dc")),
+                &host(c.grad(&gr).expect("dc")),
+            );
+            out.push(row("gather+merge backward dx", case.clone(), dx, 1e-6));
+            out.push(row("merge backward dcomp", case, dc, 1e-6));
+        }
+    }
+
+    fn attention<AB: AutodiffBackend>(&self, device: &AB::Device, out: &mut Vec<CheckRow>) {
+        let rdev = Default::default();
+        // 16-row query chunks, so every case runs several (ragged) chunks.
+        std::env::set_var("MEFT_ATTN_CHUNK_MB", "0");
+        for (i, &(b, h, t, hd)) in [(1, 2, 50, 16), (2, 3, 300, 64), (1, 9, 1000, 64)]
+            .iter()
+            .enumerate()
+        {
+            let case = format!("batch {b} heads {h} seq {t} head_dim {hd}, 16-row chunks");
+            let n = b * h * t * hd;
+            let v: Vec<Vec<f32>> = (0..4)
+                .map(|s| lcg(n, 101 + 7 * i as u64 + s, 1 << 20))
+                .collect();
+            let shape = [b, h, t, hd];
+            let r = |x: &[f32]| on::<Ref, 4>(x, shape, &rdev).require_grad();
+            let (q, k, vv) = (r(&v[0]), r(&v[1]), r(&v[2]));
+            let (want, _) = cube_kernels::attention::forward(q.clone(), k.clone(), vv.clone(), t);
+            let gw = (want.clone() * on::<Ref, 4>(&v[3], shape, &rdev))
+                .sum()
+                .backward();
+            let g = |x: &[f32]| on::<AB, 4>(x, shape, device).require_grad();
+            let (qk, kk, vk) = (g(&v[0]), g(&v[1]), g(&v[2]));
+            let got = ops::causal_attention(qk.clone(), kk.clone(), vk.clone());
+            let gg = (got.clone() * on::<AB, 4>(&v[3], shape, device))
+                .sum()
+                .backward();
+            // f32 on the device (GPU matmuls may use reduced-precision tensor cores).
+            let tol = 1e-3;
+            out.push(row(
+                "chunked attention out",
+                case.clone(),
+                rel_err(&host(got), &host(want)),
+                tol,
+            ));
+            for (name, a, c) in [("dq", &qk, &q), ("dk", &kk, &k), ("dv", &vk, &vv)] {
+                let e = rel_err(
+                    &host(a.grad(&gg).expect("grad")),
+                    &host(c.grad(&gw).expect("grad")),
+                );
+                out.push(row(
+                    &format!("chunked attention {name}"),
+                    case.clone(),
+                    e,
+                    tol,
+                ));
+            }
+        }
+        std::env::remove_var("MEFT_ATTN_CHUNK_MB");
+    }
+}
+
+impl BackendTask for LemoCheck {
+    type Output = Vec<CheckRow>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<Vec<CheckRow>> {
+        let mut out = Vec::new();
+        self.tokens::<Autodiff<B>>(&device, &mut out);
+        self.attention::<Autodiff<B>>(&device, &mut out);
+        Ok(out)
+    }
+}
+
+impl CheckRow {
+    /// A Markdown table.
+    pub fn table(rows: &[CheckRow]) -> String {
+        let mut s = String::from(
+            "| check | case | max rel. error | tolerance | pass |\n|---|---|---|---|---|\n",
+        );
+        for r in rows {
+            s += &format!(
+                "| {} | {} | {:.2e} | {:.0e} | {} |\n",
+                r.check, r.case, r.max_err, r.tolerance, r.pass
+            );
+        }
+        s
+    }
+}
