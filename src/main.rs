@@ -546,13 +546,7 @@ fn main() -> anyhow::Result<()> {
             out,
             device,
         }) => {
-            let mut config = match preset {
-                Preset::Smollm2_135m => LlamaConfig::smollm2_135m(),
-                Preset::Llama7b => LlamaConfig::llama_7b(32),
-            };
-            if let Some(n) = layers {
-                config.n_layers = n;
-            }
+            let config = preset_config(preset, layers);
             let label = format!("burn {:?} {:?}", device.backend, device.dtype).to_lowercase();
             let bench = ModelBench {
                 config,
@@ -582,13 +576,7 @@ fn main() -> anyhow::Result<()> {
             out,
             device,
         }) => {
-            let mut config = match preset {
-                Preset::Smollm2_135m => LlamaConfig::smollm2_135m(),
-                Preset::Llama7b => LlamaConfig::llama_7b(32),
-            };
-            if let Some(n) = layers {
-                config.n_layers = n;
-            }
+            let config = preset_config(preset, layers);
             let label = format!("burn {:?} {:?}", device.backend, device.dtype).to_lowercase();
             let lemo = meft::lemo::LemoConfig {
                 keep_ratio,
@@ -739,6 +727,18 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A preset's geometry, with its layer count replaced when `layers` is given.
+fn preset_config(preset: Preset, layers: Option<usize>) -> LlamaConfig {
+    let mut config = match preset {
+        Preset::Smollm2_135m => LlamaConfig::smollm2_135m(),
+        Preset::Llama7b => LlamaConfig::llama_7b(32),
+    };
+    if let Some(n) = layers {
+        config.n_layers = n;
+    }
+    config
 }
 
 /// Writes benchmark results as pretty JSON.

@@ -26,7 +26,7 @@ use cubecl::prelude::*;
 
 /// Linear cube index over a 2-D grid (wgpu caps each grid dimension at 65 535).
 #[cube]
-fn cube_index() -> usize {
+pub(crate) fn cube_index() -> usize {
     (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize
 }
 

@@ -15,7 +15,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, Tensor};
 use cube_kernels::attention::chunked_attention;
-use cube_kernels::tokens::{reference, segment_select, select_segments_host, TokenPattern};
+use cube_kernels::tokens::{kept_per_input, reference, segment_select, TokenPattern};
 
 use crate::adapter::meft::compute::kernels_enabled;
 
@@ -120,14 +120,15 @@ pub fn select_tokens<B: Backend>(
         extension_backends!(run);
     }
     let [batch, seq] = scores.dims();
-    let device = scores.device();
-    let host: Vec<f32> = scores
-        .into_data()
-        .convert::<f32>()
-        .into_vec()
-        .unwrap_or_default();
-    let (idx, inv) = select_segments_host(&host, batch, seq, segment, keep);
-    TokenPattern::from_host(&idx, &inv, batch, seq, &device)
+    let (idx, inv) =
+        reference::segment_select::<B>(scores.into_primitive().tensor(), segment, keep);
+    TokenPattern {
+        idx: Tensor::from_primitive(idx),
+        inv: Tensor::from_primitive(inv),
+        batch,
+        seq,
+        kept: kept_per_input(seq, segment, keep),
+    }
 }
 
 /// The kept tokens of `x` `[batch, seq, d]`, `[batch, kept, d]` in order (differentiable).

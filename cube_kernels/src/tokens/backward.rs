@@ -98,8 +98,7 @@ impl<B: TokenSparsityBackend, C: CheckpointStrategy> TokenSparsityBackend for Au
         idx: IntTensor<Self>,
         inv: IntTensor<Self>,
     ) -> FloatTensor<Self> {
-        let [rows, width] = x.primitive.shape().dims::<2>();
-        let _ = rows;
+        let width = x.primitive.shape().dims::<2>()[1];
         let kept_rows = idx.shape().num_elements();
         let prep = GatherBackward
             .prepare::<C>([x.node.clone()])

@@ -5,10 +5,7 @@
 
 use cubecl::prelude::*;
 
-#[cube]
-fn cube_index() -> usize {
-    (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize
-}
+use crate::kernel::cube_index;
 
 /// One cube per (input b, segment g): loads the segment's scores into shared memory, ranks
 /// each token by counting the tokens that beat it (higher score, or equal and earlier), keeps

@@ -60,7 +60,6 @@ pub fn token_merge<B: Backend>(
     if let Some(comp) = comp {
         out = out + expand(float::<B, 2>(comp), inv);
     }
-    let _ = kept_rows;
     out.into_primitive().tensor()
 }
 
