@@ -12,8 +12,8 @@ use meft::adapter::MeftConfig;
 use meft::backend::{run_on, BackendKind, BackendTask, FloatType};
 use meft::bench::{
     AdapterBench, AdapterBenchResult, AdapterMethod, KernelBench, KernelBenchResult, LemoBench,
-    LemoBenchMode, LemoBenchRow, ModelBench, ModelBenchResult, Preset, TransferBench,
-    TransferBenchResult,
+    LemoBenchMode, LemoBenchRow, ModelBench, ModelBenchResult, Preset, TrainBench,
+    TrainBenchResult, TrainBenchRow, TransferBench, TransferBenchResult,
 };
 use meft::generate::{generate, Sampling};
 use meft::gguf::GgufFile;
@@ -196,6 +196,57 @@ struct GenerateArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Whole fine-tuning steps (forward, loss on every position, backward, optimizer) of a
+    /// LLaMA-shaped model with each adapter kind side by side: step time, tokens/s, GPU memory
+    /// split (weights / adapter / optimizer / activations / peak), MEFT host store, PCIe bytes
+    /// and exposed transfer time (random weights). Optional search for the largest adapter
+    /// that fits a GPU memory budget. JSON, a Markdown table, and PNG plots of the sweeps.
+    Train {
+        /// Model geometry (ignored with --model).
+        #[arg(long, value_enum, default_value = "smollm2-135m")]
+        preset: Preset,
+        /// Take the geometry from this GGUF's metadata instead (weights stay random).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Number of layers (default: the preset's or the GGUF's).
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Sequences per batch.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Tokens per sequence; several give a sequence-length sweep.
+        #[arg(long, value_delimiter = ',', default_value = "512")]
+        seqs: Vec<usize>,
+        /// Adapters, in order: none, lora:R, dense:N, meft:N or meft:N:K (K 64 by default);
+        /// several N or K of one kind give a sweep.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "none,lora:8,dense:4096,meft:4096"
+        )]
+        kinds: Vec<meft::bench::AdapterKind>,
+        /// Experts probed per token (MEFT).
+        #[arg(long, default_value_t = 8)]
+        experts_per_token: usize,
+        /// Also find the largest dense and MEFT adapter (per kind listed) whose step fits this
+        /// much GPU memory (GiB; CUDA only), at the first sequence length.
+        #[arg(long)]
+        budget_gib: Option<f64>,
+        /// Untimed steps (at least 1; the last reads memory).
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Where to write the JSON results (plots go beside it, same stem).
+        #[arg(long, default_value = "bench-train.json")]
+        out: PathBuf,
+        /// Do not write PNG plots.
+        #[arg(long)]
+        no_plots: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
     /// Forward and forward+backward tokens/s of the base model (random weights).
     Model {
         /// Model geometry.
@@ -561,6 +612,70 @@ fn main() -> anyhow::Result<()> {
             write_json(&out, &result)?;
             print!("{}", ModelBenchResult::table(&[result]));
         }
+        Command::Bench(BenchCommand::Train {
+            preset,
+            model,
+            layers,
+            batch,
+            seqs,
+            kinds,
+            experts_per_token,
+            budget_gib,
+            warmup,
+            iters,
+            out,
+            no_plots,
+            device,
+        }) => {
+            let (mut config, name) = match &model {
+                Some(path) => {
+                    let gguf = GgufFile::open(path)?;
+                    let c = LlamaConfig::from_gguf(&gguf)
+                        .with_context(|| format!("reading the geometry of {}", path.display()))?;
+                    (c, path.display().to_string())
+                }
+                None => (
+                    preset_config(preset, None),
+                    format!("{preset:?}").to_lowercase(),
+                ),
+            };
+            if let Some(n) = layers {
+                config.n_layers = n;
+            }
+            if budget_gib.is_some() && device.backend != BackendKind::Cuda {
+                anyhow::bail!("--budget-gib reads GPU memory: it needs --backend cuda");
+            }
+            let label = format!("burn {:?} {:?}", device.backend, device.dtype).to_lowercase();
+            let bench = TrainBench {
+                config,
+                model: name,
+                batch,
+                seqs,
+                kinds,
+                experts_per_token,
+                warmup,
+                iters,
+                label,
+                budget_gib,
+                cuda: device.backend == BackendKind::Cuda,
+            };
+            let result: TrainBenchResult = run_on(device.backend, device.dtype, bench)?;
+            write_json(&out, &result)?;
+            print!("{}", TrainBenchRow::table(&result.rows));
+            if result.rows.iter().any(|r| r.meft_stages.is_some()) {
+                println!();
+                print!("{}", TrainBenchRow::stage_table(&result.rows));
+            }
+            if !result.budget.is_empty() {
+                println!();
+                print!("{}", meft::bench::BudgetResult::table(&result.budget));
+            }
+            if !no_plots {
+                for p in result.write_plots(&out)? {
+                    eprintln!("plot: {}", p.display());
+                }
+            }
+        }
         Command::Bench(BenchCommand::Lemo {
             preset,
             layers,
@@ -743,6 +858,9 @@ fn preset_config(preset: Preset, layers: Option<usize>) -> LlamaConfig {
 
 /// Writes benchmark results as pretty JSON.
 fn write_json(out: &std::path::Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     std::fs::write(out, serde_json::to_string_pretty(value)?)
         .with_context(|| format!("writing {}", out.display()))
 }

@@ -114,3 +114,86 @@ fn bench_kernels_writes_every_op() {
     }
     std::fs::remove_file(out).ok();
 }
+
+#[test]
+fn bench_train_smoke() {
+    let dir = std::env::temp_dir().join(format!("meft-bench-train-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("train.json");
+    let model = common::tinycoder();
+    let (ok, stdout, stderr) = meft(&[
+        "bench",
+        "train",
+        "--backend",
+        "cpu",
+        "--model",
+        model.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--seqs",
+        "8,16",
+        "--kinds",
+        "none,lora:4,dense:256,dense:512,meft:256:8,meft:1024:8",
+        "--warmup",
+        "1",
+        "--iters",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("| meft:1024:8 |"), "{stdout}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 12, "6 kinds × 2 lengths");
+    for r in rows {
+        let what = format!("{} seq {}", r["adapter"], r["seq"]);
+        assert!(r["error"].is_null(), "{what}: {r}");
+        assert!(r["step_ms"].as_f64().unwrap() > 0.0, "{what}");
+        assert_eq!(r["runs_ms"].as_array().unwrap().len(), 2, "{what}");
+        let tps = r["tokens_per_s"].as_f64().unwrap();
+        let expect = 2.0 * r["seq"].as_f64().unwrap() / (r["step_ms"].as_f64().unwrap() / 1e3);
+        assert!(
+            (tps - expect).abs() <= 1e-6 * expect,
+            "{what}: {tps} vs {expect}"
+        );
+        // No GPU pool on the CPU backend: memory figures are absent, not zero.
+        assert!(r["peak_bytes"].is_null(), "{what}");
+        let meft = r["family"] == "meft";
+        let store = r["host_store_bytes"].as_u64().unwrap();
+        let h2d = r["h2d_bytes"].as_f64().unwrap();
+        assert_eq!(meft, store > 0, "{what}: host store {store}");
+        assert_eq!(meft, h2d > 0.0, "{what}: H→D {h2d}");
+        if meft {
+            // Parameters and both moments of N rows of [k | v] per layer, at least.
+            let n = r["neurons"].as_u64().unwrap();
+            let min = 3 * n * 2 * 16 * 4 * r["layers"].as_u64().unwrap();
+            assert!(store >= min, "{what}: {store} < {min}");
+        }
+    }
+    // The N sweeps (dense and MEFT at two sizes) and the length sweep are plotted.
+    for name in [
+        "train-neurons-memory-seq8.png",
+        "train-neurons-step-seq16.png",
+        "train-seq-speed.png",
+    ] {
+        let png = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(png.starts_with(b"\x89PNG"), "{name} is not a PNG");
+    }
+    let (ok, _, stderr) = meft(&[
+        "bench",
+        "train",
+        "--backend",
+        "cpu",
+        "--kinds",
+        "meft:0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && stderr.contains("N must be a positive integer"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -79,7 +79,7 @@ impl<B: Backend> DenseAdapterFfn<B> {
     pub fn from_store(base: FeedForward<B>, store: &AdapterStore) -> Self {
         let device = base.gate.linear.weight.device();
         let shape = [store.neurons(), store.d_model()];
-        let dtype = base.gate.linear.weight.dtype();
+        let dtype = super::adapter_dtype(base.gate.linear.weight.dtype());
         let t = |v: Vec<f32>| {
             let data = TensorData::new(v, shape).convert_dtype(dtype);
             Param::from_tensor(Tensor::from_data(data, (&device, dtype)))
@@ -91,9 +91,15 @@ impl<B: Backend> DenseAdapterFfn<B> {
         }
     }
 
-    /// The adapter alone on `[M, d]`.
+    /// The adapter alone on `[M, d]` (computed in the adapter's float type, returned in `x`'s).
     pub fn adapter(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        relu(x.matmul(self.keys.val().transpose())).matmul(self.values.val())
+        let keys = self.keys.val();
+        let dtype = x.dtype();
+        let x = super::to_dtype(x, keys.dtype());
+        super::to_dtype(
+            relu(x.matmul(keys.transpose())).matmul(self.values.val()),
+            dtype,
+        )
     }
 
     /// Applies base FFN and adapter to `[batch, seq, d]`.

@@ -114,7 +114,7 @@ impl<B: Backend> Projection<B> {
         use rand_distr::Distribution as _;
         let [d_in, d_out] = self.linear.weight.dims();
         let device = self.linear.weight.device();
-        let dtype = self.linear.weight.dtype();
+        let dtype = super::adapter_dtype(self.linear.weight.dtype());
         let std = (1.0 / d_in as f64).sqrt() as f32;
         let normal = rand_distr::Normal::new(0.0f32, std).expect("finite std");
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -134,11 +134,13 @@ impl<B: Backend> Projection<B> {
         match &self.lora {
             None => self.linear.forward(x),
             Some(l) => {
-                let delta = x
-                    .clone()
-                    .matmul(l.a.val().unsqueeze())
-                    .matmul(l.b.val().unsqueeze());
-                self.linear.forward(x) + delta * l.scale
+                let a = l.a.val();
+                let base_dtype = x.dtype();
+                let delta = super::to_dtype(x.clone(), a.dtype())
+                    .matmul(a.unsqueeze())
+                    .matmul(l.b.val().unsqueeze())
+                    * l.scale;
+                self.linear.forward(x) + super::to_dtype(delta, base_dtype)
             }
         }
     }

@@ -19,6 +19,7 @@ pub mod transfer;
 
 use burn::module::Module;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use dense::{DenseAdapterConfig, DenseAdapterFfn};
@@ -30,6 +31,26 @@ pub use transfer::TransferStats;
 
 use crate::model::{Ffn, Llama};
 use crate::{Error, Result};
+
+/// The float type adapters are kept and computed in beside a base of float type `base`: at
+/// least f32. A bf16 or f16 base gets f32 adapters (PEFT's `autocast_adapter_dtype`): their
+/// inputs are cast up at the adapter's entry and their outputs cast back to the base's type, so
+/// updates are not rounded away in 8 mantissa bits; f32 and f64 bases keep their own type.
+pub fn adapter_dtype(base: DType) -> DType {
+    match base {
+        DType::F64 | DType::F32 => base,
+        _ => DType::F32,
+    }
+}
+
+/// `t` as float type `dtype` (no cast when it already is).
+pub(crate) fn to_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if t.dtype() == dtype {
+        t
+    } else {
+        t.cast(dtype)
+    }
+}
 
 /// Which adapter to add.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

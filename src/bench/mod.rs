@@ -5,6 +5,8 @@ mod kernels;
 mod lemo;
 mod lemo_check;
 mod model;
+pub mod plot;
+mod train;
 mod transfer;
 
 pub use adapter::{AdapterBench, AdapterBenchResult, AdapterMethod};
@@ -12,4 +14,7 @@ pub use kernels::{Ceilings, KernelBench, KernelBenchResult};
 pub use lemo::{LemoBench, LemoBenchMode, LemoBenchRow};
 pub use lemo_check::{CheckRow, LemoCheck};
 pub use model::{ModelBench, ModelBenchResult, Preset};
+pub use train::{
+    AdapterKind, BudgetProbe, BudgetResult, MeftStages, TrainBench, TrainBenchResult, TrainBenchRow,
+};
 pub use transfer::{TransferBench, TransferBenchResult};

@@ -191,3 +191,31 @@ impl<B: Backend> ModuleMapper<B> for StableIds {
 pub fn stable_ids<B: Backend, M: Module<B>>(module: M) -> M {
     module.map(&mut StableIds { path: Vec::new() })
 }
+
+struct Bytes {
+    trainable: u64,
+    frozen: u64,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Bytes {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let t = param.val();
+        let bytes = (t.shape().num_elements() * t.dtype().size()) as u64;
+        if param.is_require_grad() {
+            self.trainable += bytes;
+        } else {
+            self.frozen += bytes;
+        }
+    }
+}
+
+/// Bytes of the module's float parameters that require a gradient, and of the others (read
+/// from shapes and float types; nothing is copied).
+pub fn param_bytes<B: Backend, M: Module<B>>(module: &M) -> (u64, u64) {
+    let mut v = Bytes {
+        trainable: 0,
+        frozen: 0,
+    };
+    module.visit(&mut v);
+    (v.trainable, v.frozen)
+}

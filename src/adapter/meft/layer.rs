@@ -513,8 +513,9 @@ impl<B: Backend> MeftFfn<B> {
         let experts = config.expert_count();
         let adapter = SparseAdapter::new(config, layer, store)?;
         let device = base.gate.linear.weight.device();
-        // The base's dtype, not the device default (which the first backend on a device sets).
-        let dtype = base.gate.linear.weight.dtype();
+        // From the base's dtype, not the device default (which the first backend on a device
+        // sets): at least f32 (see `adapter_dtype`).
+        let dtype = crate::adapter::adapter_dtype(base.gate.linear.weight.dtype());
         let w = TensorData::new(adapter.router_init(), [d, experts]).convert_dtype(dtype);
         let w = Tensor::from_data(w, (&device, dtype));
         Ok(Self {
@@ -527,18 +528,24 @@ impl<B: Backend> MeftFfn<B> {
         })
     }
 
-    /// Applies base FFN and adapter to `[batch, seq, d]`.
+    /// Applies base FFN and adapter to `[batch, seq, d]`. The router, the rows and the
+    /// adapter's compute use the router's float type (at least f32, see
+    /// [`crate::adapter::adapter_dtype`]); the output is `x`'s.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        use crate::adapter::to_dtype;
         let [b, t, d] = x.dims();
+        let dtype = x.dtype();
+        let xa = to_dtype(
+            x.clone().reshape([b * t, d]),
+            self.router.weight.val().dtype(),
+        );
         // Routing first (it reads back), then the base FFN: its kernels run on the device
         // while the host selects and gathers the active rows.
-        let routed = self
-            .adapter
-            .route(x.clone().reshape([b * t, d]), &self.router);
+        let routed = self.adapter.route(xa, &self.router);
         let start = std::time::Instant::now();
         let base = self.base.forward(x);
         timeline::record("base FFN (queue)", SpanKind::Wait, start);
         let y = self.adapter.apply(routed);
-        base + y.reshape([b, t, d])
+        base + to_dtype(y, dtype).reshape([b, t, d])
     }
 }

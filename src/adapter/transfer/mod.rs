@@ -369,12 +369,14 @@ mod cuda {
     use burn::tensor::backend::Backend;
     use burn::tensor::{Tensor, TensorPrimitive};
 
-    use cubecl::cuda::CudaDevice;
+    use burn_cubecl::tensor::CubeTensor;
+    use cubecl::cuda::{CudaDevice, CudaRuntime};
 
     use super::pinned_cuda;
     use crate::backend::CudaUnfused;
 
-    type C = CudaUnfused<f32>;
+    type F32 = CudaUnfused<f32>;
+    type Bf16 = CudaUnfused<half::bf16>;
 
     fn cast<T: 'static, U: 'static>(t: T) -> Option<U> {
         (Box::new(t) as Box<dyn Any>)
@@ -383,16 +385,38 @@ mod cuda {
             .map(|b| *b)
     }
 
-    /// Pinned upload when `B` is `C` or `Autodiff<C>`; `None` otherwise (or on a CUDA error,
-    /// which is reported on stderr once and leaves the generic path to do the work).
+    fn is<B: 'static, C: 'static>() -> bool {
+        TypeId::of::<B>() == TypeId::of::<C>()
+    }
+
+    /// Whether `B` is the un-fused CUDA backend `C` or its autodiff wrapper.
+    fn is_either<B: 'static, C: 'static>() -> bool {
+        is::<B, C>() || is::<B, Autodiff<C>>()
+    }
+
+    /// `cube` (an f32 tensor) as a tensor of `B`, which is `C` or `Autodiff<C>`.
+    fn wrap<B: Backend, C>(cube: CubeTensor<CudaRuntime>) -> Option<Tensor<B, 2>>
+    where
+        C: Backend<FloatTensorPrimitive = CubeTensor<CudaRuntime>>,
+    {
+        let t = Tensor::<C, 2>::from_primitive(TensorPrimitive::Float(cube));
+        if is::<B, C>() {
+            cast(t)
+        } else {
+            cast(Tensor::<Autodiff<C>, 2>::from_inner(t))
+        }
+    }
+
+    /// Pinned upload of an f32 tensor when `B` is the un-fused CUDA backend (of either float
+    /// type: the rows are f32 either way) or its autodiff wrapper; `None` otherwise (or on a
+    /// CUDA error, which is reported on stderr once and leaves the generic path to do the work).
     pub fn upload<B: Backend>(
         shape: [usize; 2],
         device: &B::Device,
         fill: &mut dyn FnMut(std::ops::Range<usize>, &mut [f32]),
     ) -> Option<(Tensor<B, 2>, pinned_cuda::UploadTiming)> {
-        let plain = TypeId::of::<B>() == TypeId::of::<C>();
-        let autodiff = TypeId::of::<B>() == TypeId::of::<Autodiff<C>>();
-        if !(plain || autodiff) {
+        let f32_backend = is_either::<B, F32>();
+        if !(f32_backend || is_either::<B, Bf16>()) {
             return None;
         }
         let device = (device as &dyn Any).downcast_ref::<CudaDevice>()?;
@@ -403,11 +427,10 @@ mod cuda {
                 return None;
             }
         };
-        let t = Tensor::<C, 2>::from_primitive(TensorPrimitive::Float(cube));
-        let t = if plain {
-            cast(t)
+        let t = if f32_backend {
+            wrap::<B, F32>(cube)
         } else {
-            cast(Tensor::<Autodiff<C>, 2>::from_inner(t))
+            wrap::<B, Bf16>(cube)
         };
         t.map(|t| (t, timing))
     }

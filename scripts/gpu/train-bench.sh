@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# On the lent GPU: `meft bench train` (burn) and its PyTorch peer (bench/peers/torch_train.py)
+# on the same geometry in one call, then the ratios. The meft binary is given as BIN (built
+# here with --features cuda, stripped, carried). Everything lands in OUT_DIR: JSON, tables,
+# PNG plots, logs.
+#
+# usage: scripts/gpu/train-bench.sh BIN OUT_DIR MODE
+#   MODE table:  LLaMA-7B layers (LAYERS, default 4), batch 4 × 512, bf16 base, fp32 adapters:
+#                none, LoRA r 8, dense and MEFT at N = 4096…65536 (MEFT also 131072 and K 256);
+#                the PyTorch peer runs none, LoRA r 8 and dense 4096/65536.
+#   MODE budget: the largest dense and MEFT N whose step fits BUDGET GiB (default 24).
+set -uo pipefail
+BIN=$1
+FINAL=$2
+MODE=$3
+LAYERS=${LAYERS:-4}
+mkdir -p "$FINAL"
+log="$FINAL/log.md"
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$log"
+echo "date $(date -u +%F); mode $MODE; layers $LAYERS" | tee -a "$log"
+geom=(--preset llama7b --layers "$LAYERS" --batch 4 --backend cuda --dtype bf16)
+case "$MODE" in
+  table)
+    kinds=${KINDS:-none,lora:8,dense:4096,dense:16384,dense:65536,meft:4096,meft:16384,meft:65536,meft:65536:256,meft:131072}
+    echo "meft bench train ${geom[*]} --seqs 512 --kinds $kinds" | tee -a "$log"
+    timeout 420 "$BIN" bench train "${geom[@]}" --seqs 512 --kinds "$kinds" \
+      --warmup 2 --iters 5 --out "$FINAL/burn-train.json" \
+      >"$FINAL/burn-table.md" 2>"$FINAL/burn-stderr.txt" || echo "burn bench failed: $?" | tee -a "$log"
+    grep -v XDG_RUNTIME "$FINAL/burn-stderr.txt" | tail -25 >>"$log"
+    cat "$FINAL/burn-table.md" | tee -a "$log"
+    tkinds=${TORCH_KINDS:-none,lora:8,dense:4096,dense:65536}
+    echo "python3 bench/peers/torch_train.py --preset llama7b --layers $LAYERS --batch 4 --seqs 512 --kinds $tkinds --dtype bf16" | tee -a "$log"
+    PYTHONUNBUFFERED=1 timeout 150 python3 bench/peers/torch_train.py --preset llama7b --layers "$LAYERS" \
+      --batch 4 --seqs 512 --kinds "$tkinds" --dtype bf16 --out "$FINAL/torch-train.json" 2>&1 \
+      | grep -v Warning | tee -a "$log"
+    python3 bench/peers/train_ratios.py "$FINAL/burn-train.json" "$FINAL/torch-train.json" | tee -a "$log"
+    ;;
+  budget)
+    budget=${BUDGET:-24}
+    echo "meft bench train ${geom[*]} --seqs 512 --kinds dense:4096,meft:4096 --budget-gib $budget" | tee -a "$log"
+    timeout 560 "$BIN" bench train "${geom[@]}" --seqs 512 --kinds dense:4096,meft:4096 \
+      --budget-gib "$budget" --warmup 2 --iters 2 --no-plots --out "$FINAL/burn-budget.json" \
+      >"$FINAL/budget-table.md" 2>"$FINAL/budget-stderr.txt" || echo "budget failed: $?" | tee -a "$log"
+    grep -v XDG_RUNTIME "$FINAL/budget-stderr.txt" | grep budget | tail -30 >>"$log"
+    cat "$FINAL/budget-table.md" | tee -a "$log"
+    ;;
+  *) echo "unknown mode $MODE (table, budget)"; exit 2 ;;
+esac
