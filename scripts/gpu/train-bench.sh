@@ -23,14 +23,14 @@ case "$MODE" in
   table)
     kinds=${KINDS:-none,lora:8,dense:4096,dense:16384,dense:65536,meft:4096,meft:16384,meft:65536,meft:65536:256,meft:131072}
     echo "meft bench train ${geom[*]} --seqs 512 --kinds $kinds" | tee -a "$log"
-    timeout 420 "$BIN" bench train "${geom[@]}" --seqs 512 --kinds "$kinds" \
+    timeout 390 "$BIN" bench train "${geom[@]}" --seqs 512 --kinds "$kinds" \
       --warmup 2 --iters 5 --out "$FINAL/burn-train.json" \
       >"$FINAL/burn-table.md" 2>"$FINAL/burn-stderr.txt" || echo "burn bench failed: $?" | tee -a "$log"
     grep -v XDG_RUNTIME "$FINAL/burn-stderr.txt" | tail -25 >>"$log"
     cat "$FINAL/burn-table.md" | tee -a "$log"
     tkinds=${TORCH_KINDS:-none,lora:8,dense:4096,dense:65536}
     echo "python3 bench/peers/torch_train.py --preset llama7b --layers $LAYERS --batch 4 --seqs 512 --kinds $tkinds --dtype bf16" | tee -a "$log"
-    PYTHONUNBUFFERED=1 timeout 150 python3 bench/peers/torch_train.py --preset llama7b --layers "$LAYERS" \
+    PYTHONUNBUFFERED=1 timeout 140 python3 bench/peers/torch_train.py --preset llama7b --layers "$LAYERS" \
       --batch 4 --seqs 512 --kinds "$tkinds" --dtype bf16 --out "$FINAL/torch-train.json" 2>&1 \
       | grep -v Warning | tee -a "$log"
     python3 bench/peers/train_ratios.py "$FINAL/burn-train.json" "$FINAL/torch-train.json" | tee -a "$log"
