@@ -196,6 +196,11 @@ struct GenerateArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Draws the PNG plots of a `meft bench train` JSON file again (beside it, same stem).
+    Plot {
+        /// The JSON written by `meft bench train`.
+        input: PathBuf,
+    },
     /// Whole fine-tuning steps (forward, loss on every position, backward, optimizer) of a
     /// LLaMA-shaped model with each adapter kind side by side: step time, tokens/s, GPU memory
     /// split (weights / adapter / optimizer / activations / peak), MEFT host store, PCIe bytes
@@ -611,6 +616,16 @@ fn main() -> anyhow::Result<()> {
             let result = run_on(device.backend, device.dtype, bench)?;
             write_json(&out, &result)?;
             print!("{}", ModelBenchResult::table(&[result]));
+        }
+        Command::Bench(BenchCommand::Plot { input }) => {
+            let text = std::fs::read_to_string(&input)
+                .with_context(|| format!("reading {}", input.display()))?;
+            let result: TrainBenchResult = serde_json::from_str(&text).with_context(|| {
+                format!("{} is not a `meft bench train` result", input.display())
+            })?;
+            for p in result.write_plots(&input)? {
+                println!("{}", p.display());
+            }
         }
         Command::Bench(BenchCommand::Train {
             preset,

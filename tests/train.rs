@@ -379,3 +379,65 @@ fn every_adapter_kind_trains_and_the_export_loads_for_generation() {
     assert!(!ok && err.contains("is not a meft adapter export"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_nonfinite_gradient_stops_the_run_or_skips_the_step() {
+    let dir = workdir("nonfinite");
+    let data = qa_file(&dir);
+    // Stop (the default): the error names the step and the parameter; the checkpoint before
+    // it is kept, and the run resumes from it (without the injected fault) to the end.
+    let stop = dir.join("stop");
+    let e = train(
+        config(
+            &stop,
+            &data,
+            6,
+            &["checkpoint_every=2", "inject_nonfinite=[5]"],
+        ),
+        false,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("at step 5") && e.contains("router") && e.contains("NaN"),
+        "{e}"
+    );
+    let resumed = train(config(&stop, &data, 6, &["checkpoint_every=2"]), true, None).unwrap();
+    assert_eq!((resumed.resumed_from, resumed.steps), (4, 6));
+    // Skip: steps 3 and 4 update nothing; the run goes on to the end.
+    let skip = dir.join("skip");
+    let out = train(
+        config(
+            &skip,
+            &data,
+            6,
+            &["nonfinite=\"skip\"", "inject_nonfinite=[3, 4]"],
+        ),
+        false,
+        None,
+    )
+    .unwrap();
+    assert_eq!(out.skipped, vec![3, 4]);
+    assert_eq!(out.steps, 6);
+    assert_eq!(out.losses.len(), 4, "losses of the applied steps");
+    assert!(out.losses.iter().all(|l| l.is_finite()));
+    // Too many in a row is still an error.
+    let e = train(
+        config(
+            &dir.join("many"),
+            &data,
+            14,
+            &[
+                "nonfinite=\"skip\"",
+                "inject_nonfinite=[1,2,3,4,5,6,7,8,9,10,11,12]",
+            ],
+        ),
+        false,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("11 steps in a row"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -9,6 +9,7 @@
 #                none, LoRA r 8, dense and MEFT at N = 4096…65536 (MEFT also 131072 and K 256);
 #                the PyTorch peer runs none, LoRA r 8 and dense 4096/65536.
 #   MODE budget: the largest dense and MEFT N whose step fits BUDGET GiB (default 24).
+#   MODE diag:   the base model alone (burn vs PyTorch) and the table with burn's attention.
 set -uo pipefail
 BIN=$1
 FINAL=$2
@@ -40,9 +41,30 @@ case "$MODE" in
     echo "meft bench train ${geom[*]} --seqs 512 --kinds dense:4096,meft:4096 --budget-gib $budget" | tee -a "$log"
     timeout 560 "$BIN" bench train "${geom[@]}" --seqs 512 --kinds dense:4096,meft:4096 \
       --budget-gib "$budget" --warmup 2 --iters 2 --no-plots --out "$FINAL/burn-budget.json" \
-      >"$FINAL/budget-table.md" 2>"$FINAL/budget-stderr.txt" || echo "budget failed: $?" | tee -a "$log"
-    grep -v XDG_RUNTIME "$FINAL/budget-stderr.txt" | grep budget | tail -30 >>"$log"
-    cat "$FINAL/budget-table.md" | tee -a "$log"
+      >/tmp/budget-table.md 2>/tmp/budget-stderr.txt || echo "budget failed: $?" | tee -a "$log"
+    grep -v XDG_RUNTIME /tmp/budget-stderr.txt | grep budget | tail -30 >>"$log"
+    cat /tmp/budget-table.md | tee -a "$log"
     ;;
-  *) echo "unknown mode $MODE (table, budget)"; exit 2 ;;
+  diag)
+    # Where a frozen-base step's time goes at this geometry: the base model alone (forward and
+    # forward+backward with every weight's gradient) in burn and PyTorch, and the adapter
+    # table again with burn's own attention instead of the chunked one.
+    for b in burn torch; do
+      if [ $b = burn ]; then
+        timeout 90 "$BIN" bench model "${geom[@]}" --seq 512 --warmup 2 --iters 5 --out "$FINAL/model-burn.json" 2>/dev/null | tee -a "$log"
+      else
+        timeout 90 python3 bench/peers/torch_model.py --preset llama7b --layers "$LAYERS" --batch 4 --seq 512 \
+          --dtype bf16 --warmup 2 --iters 5 --out "$FINAL/model-torch.json" 2>&1 | grep -v Warning | tee -a "$log"
+      fi
+    done
+    python3 bench/peers/ratios.py "$FINAL/model-burn.json" "$FINAL/model-torch.json" | tee -a "$log"
+    kinds=${KINDS:-none,lora:8,dense:65536,meft:65536}
+    echo "meft bench train ${geom[*]} --seqs 512 --kinds $kinds --iters 3" | tee -a "$log"
+    timeout 150 "$BIN" bench train "${geom[@]}" --seqs 512 --kinds "$kinds" \
+      --warmup 2 --iters 3 --no-plots --out "$FINAL/burn-train-diag.json" 2>/dev/null | tee -a "$log"
+    echo "MEFT_ATTENTION=burn meft bench train ${geom[*]} --seqs 512 --kinds none,lora:8 --iters 3" | tee -a "$log"
+    MEFT_ATTENTION=burn timeout 60 "$BIN" bench train "${geom[@]}" --seqs 512 --kinds none,lora:8 \
+      --warmup 2 --iters 3 --no-plots --out "$FINAL/burn-attention.json" 2>/dev/null | tee -a "$log"
+    ;;
+  *) echo "unknown mode $MODE (table, budget, diag)"; exit 2 ;;
 esac

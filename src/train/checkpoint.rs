@@ -44,8 +44,11 @@ pub struct TrainState {
     pub seed: u64,
     /// What the checkpoint belongs to (see [`fingerprint`]).
     pub fingerprint: serde_json::Value,
-    /// Training loss of every step so far.
+    /// Training loss of every applied step so far (skipped steps have none).
     pub losses: Vec<f64>,
+    /// Steps skipped for a non-finite loss or gradient (see `nonfinite` in the run config).
+    #[serde(default)]
+    pub skipped: Vec<usize>,
 }
 
 /// The identity of a run's trainable state: model geometry, adapter config and layers.

@@ -59,6 +59,13 @@ pub struct TrainConfig {
     /// LeMo token elimination during training (absent: off).
     #[serde(default)]
     pub lemo: Option<crate::lemo::LemoConfig>,
+    /// A step whose loss or a device gradient is NaN/infinite: `stop` the run (default) or
+    /// `skip` the step's update and go on (at most 10 in a row).
+    #[serde(default)]
+    pub nonfinite: crate::train::guard::NonFinitePolicy,
+    /// Fault injection for tests: poison the gradients of these steps with NaN.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inject_nonfinite: Vec<usize>,
 }
 
 /// Data source, split and length limit.

@@ -16,6 +16,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod export;
+pub mod guard;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -100,8 +100,10 @@ pub struct TrainOutcome {
     pub perplexity_before: Option<PerplexityReport>,
     /// Held-out perplexity after training (text sources).
     pub perplexity_after: Option<PerplexityReport>,
-    /// Training loss of every step.
+    /// Training loss of every applied step.
     pub losses: Vec<f64>,
+    /// Steps skipped for a non-finite loss or gradient (`nonfinite = "skip"`), this process.
+    pub skipped: Vec<usize>,
     /// Steps completed.
     pub steps: usize,
     /// Step the run started from (0, or the resumed checkpoint's).
@@ -327,6 +329,7 @@ impl BackendTask for TrainTask {
                 seed: c.seed,
                 fingerprint,
                 losses: Vec::new(),
+                skipped: Vec::new(),
             },
         };
         if start.step > c.steps {
@@ -403,6 +406,8 @@ impl BackendTask for TrainTask {
             keep: c.keep_checkpoints,
             dir: ckpt_dir.clone(),
             stop_after: self.stop_after,
+            nonfinite: c.nonfinite,
+            inject_nonfinite: c.inject_nonfinite.clone(),
         };
         let resumed_from = start.step;
         let (step_loop, report) = StepLoop::new(loop_config, start, optim.clone(), device_memory);
@@ -474,6 +479,7 @@ impl BackendTask for TrainTask {
             before,
             after,
             losses: report.losses,
+            skipped: report.skipped,
             steps: report.steps_done,
             resumed_from,
             tokens_per_sec: if report.secs > 0.0 {

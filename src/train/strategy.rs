@@ -20,6 +20,7 @@ use burn::train::{
 };
 
 use super::checkpoint::{self, TrainState};
+use super::guard::{first_nonfinite_grad, NonFinitePolicy};
 use super::model::{AdaptedLm, StepStats};
 use super::optim::AdapterOptimizer;
 use super::schedule::WarmupCosine;
@@ -46,6 +47,8 @@ pub struct LoopReport {
     pub peak_device_bytes: Option<f64>,
     /// Why the loop stopped early, if it did.
     pub error: Option<Error>,
+    /// Steps skipped for a non-finite loss or gradient.
+    pub skipped: Vec<usize>,
 }
 
 /// Settings of a [`StepLoop`].
@@ -65,7 +68,15 @@ pub struct LoopConfig {
     pub dir: PathBuf,
     /// Stop (with a checkpoint) after this step, simulating an interruption; for tests.
     pub stop_after: Option<usize>,
+    /// What a step with a non-finite loss or gradient does.
+    pub nonfinite: NonFinitePolicy,
+    /// Steps whose gradients are poisoned with a NaN after the backward (fault injection for
+    /// tests of the guard; empty in real runs).
+    pub inject_nonfinite: Vec<usize>,
 }
+
+/// With [`NonFinitePolicy::Skip`], the run still stops after this many skipped steps in a row.
+pub const MAX_SKIPPED_IN_A_ROW: usize = 10;
 
 /// Step-based training with checkpoints (see the module docs).
 pub struct StepLoop<B: AutodiffBackend> {
@@ -140,6 +151,7 @@ impl<B: AutodiffBackend> StepLoop<B> {
         let data = train.slice(first * c.batch, c.steps * c.batch);
         let mut batches = data.iter();
         let processor = &mut components.event_processor;
+        let mut skipped_in_a_row = 0;
         for step in first + 1..=c.steps {
             let Some(batch) = batches.next() else {
                 return Err(Error::Other(format!(
@@ -154,63 +166,95 @@ impl<B: AutodiffBackend> StepLoop<B> {
             if let Some(e) = model.staged.take_error() {
                 return Err(e);
             }
-            if !out.item.loss.is_finite() {
-                return Err(Error::NonFinite(format!(
-                    "training loss is {} at step {step}; the last checkpoint is kept, lower the learning rate or check the data",
-                    out.item.loss
-                )));
+            if c.inject_nonfinite.contains(&step) {
+                out.grads = poison_first_grad(&model, out.grads);
             }
-            learner.optimizer_step(out.grads);
-            let model = learner.model();
-            if let Some(e) = model.staged.take_error() {
-                return Err(e);
-            }
-            let secs = t0.elapsed().as_secs_f64();
-            let moved = model.adapters.transfer_stats().since(&before);
-            let (touched, total) =
-                model
-                    .adapters
-                    .sparse
-                    .iter()
-                    .fold((0usize, 0usize), |(t, n), a| {
-                        let active = a.last_active().map_or(0, |x| x.rows.len());
-                        (t + active, n + a.config().neurons)
-                    });
-            let device_bytes = (self.device_memory)();
-            out.item.stats = StepStats {
-                secs,
-                pcie_bytes: (moved.to_device() + moved.to_host()) as f64,
-                touched_share: if total > 0 {
-                    touched as f64 / total as f64
-                } else {
-                    0.0
-                },
-                device_bytes,
+            let bad = if !out.item.loss.is_finite() {
+                Some(format!("the training loss is {}", out.item.loss))
+            } else {
+                first_nonfinite_grad::<B, _>(&model, &out.grads).map(|(param, n)| {
+                    format!("the gradient of {param} holds {n} NaN/infinite values")
+                })
             };
-            state.step = step;
-            state.examples = step * c.batch;
-            state.losses.push(out.item.loss);
-            {
-                let mut r = self.report.lock().unwrap_or_else(|p| p.into_inner());
-                r.losses = state.losses.clone();
-                r.steps_done = step;
-                r.tokens += out.item.tokens;
-                r.secs += secs;
-                if let Some(b) = device_bytes {
-                    r.peak_device_bytes = Some(r.peak_device_bytes.map_or(b, |p: f64| p.max(b)));
+            let applied = bad.is_none();
+            if let Some(what) = bad {
+                skipped_in_a_row += 1;
+                if c.nonfinite == NonFinitePolicy::Stop || skipped_in_a_row > MAX_SKIPPED_IN_A_ROW {
+                    return Err(Error::NonFinite(format!(
+                        "{what} at step {step}{}; the last checkpoint is kept, lower the learning rate or check the data",
+                        if c.nonfinite == NonFinitePolicy::Skip {
+                            format!(" ({skipped_in_a_row} steps in a row)")
+                        } else {
+                            String::new()
+                        }
+                    )));
                 }
+                // Skip: no update (the MEFT rows' staged gradients are dropped too); the data
+                // position and the schedule advance as for any step.
+                drop(model.staged.take_rows());
+                eprintln!("meft: step {step} skipped: {what}");
+                state.step = step;
+                state.examples = step * c.batch;
+                state.skipped.push(step);
+                let mut r = self.report.lock().unwrap_or_else(|p| p.into_inner());
+                r.skipped.push(step);
+                r.steps_done = step;
             }
             let round = (step - 1) / c.eval_every + 1;
             let in_round = (step - 1) % c.eval_every + 1;
             let round_len = c.eval_every.min(c.steps - (round - 1) * c.eval_every);
-            let item = TrainingItem::new(
-                out.item,
-                Progress::new(in_round, round_len),
-                Progress::new(round, rounds),
-                Some(step),
-                Some(learner.lr_current()),
-            );
-            processor.process_train(LearnerEvent::ProcessedItem(item));
+            if applied {
+                skipped_in_a_row = 0;
+                learner.optimizer_step(out.grads);
+                let model = learner.model();
+                if let Some(e) = model.staged.take_error() {
+                    return Err(e);
+                }
+                let secs = t0.elapsed().as_secs_f64();
+                let moved = model.adapters.transfer_stats().since(&before);
+                let (touched, total) =
+                    model
+                        .adapters
+                        .sparse
+                        .iter()
+                        .fold((0usize, 0usize), |(t, n), a| {
+                            let active = a.last_active().map_or(0, |x| x.rows.len());
+                            (t + active, n + a.config().neurons)
+                        });
+                let device_bytes = (self.device_memory)();
+                out.item.stats = StepStats {
+                    secs,
+                    pcie_bytes: (moved.to_device() + moved.to_host()) as f64,
+                    touched_share: if total > 0 {
+                        touched as f64 / total as f64
+                    } else {
+                        0.0
+                    },
+                    device_bytes,
+                };
+                state.step = step;
+                state.examples = step * c.batch;
+                state.losses.push(out.item.loss);
+                {
+                    let mut r = self.report.lock().unwrap_or_else(|p| p.into_inner());
+                    r.losses = state.losses.clone();
+                    r.steps_done = step;
+                    r.tokens += out.item.tokens;
+                    r.secs += secs;
+                    if let Some(b) = device_bytes {
+                        r.peak_device_bytes =
+                            Some(r.peak_device_bytes.map_or(b, |p: f64| p.max(b)));
+                    }
+                }
+                let item = TrainingItem::new(
+                    out.item,
+                    Progress::new(in_round, round_len),
+                    Progress::new(round, rounds),
+                    Some(step),
+                    Some(learner.lr_current()),
+                );
+                processor.process_train(LearnerEvent::ProcessedItem(item));
+            }
             let stop = c.stop_after == Some(step) || components.interrupter.should_stop();
             if step % c.checkpoint_every == 0 || step == c.steps || stop {
                 let path = self.checkpoint(&state, &learner.model())?;
@@ -249,4 +293,39 @@ impl<B: AutodiffBackend> SupervisedLearningStrategy<Components<B>> for StepLoop<
         }
         (learner.model(), components.event_processor)
     }
+}
+
+/// `grads` with the first registered device-parameter gradient of `model` replaced by NaNs
+/// (fault injection, see [`LoopConfig::inject_nonfinite`]).
+fn poison_first_grad<B: AutodiffBackend>(
+    model: &AdaptedLm<B>,
+    mut grads: burn::optim::GradientsParams,
+) -> burn::optim::GradientsParams {
+    use burn::module::{Module, ModuleVisitor, Param, ParamId};
+    use burn::tensor::Tensor;
+    struct First(Option<(ParamId, usize)>);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for First {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if self.0.is_none() && param.is_require_grad() {
+                self.0 = Some((param.id, D));
+            }
+        }
+    }
+    let mut first = First(None);
+    model.visit(&mut first);
+    fn poison<B: AutodiffBackend, const D: usize>(
+        grads: &mut burn::optim::GradientsParams,
+        id: ParamId,
+    ) {
+        if let Some(g) = grads.remove::<B::InnerBackend, D>(id) {
+            grads.register::<B::InnerBackend, D>(id, g * f32::NAN);
+        }
+    }
+    match first.0 {
+        Some((id, 1)) => poison::<B, 1>(&mut grads, id),
+        Some((id, 2)) => poison::<B, 2>(&mut grads, id),
+        Some((id, 3)) => poison::<B, 3>(&mut grads, id),
+        _ => {}
+    }
+    grads
 }

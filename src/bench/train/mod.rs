@@ -10,7 +10,8 @@
 //! kinds and lengths; [`largest_fit`] finds the largest adapter that fits a GPU memory budget.
 //!
 //! Memory is read on the last warm-up step, which runs with device syncs between its phases:
-//! *activations* = pool bytes in use after the forward (loss included) minus before it;
+//! *activations* = pool bytes in use after a forward and loss (graph kept, then dropped
+//! without a backward, just before the step) minus before it;
 //! *peak* = the pool's reserved bytes after the step, free pages released before it (its
 //! high-water mark); *steady* = bytes in use between steps (weights, adapter, optimizer state).
 
@@ -36,6 +37,7 @@ use super::model::{median, random_tokens, sync};
 use crate::adapter::{wrap, AdapterConfig, DenseAdapterConfig, Layers, LoraConfig, MeftConfig};
 use crate::backend::{cuda_memory, cuda_memory_cleanup, BackendTask};
 use crate::data::QaBatch;
+use crate::lemo::LemoMode;
 use crate::model::{CausalLmBatch, Llama, LlamaConfig};
 use crate::train::params::param_bytes;
 use crate::train::{AdaptedLm, AdapterOptimizer};
@@ -404,14 +406,26 @@ where
         mem.pool.cleanup();
         let before = mem.pool.used();
         mem.steady = before;
-        let out = TrainStep::step(&lm, batch.clone());
+        // Activations: a forward and loss whose graph is kept, read, then dropped unused.
+        let (hidden, _) = lm
+            .model
+            .forward_hidden_lemo(batch.lm.inputs.clone(), LemoMode::Off);
+        let (loss, _) = lm.model.selected_loss_on_hidden(
+            hidden,
+            batch.positions.clone(),
+            batch.answer_targets.clone(),
+        );
         sync::<B>(dev)?;
         mem.activations = mem
             .pool
             .used()
             .zip(before)
             .map(|(a, b)| a.saturating_sub(b));
-        out
+        drop(loss);
+        lm.adapters.sparse.iter().for_each(|a| a.clear_tape());
+        sync::<B>(dev)?;
+        mem.pool.cleanup();
+        TrainStep::step(&lm, batch.clone())
     } else {
         TrainStep::step(&lm, batch.clone())
     };

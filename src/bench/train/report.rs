@@ -95,6 +95,16 @@ impl TrainBenchRow {
     }
 }
 
+/// An adapter spec without its N: `dense`, `meft K64`.
+fn group(adapter: &str) -> String {
+    let parts: Vec<&str> = adapter.split(':').collect();
+    match parts.as_slice() {
+        [family, _, k] => format!("{family} K{k}"),
+        [family, ..] => family.to_string(),
+        [] => String::new(),
+    }
+}
+
 impl TrainBenchResult {
     /// Writes the sweep plots next to `json` (same stem): GPU peak memory and step time against
     /// N per family (when some family has two or more N at one length), and against the
@@ -109,10 +119,18 @@ impl TrainBenchResult {
         for &seq in &seqs {
             let mut mem = Vec::new();
             let mut time = Vec::new();
-            for family in ["dense", "meft"] {
+            // One line per family and K (the adapter spec without its N).
+            let mut groups: Vec<String> = Vec::new();
+            for r in ok.iter().filter(|r| r.seq == seq && r.neurons.is_some()) {
+                let g = group(&r.adapter);
+                if !groups.contains(&g) {
+                    groups.push(g);
+                }
+            }
+            for g in groups {
                 let mut rows: Vec<&&TrainBenchRow> = ok
                     .iter()
-                    .filter(|r| r.seq == seq && r.family == family && r.neurons.is_some())
+                    .filter(|r| r.seq == seq && r.neurons.is_some() && group(&r.adapter) == g)
                     .collect();
                 rows.sort_by_key(|r| r.neurons);
                 if rows.len() < 2 {
@@ -125,17 +143,17 @@ impl TrainBenchResult {
                         .collect::<Vec<_>>()
                 };
                 mem.push(Series {
-                    name: format!("{family}: GPU peak"),
+                    name: format!("{g}: GPU peak"),
                     points: pts(&|r| r.peak_bytes.map(gib)),
                 });
-                if family == "meft" {
+                if rows[0].family == "meft" {
                     mem.push(Series {
-                        name: "meft: host store".into(),
+                        name: format!("{g}: host store"),
                         points: pts(&|r| Some(gib(r.host_store_bytes))),
                     });
                 }
                 time.push(Series {
-                    name: family.into(),
+                    name: g.clone(),
                     points: pts(&|r| r.step_ms),
                 });
             }
