@@ -9,9 +9,9 @@
 //! transfer time not hidden behind CPU work. Sweeps over N, K and sequence length are lists of
 //! kinds and lengths; [`largest_fit`] finds the largest adapter that fits a GPU memory budget.
 //!
-//! Memory is read on the last warm-up step, which runs with device syncs between its phases:
+//! Memory is read on the last warm-up step (device synced, free pages released before it):
 //! *activations* = pool bytes in use after a forward and loss (graph kept, then dropped
-//! without a backward, just before the step) minus before it;
+//! without a backward; run after the timed steps) minus before it;
 //! *peak* = the pool's reserved bytes after the step, free pages released before it (its
 //! high-water mark); *steady* = bytes in use between steps (weights, adapter, optimizer state).
 
@@ -85,26 +85,27 @@ impl FromStr for AdapterKind {
                 )),
             }
         };
-        let arity = |n: std::ops::RangeInclusive<usize>| {
-            if n.contains(&parts.len()) {
+        // At most `max` fields; missing ones are reported by `num`.
+        let arity = |max: usize| {
+            if parts.len() <= max {
                 Ok(())
             } else {
                 Err(format!("'{s}': too many ':' fields"))
             }
         };
         match parts[0] {
-            "none" => arity(1..=1).map(|()| AdapterKind::None),
-            "lora" => arity(2..=2).and_then(|()| {
+            "none" => arity(1).map(|()| AdapterKind::None),
+            "lora" => arity(2).and_then(|()| {
                 Ok(AdapterKind::Lora {
                     rank: num(1, "rank")?,
                 })
             }),
-            "dense" => arity(2..=2).and_then(|()| {
+            "dense" => arity(2).and_then(|()| {
                 Ok(AdapterKind::Dense {
                     neurons: num(1, "N")?,
                 })
             }),
-            "meft" => arity(2..=3).and_then(|()| {
+            "meft" => arity(3).and_then(|()| {
                 Ok(AdapterKind::Meft {
                     neurons: num(1, "N")?,
                     top_k: if parts.len() == 3 { num(2, "K")? } else { 64 },
@@ -382,7 +383,6 @@ impl Pool {
 /// Memory figures read on one instrumented step.
 struct Memory {
     pool: Pool,
-    activations: Option<u64>,
     steady: Option<u64>,
     peak: Option<u64>,
 }
@@ -406,25 +406,6 @@ where
         mem.pool.cleanup();
         let before = mem.pool.used();
         mem.steady = before;
-        // Activations: a forward and loss whose graph is kept, read, then dropped unused.
-        let (hidden, _) = lm
-            .model
-            .forward_hidden_lemo(batch.lm.inputs.clone(), LemoMode::Off);
-        let (loss, _) = lm.model.selected_loss_on_hidden(
-            hidden,
-            batch.positions.clone(),
-            batch.answer_targets.clone(),
-        );
-        sync::<B>(dev)?;
-        mem.activations = mem
-            .pool
-            .used()
-            .zip(before)
-            .map(|(a, b)| a.saturating_sub(b));
-        drop(loss);
-        lm.adapters.sparse.iter().for_each(|a| a.clear_tape());
-        sync::<B>(dev)?;
-        mem.pool.cleanup();
         TrainStep::step(&lm, batch.clone())
     } else {
         TrainStep::step(&lm, batch.clone())
@@ -441,6 +422,35 @@ where
     }
     sync::<B>(dev)?;
     Ok(lm)
+}
+
+/// Device bytes a forward and loss keep for the backward: run one with its graph kept, read
+/// the pool, then drop it unused (MEFT's shipped rows are forgotten). Run apart from the step
+/// whose peak is read, since the pool does not give every freed page back.
+fn activation_bytes<B: AutodiffBackend>(
+    lm: &AdaptedLm<B>,
+    batch: &QaBatch<B>,
+    dev: &B::Device,
+    pool: Pool,
+) -> Result<Option<u64>> {
+    sync::<B>(dev)?;
+    lm.adapters.wait_updates()?;
+    pool.cleanup();
+    let before = pool.used();
+    let (hidden, _) = lm
+        .model
+        .forward_hidden_lemo(batch.lm.inputs.clone(), LemoMode::Off);
+    let (loss, _) = lm.model.selected_loss_on_hidden(
+        hidden,
+        batch.positions.clone(),
+        batch.answer_targets.clone(),
+    );
+    sync::<B>(dev)?;
+    let bytes = pool.used().zip(before).map(|(a, b)| a.saturating_sub(b));
+    drop(loss);
+    lm.adapters.sparse.iter().for_each(|a| a.clear_tape());
+    sync::<B>(dev)?;
+    Ok(bytes)
 }
 
 impl TrainBench {
@@ -524,7 +534,6 @@ impl TrainBench {
         let mut opt = AdapterOptimizer::<B>::new(0.0, None, 1.0)?;
         let mut mem = Memory {
             pool,
-            activations: None,
             steady: None,
             peak: None,
         };
@@ -540,7 +549,6 @@ impl TrainBench {
                 t.elapsed().as_secs_f64()
             );
         }
-        row.activation_bytes = mem.activations;
         row.peak_bytes = mem.peak;
         row.steady_bytes = mem.steady;
         row.optimizer_bytes = mem.steady.zip(m1).map(|(s, m)| s.saturating_sub(m));
@@ -584,6 +592,8 @@ impl TrainBench {
         }
         let (_, exposed) = timeline::exposed(&spans, f64::NEG_INFINITY, f64::INFINITY);
         row.exposed_transfer_ms = exposed * 1e3 / k;
+        // Last, so that neither the peak, the timed steps nor their traffic see it.
+        row.activation_bytes = activation_bytes(&lm, &batch, dev, pool)?;
         Ok(row)
     }
 
