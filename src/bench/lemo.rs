@@ -265,15 +265,7 @@ impl BackendTask for LemoBench {
                 let row = match outcome {
                     Ok(Ok(r)) => r,
                     Ok(Err(e)) => self.failed(seq, mode, e.to_string()),
-                    Err(p) => {
-                        let msg = p
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_else(|| "panicked".into());
-                        let msg: String = msg.chars().take(300).collect();
-                        self.failed(seq, mode, format!("failed (device out of memory?): {msg}"))
-                    }
+                    Err(p) => self.failed(seq, mode, super::model::device_failure(&*p)),
                 };
                 eprintln!(
                     "{}",

@@ -81,6 +81,18 @@ pub(crate) fn median(xs: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// What a caught device panic (e.g. out of memory) said, for a result row: its message,
+/// cut to 300 characters.
+pub(crate) fn device_failure(p: &(dyn std::any::Any + Send)) -> String {
+    let msg = p
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panicked".into());
+    let msg: String = msg.chars().take(300).collect();
+    format!("failed (device out of memory?): {msg}")
+}
+
 pub(crate) fn sync<B: Backend>(device: &B::Device) -> Result<()> {
     B::sync(device).map_err(|e| Error::Other(format!("device sync failed: {e:?}")))
 }

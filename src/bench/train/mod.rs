@@ -606,15 +606,7 @@ impl TrainBench {
         let why = match outcome {
             Ok(Ok(r)) => return r,
             Ok(Err(e)) => e.to_string(),
-            Err(p) => {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "panicked".into());
-                let msg: String = msg.chars().take(300).collect();
-                format!("failed (device out of memory?): {msg}")
-            }
+            Err(p) => super::model::device_failure(&*p),
         };
         eprintln!("{kind} seq {seq}: {why}");
         let mut row = self.empty_row(seq, kind);
