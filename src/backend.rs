@@ -167,6 +167,29 @@ pub fn cuda_memory() -> Option<(u64, u64)> {
     None
 }
 
+/// Free and total bytes of CUDA device 0 as the driver reports them (`cuMemGetInfo`), before
+/// this process allocates anything large. `None` in builds without CUDA or if the driver
+/// cannot answer.
+pub fn cuda_free_memory() -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    {
+        use cudarc::driver::result;
+        result::init().ok()?;
+        let dev = result::device::get(0).ok()?;
+        // SAFETY: the primary context of a valid device is retained, made current on this
+        // thread for the query and released again; nothing else uses the handle.
+        unsafe {
+            let ctx = result::primary_ctx::retain(dev).ok()?;
+            result::ctx::set_current(ctx).ok()?;
+            let info = result::mem_get_info().ok();
+            let _ = result::primary_ctx::release(dev);
+            info.map(|(free, total)| (free as u64, total as u64))
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    None
+}
+
 /// Releases the CUDA memory pool's free pages on device 0, so that the next
 /// [`cuda_memory`] "reserved" figure is the high-water mark of what runs after it. No-op in
 /// builds without CUDA.

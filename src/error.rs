@@ -41,6 +41,9 @@ pub enum Error {
         /// Vocabulary size.
         vocab: usize,
     },
+    /// The host or the GPU has less memory than the run needs (both sizes named).
+    #[error("not enough memory: {0}")]
+    Resources(String),
     /// A request the chosen backend or build cannot serve.
     #[error("{0}")]
     Unsupported(String),

@@ -14,6 +14,7 @@ pub mod bench;
 pub mod data;
 mod error;
 pub mod eval;
+pub mod fuzz;
 pub mod generate;
 pub mod gguf;
 pub mod lemo;

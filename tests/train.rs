@@ -66,6 +66,14 @@ min_lr_ratio = 0.1
     TrainConfig::parse(&text, "test", &set).unwrap()
 }
 
+/// `c` with its `[adapter]` table replaced by `set` (other kinds do not know MEFT's fields).
+fn with_adapter(c: &TrainConfig, set: &[&str]) -> TrainConfig {
+    let mut doc: toml::Table = toml::from_str(&toml::to_string(c).unwrap()).unwrap();
+    doc.remove("adapter");
+    let set: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+    TrainConfig::parse(&toml::to_string(&doc).unwrap(), "test", &set).unwrap()
+}
+
 /// Runs the `meft` binary; returns (success, stderr).
 fn run_meft(args: &[&str]) -> (bool, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_meft"))
@@ -185,6 +193,45 @@ fn bad_inputs_are_clear_errors() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Reads every file of the checkpoint `latest` names, as a resume would: the state, the
+/// trainable tensors, the MEFT stores (every tensor) and the optimizer record.
+fn assert_latest_loads(ckpt_dir: &Path) -> usize {
+    use meft::train::checkpoint;
+    use meft::train::tensors_file::TensorsFile;
+    let path = checkpoint::latest(ckpt_dir)
+        .unwrap()
+        .expect("latest names a checkpoint");
+    let state: checkpoint::TrainState =
+        serde_json::from_slice(&std::fs::read(path.join("state.json")).unwrap()).unwrap();
+    let state = checkpoint::parse_state(
+        &serde_json::to_vec(&state).unwrap(),
+        "s",
+        &state.fingerprint,
+    )
+    .unwrap();
+    let t = TensorsFile::open(&path.join("trainable.safetensors")).unwrap();
+    assert!(!checkpoint::read_trainable(&t).unwrap().is_empty());
+    let m = TensorsFile::open(&path.join("meft.safetensors")).unwrap();
+    for name in m.names().unwrap() {
+        if name.ends_with("row_steps") {
+            m.u32(&name).unwrap();
+        } else {
+            m.f32(&name).unwrap();
+        }
+    }
+    checkpoint::decode_optimizer::<burn::backend::Autodiff<NdArray<f32>>>(
+        std::fs::read(path.join("optimizer.bin")).unwrap(),
+        "optimizer.bin",
+        &NdArrayDevice::Cpu,
+    )
+    .unwrap();
+    state.step
+}
+
+/// Crash safety: the `meft train` process is SIGKILLed at 50 points spread over its run (with
+/// a checkpoint every step, most points fall inside a checkpoint write). After every kill the
+/// checkpoint `latest` names loads completely and is never older than the one before; the
+/// next trial resumes from it; at the end the run resumes and finishes.
 #[test]
 fn killing_the_writer_leaves_a_loadable_checkpoint() {
     use std::process::{Command, Stdio};
@@ -194,15 +241,17 @@ fn killing_the_writer_leaves_a_loadable_checkpoint() {
     let c = config(
         &dir,
         &data,
-        400,
+        100_000,
         &["checkpoint_every=1", "keep_checkpoints=2"],
     );
     std::fs::write(&cfg, toml::to_string(&c).unwrap()).unwrap();
+    let ckpt_dir = dir.join("run/checkpoints");
     let meft = env!("CARGO_BIN_EXE_meft");
-    let mut killed_with_checkpoint = 0;
-    for trial in 0..12u64 {
+    let (mut killed_after_a_checkpoint, mut last_step) = (0, 0);
+    const TRIALS: u64 = 50;
+    for trial in 0..TRIALS {
         let mut resume = Vec::new();
-        if dir.join("run/checkpoints/latest").exists() {
+        if ckpt_dir.join("latest").exists() {
             resume.push("--resume");
         }
         let mut child = Command::new(meft)
@@ -212,27 +261,117 @@ fn killing_the_writer_leaves_a_loadable_checkpoint() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        // Kill at a varying point: with a checkpoint every step, most points are mid-write.
-        std::thread::sleep(std::time::Duration::from_millis(700 + 97 * trial));
-        let _ = child.kill();
-        let _ = child.wait();
-        if dir.join("run/checkpoints/latest").exists() {
-            killed_with_checkpoint += 1;
+        // Kill points spread over 0.4–2.0 s (model load, first steps, steady state).
+        let ms = 400 + (trial * 7919) % 1600;
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        child.kill().unwrap(); // SIGKILL
+        let status = child.wait().unwrap();
+        assert!(
+            !status.success(),
+            "trial {trial}: the run ended before the kill"
+        );
+        if ckpt_dir.join("latest").exists() {
+            killed_after_a_checkpoint += 1;
+            let step = assert_latest_loads(&ckpt_dir);
+            assert!(
+                step >= last_step,
+                "trial {trial}: went back from {last_step} to {step}"
+            );
+            last_step = step;
         }
     }
     assert!(
-        killed_with_checkpoint > 0,
-        "no trial got as far as a checkpoint"
+        killed_after_a_checkpoint >= TRIALS as usize / 2,
+        "only {killed_after_a_checkpoint} of {TRIALS} trials got as far as a checkpoint"
     );
+    assert!(last_step > 0);
     // Whatever state the kills left, the run resumes from its latest checkpoint and finishes.
+    let steps = last_step + 20;
     let out = train(
-        config(&dir, &data, 400, &["checkpoint_every=50"]),
+        config(&dir, &data, steps, &["checkpoint_every=50"]),
         true,
         None,
     )
     .unwrap();
-    assert!(out.resumed_from > 0);
-    assert_eq!(out.steps, 400);
+    assert_eq!(out.resumed_from, last_step);
+    assert_eq!(out.steps, steps);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A checkpoint with a truncated or corrupt file is refused on resume with an error naming
+/// the file; the run never panics.
+#[test]
+fn a_damaged_checkpoint_is_refused_naming_the_file() {
+    let dir = workdir("damaged");
+    let data = qa_file(&dir);
+    train(config(&dir, &data, 6, &["checkpoint_every=3"]), false, None).unwrap();
+    let latest = meft::train::checkpoint::latest(&dir.join("run/checkpoints"))
+        .unwrap()
+        .unwrap();
+    for (file, damage) in [
+        ("state.json", "truncate"),
+        ("trainable.safetensors", "truncate"),
+        ("meft.safetensors", "truncate"),
+        ("optimizer.bin", "truncate"),
+        ("optimizer.bin", "garble"),
+        ("state.json", "garble"),
+    ] {
+        let path = latest.join(file);
+        let good = std::fs::read(&path).unwrap();
+        let bad = match damage {
+            "truncate" => good[..good.len() / 2].to_vec(),
+            _ => good.iter().map(|b| b ^ 0x5A).collect(),
+        };
+        std::fs::write(&path, &bad).unwrap();
+        let e = train(config(&dir, &data, 9, &["checkpoint_every=3"]), true, None)
+            .expect_err(&format!("{damage}d {file} was accepted"))
+            .to_string();
+        assert!(e.contains(file), "{damage}d {file}: {e}");
+        std::fs::write(&path, &good).unwrap();
+    }
+    // Restored, the checkpoint resumes.
+    let out = train(config(&dir, &data, 9, &["checkpoint_every=3"]), true, None).unwrap();
+    assert_eq!(out.resumed_from, 6);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two runs with the same seed give bit-identical losses and adapter files, for every
+/// adapter kind; another seed gives other losses.
+#[test]
+fn a_fixed_seed_makes_runs_bit_identical() {
+    let dir = workdir("determinism");
+    let data = qa_file(&dir);
+    for (kind, extra) in [
+        ("meft", vec![]),
+        (
+            "dense",
+            vec!["adapter.kind=\"dense\"", "adapter.neurons=64"],
+        ),
+        ("lora", vec!["adapter.kind=\"lora\"", "adapter.rank=4"]),
+    ] {
+        let run = |name: &str, seed: &str| {
+            let sub = dir.join(format!("{kind}-{name}"));
+            let mut c = config(&sub, &data, 30, &[seed]);
+            if !extra.is_empty() {
+                c = with_adapter(&c, &extra);
+            }
+            let out = train(c, false, None).unwrap();
+            let adapter = std::fs::read(sub.join("run/adapter.safetensors")).unwrap();
+            (out.losses, adapter)
+        };
+        let (la, aa) = run("a", "seed=7");
+        let (lb, ab) = run("b", "seed=7");
+        let (lc, _) = run("c", "seed=8");
+        assert_eq!(la.len(), 30);
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&la),
+            bits(&lb),
+            "{kind}: losses differ between equal runs"
+        );
+        assert!(aa == ab, "{kind}: adapter files differ between equal runs");
+        assert_ne!(bits(&la), bits(&lc), "{kind}: the seed changed nothing");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -306,11 +445,7 @@ fn every_adapter_kind_trains_and_the_export_loads_for_generation() {
             ],
         );
         if !extra.is_empty() {
-            // Swap the adapter table: other kinds do not know MEFT's fields.
-            let mut doc: toml::Table = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
-            doc.remove("adapter");
-            let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-            c = TrainConfig::parse(&toml::to_string(&doc).unwrap(), kind, &extra).unwrap();
+            c = with_adapter(&c, &extra);
         }
         let out = TrainTask {
             config: c.clone(),

@@ -25,12 +25,16 @@ struct Line {
 
 /// Loads a JSONL file.
 pub fn load(path: &Path) -> Result<Vec<QaExample>, DataError> {
-    let bytes = read(path)?;
+    parse(&read(path)?, &path.display().to_string())
+}
+
+/// Parses JSONL bytes (`origin` and the line number name a bad line).
+pub fn parse(bytes: &[u8], origin: &str) -> Result<Vec<QaExample>, DataError> {
     let mut out = Vec::new();
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let n = i + 1;
         let bad = |message: String| DataError::Format {
-            path: format!("{}:{n}", path.display()),
+            path: format!("{origin}:{n}"),
             message,
         };
         if line.len() > MAX_LINE {
@@ -64,4 +68,49 @@ pub fn load(path: &Path) -> Result<Vec<QaExample>, DataError> {
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(bytes: &[u8]) -> String {
+        parse(bytes, "d.jsonl").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn blank_lines_are_skipped_and_bad_lines_are_named() {
+        let ok = parse(
+            b"\n{\"prompt\": \"q\", \"answer\": \"a\"}\n\n  \n",
+            "d.jsonl",
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 1);
+        assert_eq!(ok[0].id, "line2");
+        assert!(parse(b"", "d.jsonl").unwrap().is_empty());
+        let e = err(b"{\"prompt\": \"q\", \"answer\": \"a\"}\n{\"prompt\": \"q\", \"answer\": \"\xff\xfe\"}\n");
+        assert!(e.contains("d.jsonl:2") && e.contains("UTF-8"), "{e}");
+        let e = err(b"{\"prompt\": \"q\"}");
+        assert!(
+            e.contains("d.jsonl:1") && e.contains("no \"answer\""),
+            "{e}"
+        );
+        let e = err(b"{\"prompt\": \" \", \"answer\": \"a\"}");
+        assert!(e.contains("empty prompt"), "{e}");
+        let e = err(b"{\"prompt\": \"q\", \"answer\": \"a\", \"extra\": 1}");
+        assert!(e.contains("extra"), "{e}");
+        let e = err(b"[1, 2]");
+        assert!(e.contains("not a prompt/answer object"), "{e}");
+    }
+
+    #[test]
+    fn a_huge_line_is_an_error_not_an_allocation() {
+        let mut big = b"{\"prompt\": \"".to_vec();
+        big.resize(MAX_LINE + 10, b'x');
+        big.extend(b"\", \"answer\": \"a\"}");
+        let mut bytes = b"{\"prompt\": \"q\", \"answer\": \"a\"}\n".to_vec();
+        bytes.extend(&big);
+        let e = err(&bytes);
+        assert!(e.contains("d.jsonl:2") && e.contains("limit"), "{e}");
+    }
 }

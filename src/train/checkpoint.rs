@@ -4,7 +4,7 @@
 //! - `state.json`: step, examples consumed (the data position), seed, and the fingerprint of
 //!   the model and adapter config it belongs to;
 //! - `trainable.safetensors`: the trainable device parameters by module path;
-//! - `optimizer.bin`: the device AdamW's moments (burn record);
+//! - `optimizer.bin`: the device AdamW's moments (burn's named MessagePack record);
 //! - `meft.safetensors`: per MEFT layer, the store's parameters, both sparse-AdamW moments and
 //!   per-row step counts.
 //!
@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
@@ -28,8 +28,9 @@ use super::params::{self, HostTensor};
 use super::tensors_file::{self, Entry, TensorsFile};
 use crate::{Error, Result};
 
-/// Format version written into `state.json`.
-pub const FORMAT: u32 = 1;
+/// Format version written into `state.json`. 2: `optimizer.bin` is burn's named MessagePack
+/// record (its bincode recorder panics on a damaged file instead of returning an error).
+pub const FORMAT: u32 = 2;
 
 /// The small part of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,32 +106,21 @@ pub fn save<B: AutodiffBackend>(
 ) -> Result<PathBuf> {
     lm.adapters.wait_updates()?;
     std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
+    check_disk(dir, lm)?;
     let name = step_name(state.step);
     let tmp = dir.join(format!(".tmp-{name}"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| io("removing", &tmp, e))?;
     }
     std::fs::create_dir(&tmp).map_err(|e| io("creating", &tmp, e))?;
-
-    let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Other(e.to_string()))?;
-    std::fs::write(tmp.join("state.json"), json).map_err(|e| io("writing", &tmp, e))?;
-    tensors_file::sync_file(&tmp.join("state.json"))?;
-
-    let trainable = params::trainable(&lm.model)?;
-    write_trainable(
-        &tmp.join("trainable.safetensors"),
-        &trainable,
-        HashMap::new(),
-    )?;
-
-    let bytes = BinBytesRecorder::<FullPrecisionSettings>::default()
-        .record(optim.dense_record(), ())
-        .map_err(|e| Error::Other(format!("serialising the optimizer state: {e}")))?;
-    std::fs::write(tmp.join("optimizer.bin"), bytes).map_err(|e| io("writing", &tmp, e))?;
-    tensors_file::sync_file(&tmp.join("optimizer.bin"))?;
-
-    write_stores(&tmp.join("meft.safetensors"), lm)?;
-    sync_dir(&tmp)?;
+    // A failed write (disk full, I/O error) removes its partial folder, so it neither fills the
+    // disk further nor looks like a checkpoint; `latest` still names the previous one.
+    if let Err(e) = write_files(&tmp, state, lm, optim) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(Error::Other(format!(
+            "writing checkpoint {name}: {e}; the previous checkpoint is kept"
+        )));
+    }
 
     let final_dir = dir.join(&name);
     if final_dir.exists() {
@@ -141,6 +131,84 @@ pub fn save<B: AutodiffBackend>(
     write_atomic(&dir.join("latest"), name.as_bytes())?;
     prune(dir, keep)?;
     Ok(final_dir)
+}
+
+/// The least free disk space a checkpoint of this run takes: trainable parameters, their two
+/// AdamW moments, and the MEFT stores (rows, two moments, row step counts).
+pub fn estimated_bytes<B: AutodiffBackend>(lm: &AdaptedLm<B>) -> Result<u64> {
+    let trainable: u64 = params::trainable(&lm.model)?
+        .values()
+        .map(|t| t.values.len() as u64 * 4)
+        .sum();
+    let stores: u64 = lm
+        .adapters
+        .sparse
+        .iter()
+        .map(|a| a.with_store(|s| (3 * s.neurons() * 2 * s.d_model() + s.neurons()) as u64 * 4))
+        .sum::<Result<u64>>()?;
+    Ok(3 * trainable + stores)
+}
+
+/// Bytes free to this user on the filesystem holding `path` (`None` where unknown).
+pub fn disk_free(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(c.as_ptr(), &mut st) == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+    }
+}
+
+/// Fails, naming both sizes, when `dir`'s filesystem has less free space than a checkpoint
+/// of `lm` needs (checked before the run's first step and before every checkpoint).
+pub fn check_disk<B: AutodiffBackend>(dir: &Path, lm: &AdaptedLm<B>) -> Result<()> {
+    let probe = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| Path::new("."));
+    check_space(estimated_bytes(lm)?, disk_free(probe), probe)
+}
+
+/// [`check_disk`]'s comparison: `need` bytes against `free` bytes (unknown: passes).
+fn check_space(need: u64, free: Option<u64>, place: &Path) -> Result<()> {
+    match free {
+        Some(free) if need > free => Err(Error::Resources(format!(
+            "disk: a checkpoint of this run needs {:.2} GB in {}, {:.2} GB free — free space, choose another output folder, or use fewer adapter neurons",
+            need as f64 / 1e9,
+            place.display(),
+            free as f64 / 1e9
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn write_files<B: AutodiffBackend>(
+    tmp: &Path,
+    state: &TrainState,
+    lm: &AdaptedLm<B>,
+    optim: &AdapterOptimizer<B>,
+) -> Result<()> {
+    let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Other(e.to_string()))?;
+    std::fs::write(tmp.join("state.json"), json).map_err(|e| io("writing", tmp, e))?;
+    tensors_file::sync_file(&tmp.join("state.json"))?;
+
+    let trainable = params::trainable(&lm.model)?;
+    write_trainable(
+        &tmp.join("trainable.safetensors"),
+        &trainable,
+        HashMap::new(),
+    )?;
+
+    let bytes = NamedMpkBytesRecorder::<FullPrecisionSettings>::default()
+        .record(optim.dense_record(), ())
+        .map_err(|e| Error::Other(format!("serialising the optimizer state: {e}")))?;
+    std::fs::write(tmp.join("optimizer.bin"), bytes).map_err(|e| io("writing", tmp, e))?;
+    tensors_file::sync_file(&tmp.join("optimizer.bin"))?;
+
+    write_stores(&tmp.join("meft.safetensors"), lm)?;
+    sync_dir(tmp)?;
+    Ok(())
 }
 
 /// Writes trainable parameters (by path) to a safetensors file.
@@ -214,24 +282,50 @@ pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
 pub fn read_state(path: &Path, fingerprint: &serde_json::Value) -> Result<TrainState> {
     let file = path.join("state.json");
     let bytes = std::fs::read(&file).map_err(|e| io("reading", &file, e))?;
-    let state: TrainState = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::Other(format!("{} is not a checkpoint state: {e}", file.display())))?;
+    parse_state(&bytes, &file.display().to_string(), fingerprint)
+}
+
+/// [`read_state`] on the bytes of a `state.json` (`origin` names it in errors).
+pub fn parse_state(
+    bytes: &[u8],
+    origin: &str,
+    fingerprint: &serde_json::Value,
+) -> Result<TrainState> {
+    let state: TrainState = serde_json::from_slice(bytes)
+        .map_err(|e| Error::Other(format!("{origin} is not a checkpoint state: {e}")))?;
     if state.format != FORMAT {
         return Err(Error::Other(format!(
-            "{}: checkpoint format {} (this build reads {FORMAT})",
-            file.display(),
+            "{origin}: checkpoint format {} (this build reads {FORMAT})",
             state.format
         )));
     }
     if let Some(field) = differing_field(&state.fingerprint, fingerprint, String::new()) {
         return Err(Error::Other(format!(
-            "checkpoint {} belongs to another run: `{field}` differs (checkpoint: {}, config: {})",
-            path.display(),
+            "checkpoint {origin} belongs to another run: `{field}` differs (checkpoint: {}, config: {})",
             lookup(&state.fingerprint, &field),
             lookup(fingerprint, &field)
         )));
     }
+    if state.losses.len() + state.skipped.len() != state.step {
+        return Err(Error::Other(format!(
+            "{origin}: inconsistent checkpoint state: step {} but {} losses and {} skipped steps",
+            state.step,
+            state.losses.len(),
+            state.skipped.len()
+        )));
+    }
     Ok(state)
+}
+
+/// Decodes a checkpoint's `optimizer.bin` (the device AdamW's moments) for this run's model.
+pub fn decode_optimizer<B: AutodiffBackend>(
+    bytes: Vec<u8>,
+    origin: &str,
+    device: &B::Device,
+) -> Result<super::optim::DenseRecord<B>> {
+    NamedMpkBytesRecorder::<FullPrecisionSettings>::default()
+        .load(bytes, device)
+        .map_err(|e| Error::Other(format!("{origin}: not an optimizer state of this run: {e}")))
 }
 
 fn differing_field(a: &serde_json::Value, b: &serde_json::Value, at: String) -> Option<String> {
@@ -287,14 +381,7 @@ pub fn restore<B: AutodiffBackend>(
     let model = params::load_trainable(model, &trainable)?;
     let file = path.join("optimizer.bin");
     let bytes = std::fs::read(&file).map_err(|e| io("reading", &file, e))?;
-    let record = BinBytesRecorder::<FullPrecisionSettings>::default()
-        .load(bytes, device)
-        .map_err(|e| {
-            Error::Other(format!(
-                "{}: not an optimizer state of this run: {e}",
-                file.display()
-            ))
-        })?;
+    let record = decode_optimizer::<B>(bytes, &file.display().to_string(), device)?;
     optim.load_dense_record(record);
     // Only MEFT runs have host stores (an empty safetensors file is not readable back).
     let stores = match adapters.sparse.is_empty() {
@@ -355,4 +442,24 @@ fn prune(dir: &Path, keep: usize) -> Result<()> {
         std::fs::remove_dir_all(old).map_err(|e| io("removing", old, e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn too_little_disk_names_both_sizes() {
+        let e = check_space(27_000_000_000, Some(5_500_000_000), Path::new("/runs"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("27.00 GB") && e.contains("5.50 GB") && e.contains("/runs"),
+            "{e}"
+        );
+        check_space(1, Some(2), Path::new("/")).unwrap();
+        check_space(u64::MAX, None, Path::new("/")).unwrap();
+        let free = disk_free(&std::env::temp_dir()).expect("statvfs answers for the temp dir");
+        assert!(free > 0);
+    }
 }

@@ -370,4 +370,26 @@ neurons = 1024
         let e = TrainConfig::parse(BASE, "t", &["steps=\"x\"".into()]).unwrap_err();
         assert!(e.to_string().contains("steps"), "{e}");
     }
+
+    /// Every committed config (the main job's, the GPU runs', the quality study's) parses and
+    /// passes validation, so a typo there fails CI rather than a device run.
+    #[test]
+    fn committed_configs_are_valid() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut files = Vec::new();
+        for dir in [root.clone(), root.join("quality")] {
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.extension().is_some_and(|x| x == "toml") {
+                    files.push(p);
+                }
+            }
+        }
+        assert!(files.len() >= 18, "{files:?}");
+        for p in files {
+            let c = TrainConfig::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            c.validate()
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        }
+    }
 }

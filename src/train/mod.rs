@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod preflight;
 pub mod renderer;
 pub mod run;
 pub mod schedule;

@@ -143,6 +143,36 @@ fn device_memory() -> Option<f64> {
 #[cfg(feature = "cuda")]
 static RUNNING_ON_CUDA: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Refuses a GGUF whose tokenizer can produce ids the model's embedding has no row for.
+fn check_vocab(tok: &TextTokenizer, model: &LlamaConfig) -> Result<()> {
+    if tok.vocab_size > model.vocab_size {
+        return Err(Error::Other(format!(
+            "the tokenizer has {} tokens but the model's embedding only {} rows: token ids {} and up would be out of range",
+            tok.vocab_size, model.vocab_size, model.vocab_size
+        )));
+    }
+    Ok(())
+}
+
+/// Fails before anything large is allocated when the run cannot fit in host or GPU memory
+/// (see [`super::preflight`]).
+fn preflight(c: &TrainConfig, model: &LlamaConfig) -> Result<()> {
+    use super::preflight::{check, estimate, host_available, Residence};
+    use crate::backend::{BackendKind, FloatType};
+    let layers = c.layers.indices(model.n_layers)?.len();
+    let weight_bytes = match c.dtype {
+        FloatType::F32 => 4,
+        FloatType::Bf16 => 2,
+    };
+    let needs = estimate(model, &c.adapter, layers, weight_bytes);
+    let residence = match c.backend {
+        BackendKind::Cpu => Residence::Host,
+        BackendKind::Cuda => Residence::Gpu(crate::backend::cuda_free_memory().map(|(f, _)| f)),
+        BackendKind::Wgpu => Residence::Gpu(None),
+    };
+    check(&needs, residence, host_available())
+}
+
 /// A run's data: tokenized training and validation examples, and what evaluation needs.
 struct RunData {
     /// What the split holds (written to `split.json`).
@@ -252,6 +282,8 @@ impl BackendTask for TrainTask {
         let gguf = GgufFile::open(&c.model)?;
         let tok = TextTokenizer::from_gguf(&gguf)?;
         let model_cfg = LlamaConfig::from_gguf(&gguf)?;
+        check_vocab(&tok, &model_cfg)?;
+        preflight(c, &model_cfg)?;
         let data = load_data(c, &tok, model_cfg.max_seq_len)?;
         write_json(&out_dir.join("split.json"), &data.record)?;
         eprintln!(
@@ -292,6 +324,9 @@ impl BackendTask for TrainTask {
             source: lc.pattern,
             steps: Default::default(),
         });
+        // Before the first step: a run whose checkpoints cannot fit on the disk stops now,
+        // not at its first checkpoint hours later.
+        checkpoint::check_disk(&ckpt_dir, &lm)?;
         let optim = AdapterOptimizer::<Autodiff<B>>::new(
             c.optimizer.weight_decay,
             c.optimizer.grad_clip,
@@ -540,7 +575,8 @@ impl BackendTask for EvalTask {
         let c = &self.config;
         let gguf = GgufFile::open(&c.model)?;
         let tok = TextTokenizer::from_gguf(&gguf)?;
-        let (model, _) = Llama::<B>::from_gguf(&gguf, &device)?;
+        let (model, model_cfg) = Llama::<B>::from_gguf(&gguf, &device)?;
+        check_vocab(&tok, &model_cfg)?;
         drop(gguf);
         let model = match &self.adapter {
             Some(path) => super::export::load_adapter(model, path)?.0,

@@ -78,8 +78,13 @@ impl TensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path)
             .map_err(|e| Error::Other(format!("reading {}: {e}", path.display())))?;
+        Self::from_bytes(&path.display().to_string(), bytes)
+    }
+
+    /// Validates the header of a file already in memory (`origin` names it in errors).
+    pub fn from_bytes(origin: &str, bytes: Vec<u8>) -> Result<Self> {
         let f = Self {
-            path: path.display().to_string(),
+            path: origin.to_string(),
             bytes,
         };
         f.parsed()?;

@@ -299,13 +299,7 @@ pub fn store_bytes(kind: AdapterKind, layers: usize, d: usize) -> u64 {
     }
 }
 
-/// Host memory available to new allocations (Linux `MemAvailable`), bytes.
-pub fn host_available() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
+pub use crate::train::preflight::host_available;
 
 fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64

@@ -1,0 +1,4 @@
+//! Fuzz target: `meft::fuzz::config` (see that function for what the bytes mean).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| meft::fuzz::config(data));
