@@ -117,4 +117,6 @@ trainable = safetensors([("model.layers.0.ffn.router.weight", "F32", [2, 4], ran
 for name, parts in [("full.bin", [state, trainable, b""]), ("state-only.bin", [state]),
                     ("tensors-only.bin", [b"", trainable])]:
     out("checkpoint", name, b"".join(struct.pack("<I", len(p)) + p for p in parts))
+# fuzz/seeds/checkpoint/real-lora.bin (not written here) packs the three files of a real
+# checkpoint: `meft train` on the tinycoder GGUF, LoRA rank 1 on layer 0's q, 2 steps.
 print("seeds written under", os.path.join(HERE, "seeds"))

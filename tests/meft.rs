@@ -637,3 +637,93 @@ fn non_finite_gradients_are_refused_and_nothing_is_added() {
         .unwrap();
     assert_eq!(pending, 0);
 }
+
+/// Issue 9's shared store: W data-parallel workers (replicas over one host store, each with
+/// its share of the batch and its loss scaled by its token share) update the store exactly as
+/// one worker does on the concatenated batch, step after step, with ragged shares and rows
+/// used by several workers.
+#[test]
+fn data_parallel_workers_on_one_store_equal_one_worker_on_the_whole_batch() {
+    use meft::adapter::meft::{apply_worker_grads, loss_share};
+    let (d, hidden, n) = (16, 32, 256);
+    let mut cfg = MeftConfig::new(n);
+    cfg.experts = Some(16);
+    cfg.experts_per_token = 4;
+    cfg.top_k = 8;
+    cfg.value_init_std = 0.02;
+    let store = || AdapterStore::init_random(n, d, 0.1, 0.02, 11);
+    let single = MeftFfn::<B>::with_store(ffn(d, hidden, 3), cfg.clone(), 0, store()).unwrap();
+    let primary = MeftFfn::<B>::with_store(ffn(d, hidden, 3), cfg.clone(), 0, store()).unwrap();
+    let device = Default::default();
+    let workers = [
+        primary.replica(&device),
+        primary.replica(&device),
+        primary.replica(&device),
+    ];
+    assert!(workers
+        .iter()
+        .all(|w| w.adapter.shares_store_with(&primary.adapter)));
+    assert!(!single.adapter.shares_store_with(&primary.adapter));
+    let shares = [9usize, 4, 11]; // ragged
+    let total: usize = shares.iter().sum();
+    let opt = SparseAdamW {
+        lr: 0.05,
+        weight_decay: 0.01,
+        ..SparseAdamW::default()
+    };
+    let params = |m: &MeftFfn<B>| {
+        m.adapter
+            .with_store(|s| s.training_state().0.to_vec())
+            .unwrap()
+    };
+    let mut shared_rows = 0;
+    for step in 0..4u64 {
+        let x = randn(total * d, 1.0, 100 + step);
+        let r = randn(total * d, 1.0, 200 + step);
+        // One worker, whole batch: mean over all tokens.
+        let y = single.forward(tensor(x.clone(), [1, total, d]));
+        let loss = (y * tensor(r.clone(), [1, total, d])).sum() / total as f32;
+        let mut g = loss.backward();
+        let rows = single.adapter.take_grads::<B>(&mut g).unwrap();
+        single.adapter.absorb(rows, None).unwrap();
+        single
+            .adapter
+            .with_store_mut(|s| opt.step_store(s))
+            .unwrap();
+        // W workers, each its slice, its own mean × its token share.
+        let (mut start, mut per_worker, mut used) = (0, Vec::new(), Vec::new());
+        for (w, &m) in workers.iter().zip(&shares) {
+            let xs = x[start * d..(start + m) * d].to_vec();
+            let rs = r[start * d..(start + m) * d].to_vec();
+            let y = w.forward(tensor(xs, [1, m, d]));
+            let loss = (y * tensor(rs, [1, m, d])).sum() / m as f32 * loss_share(m, total) as f32;
+            let mut g = loss.backward();
+            per_worker.push(w.adapter.take_grads::<B>(&mut g).unwrap());
+            used.push(w.adapter.last_active().unwrap().rows);
+            start += m;
+        }
+        let updated = apply_worker_grads(&primary.adapter, per_worker, &opt).unwrap();
+        let union: std::collections::BTreeSet<u32> = used.iter().flatten().copied().collect();
+        assert_eq!(
+            updated,
+            union.len(),
+            "step {step}: every used row updated once"
+        );
+        shared_rows += used[0]
+            .iter()
+            .filter(|j| used[1].contains(j) || used[2].contains(j))
+            .count();
+        assert_close(
+            &params(&primary),
+            &params(&single),
+            1e-5,
+            &format!("store after step {step}"),
+        );
+    }
+    assert!(
+        shared_rows > 0,
+        "no row was used by two workers: the sum is untested"
+    );
+    // The store is one: a replica sees the primary's parameters.
+    assert_eq!(params(&workers[2]), params(&primary));
+}

@@ -280,6 +280,9 @@ fn killing_the_writer_leaves_a_loadable_checkpoint() {
             last_step = step;
         }
     }
+    eprintln!(
+        "kill trials: {TRIALS} SIGKILLs, {killed_after_a_checkpoint} after a checkpoint existed, every latest checkpoint loaded; newest step {last_step}"
+    );
     assert!(
         killed_after_a_checkpoint >= TRIALS as usize / 2,
         "only {killed_after_a_checkpoint} of {TRIALS} trials got as far as a checkpoint"

@@ -47,7 +47,8 @@ struct TapeEntry {
 struct Shared {
     config: MeftConfig,
     layer: usize,
-    store: RwLock<AdapterStore>,
+    /// Shared by every [`SparseAdapter::replica`] (one store for all data-parallel workers).
+    store: Arc<RwLock<AdapterStore>>,
     tape: Mutex<Vec<TapeEntry>>,
     stats: Mutex<TransferStats>,
     last_active: Mutex<Option<ActiveNeurons>>,
@@ -89,13 +90,36 @@ impl SparseAdapter {
             inner: Arc::new(Shared {
                 config,
                 layer,
-                store: RwLock::new(store),
+                store: Arc::new(RwLock::new(store)),
                 tape: Mutex::new(Vec::new()),
                 stats: Mutex::new(TransferStats::default()),
                 last_active: Mutex::new(None),
                 update: UpdateGate::default(),
             }),
         })
+    }
+
+    /// A handle for another data-parallel worker: the same store (parameters, moments and
+    /// pending gradients, one copy in host memory), with its own tape of shipped rows, traffic
+    /// counters, last active set and update gate. Unlike `clone`, whose handles share the tape
+    /// too, a replica's forward and gradient collection are independent of the others'.
+    pub fn replica(&self) -> Self {
+        Self {
+            inner: Arc::new(Shared {
+                config: self.inner.config.clone(),
+                layer: self.inner.layer,
+                store: Arc::clone(&self.inner.store),
+                tape: Mutex::new(Vec::new()),
+                stats: Mutex::new(TransferStats::default()),
+                last_active: Mutex::new(None),
+                update: UpdateGate::default(),
+            }),
+        }
+    }
+
+    /// Whether `other` works on the same store (it is this adapter or one of its replicas).
+    pub fn shares_store_with(&self, other: &SparseAdapter) -> bool {
+        Arc::ptr_eq(&self.inner.store, &other.inner.store)
     }
 
     /// The adapter's config.
@@ -526,6 +550,16 @@ impl<B: Backend> MeftFfn<B> {
             },
             adapter,
         })
+    }
+
+    /// This layer for another data-parallel worker: copies of the base FFN and the router on
+    /// `device`, the adapter a [`SparseAdapter::replica`] over the same host store.
+    pub fn replica(&self, device: &B::Device) -> Self {
+        Self {
+            base: self.base.clone().to_device(device),
+            router: self.router.clone().to_device(device),
+            adapter: self.adapter.replica(),
+        }
     }
 
     /// Applies base FFN and adapter to `[batch, seq, d]`. The router, the rows and the

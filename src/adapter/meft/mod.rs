@@ -8,12 +8,14 @@
 //! - [`layer`]: the burn module ([`MeftFfn`]) and its host side ([`SparseAdapter`]).
 //! - [`optim`]: sparse AdamW on the touched rows ([`SparseAdamW`]).
 //! - [`worker`]: the background thread that absorbs row gradients ([`HostWorker`]).
+//! - [`shared`]: several data-parallel workers over one store ([`apply_worker_grads`]).
 
 pub mod compute;
 pub mod config;
 pub mod layer;
 pub mod optim;
 pub mod selection;
+pub mod shared;
 pub mod store;
 pub mod worker;
 
@@ -21,5 +23,6 @@ pub use config::MeftConfig;
 pub use layer::{MeftFfn, Routed, SparseAdapter};
 pub use optim::{SparseAdamW, SparseStepStats};
 pub use selection::{select_active, ActiveNeurons, Routing, SelectionRule};
+pub use shared::{apply_worker_grads, loss_share};
 pub use store::AdapterStore;
 pub use worker::{HostWorker, RowGrad};
