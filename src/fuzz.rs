@@ -22,8 +22,11 @@ const MAX_DEQUANT: u64 = 1 << 22;
 /// Most tokens the tokenizer entry builds a vocabulary from.
 const MAX_TOKENS: usize = 512;
 
+/// A fuzz entry point: arbitrary bytes in, nothing out (it must simply return).
+pub type Entry = fn(&[u8]);
+
 /// The fuzz targets by name (the names of `fuzz/fuzz_targets/*.rs`).
-pub const TARGETS: [(&str, fn(&[u8])); 5] = [
+pub const TARGETS: [(&str, Entry); 5] = [
     ("gguf", gguf),
     ("tokenizer", tokenizer),
     ("config", config),
