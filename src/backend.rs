@@ -177,11 +177,13 @@ pub fn cuda_free_memory() -> Option<(u64, u64)> {
         result::init().ok()?;
         let dev = result::device::get(0).ok()?;
         // SAFETY: the primary context of a valid device is retained, made current on this
-        // thread for the query and released again; nothing else uses the handle.
+        // thread for the query, unbound and released again; nothing else uses the handle.
         unsafe {
             let ctx = result::primary_ctx::retain(dev).ok()?;
             result::ctx::set_current(ctx).ok()?;
             let info = result::mem_get_info().ok();
+            // Unbind before releasing, so this thread is not left with a dangling context.
+            let _ = result::ctx::set_current(std::ptr::null_mut());
             let _ = result::primary_ctx::release(dev);
             info.map(|(free, total)| (free as u64, total as u64))
         }
