@@ -136,15 +136,13 @@ pub fn save<B: AutodiffBackend>(
 /// The least free disk space a checkpoint of this run takes: trainable parameters, their two
 /// AdamW moments, and the MEFT stores (rows, two moments, row step counts).
 pub fn estimated_bytes<B: AutodiffBackend>(lm: &AdaptedLm<B>) -> Result<u64> {
-    let trainable: u64 = params::trainable(&lm.model)?
-        .values()
-        .map(|t| t.values.len() as u64 * 4)
-        .sum();
+    // From shapes (nothing is read back from the device): this runs before every checkpoint.
+    let (trainable, _) = params::param_bytes(&lm.model);
     let stores: u64 = lm
         .adapters
         .sparse
         .iter()
-        .map(|a| a.with_store(|s| (3 * s.neurons() * 2 * s.d_model() + s.neurons()) as u64 * 4))
+        .map(|a| a.with_store(|s| super::preflight::store_bytes(s.neurons(), s.d_model())))
         .sum::<Result<u64>>()?;
     Ok(3 * trainable + stores)
 }

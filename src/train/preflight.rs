@@ -61,6 +61,12 @@ pub fn adapter_device_params(m: &LlamaConfig, adapter: &AdapterConfig, layers: u
     per_layer * layers as u64
 }
 
+/// Bytes of one layer's MEFT store: rows and both sparse-AdamW moments (f32, `2·d` per row)
+/// and the per-row step counts (u32).
+pub fn store_bytes(neurons: usize, d_model: usize) -> u64 {
+    (3 * neurons as u64 * 2 * d_model as u64 + neurons as u64) * 4
+}
+
 /// The least memory of a run of `adapter` on `layers` layers of `model`, base weights held at
 /// `weight_bytes` bytes per parameter.
 pub fn estimate(
@@ -70,10 +76,7 @@ pub fn estimate(
     weight_bytes: u64,
 ) -> Needs {
     let stores = match adapter {
-        AdapterConfig::Meft(c) => {
-            let n = c.neurons as u64;
-            (3 * n * 2 * model.d_model as u64 * 4 + n * 4) * layers as u64
-        }
+        AdapterConfig::Meft(c) => store_bytes(c.neurons, model.d_model) * layers as u64,
         _ => 0,
     };
     Needs {
