@@ -1,7 +1,8 @@
 //! LeMo token elimination on the CPU (ndarray, f64): with nothing eliminated the model is
 //! exactly the plain model (outputs and gradients); eliminated tokens leave a layer equal to
-//! their input while kept tokens equal a dense layer whose attention sees only kept keys;
-//! the memory-efficient attention equals burn's attention (values and gradients); the token
+//! their input while kept tokens equal a dense layer whose attention sees all keys, or only
+//! kept keys; the memory-efficient attention, square or at query positions, equals burn's
+//! attention (values and gradients); the token
 //! operations' custom backward equals autodiff of the plain-op reference; predictors learn.
 
 mod common;
@@ -13,10 +14,13 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
+use std::sync::Arc;
+
 use cube_kernels::tokens::{
-    gather_tokens, merge_tokens, reference, select_segments_host, TokenPattern,
+    gather_tokens, kept_position_bounds, merge_tokens, reference, select_segments_host,
+    TokenPattern,
 };
-use meft::lemo::{eliminate, Lemo, LemoConfig, LemoMode};
+use meft::lemo::{eliminate, KeyScope, Lemo, LemoConfig, LemoMode};
 use meft::model::{ops, Llama};
 
 type B64 = Autodiff<NdArray<f64>>;
@@ -71,12 +75,54 @@ fn param_grads(m: &Llama<B64>, loss: Tensor<B64, 1>) -> Vec<Vec<f64>> {
 
 #[test]
 fn zero_budget_equals_the_plain_model_exactly() {
+    for keys in [KeyScope::All, KeyScope::Kept] {
+        zero_budget_equals_plain(keys);
+    }
+}
+
+/// The elimination path itself (`eliminate`) with a pattern that keeps every token: exactly
+/// the plain block with kept-key attention; with attention to all keys equal up to the order
+/// in which the key/value and query gradients of the normalised input are summed.
+#[test]
+fn eliminating_nothing_through_the_gather_merge_path_equals_the_plain_block() {
+    let (batch, seq, d) = (2, 24, 16);
+    let m = model(1, seq);
+    let block = &m.blocks[0];
+    let dev = Default::default();
+    let x = Tensor::<B64, 3>::random([batch, seq, d], Distribution::Normal(0.0, 1.0), &dev)
+        .require_grad();
+    let w = Tensor::<B64, 3>::random([batch, seq, d], Distribution::Default, &dev);
+    let scores = vec![0.0f32; batch * seq];
+    let (idx, inv) = select_segments_host(&scores, batch, seq, 16, 16);
+    let p = TokenPattern::<B64>::from_host(&idx, &inv, batch, seq, &dev);
+    let plain = block.forward(x.clone(), &m.rope, None);
+    let plain_grads = param_grads(&m, (plain.clone() * w.clone()).sum());
+    for (keys, tol) in [(KeyScope::Kept, 0.0), (KeyScope::All, 1e-12)] {
+        let bound = Arc::new(kept_position_bounds(seq, 16, 16));
+        let y = eliminate(block, x.clone(), &m.rope, &p, keys, bound);
+        let scale = max_abs(plain.clone(), plain.clone() * 0.0);
+        assert!(
+            max_abs(y.clone(), plain.clone()) <= tol * scale,
+            "{keys:?}: outputs differ"
+        );
+        let g = param_grads(&m, (y * w.clone()).sum());
+        assert_eq!(g.len(), plain_grads.len());
+        for (a, b) in g.iter().zip(&plain_grads) {
+            let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let err = a.iter().zip(b).fold(0f64, |m, (p, q)| m.max((p - q).abs()));
+            assert!(err <= tol * scale, "{keys:?}: a gradient differs by {err}");
+        }
+    }
+}
+
+fn zero_budget_equals_plain(keys: KeyScope) {
     // 24 tokens in segments of 16: a full segment and a ragged one.
     let (batch, seq) = (2, 24);
     let m = model(3, seq);
     let cfg = LemoConfig {
         keep_ratio: 1.0,
         segment: 16,
+        keys,
         layers: Some(meft::adapter::Layers::All),
         ..LemoConfig::default()
     };
@@ -91,18 +137,25 @@ fn zero_budget_equals_the_plain_model_exactly() {
         assert_eq!(
             max_abs(h.clone(), plain.clone()),
             0.0,
-            "{mode:?}: outputs differ"
+            "{keys:?} {mode:?}: outputs differ"
         );
         let g = param_grads(&m, (h * weights.clone()).sum());
         assert_eq!(g.len(), plain_grads.len());
         for (a, b) in g.iter().zip(&plain_grads) {
-            assert_eq!(a, b, "{mode:?}: a gradient differs");
+            assert_eq!(a, b, "{keys:?} {mode:?}: a gradient differs");
         }
     }
 }
 
 #[test]
-fn eliminated_tokens_pass_through_and_kept_tokens_see_only_kept_keys() {
+fn eliminated_tokens_pass_through_and_kept_tokens_see_the_chosen_keys() {
+    for keys in [KeyScope::Kept, KeyScope::All] {
+        check_elimination(keys);
+    }
+}
+
+/// `eliminate` against the dense block whose attention masks what `keys` hides.
+fn check_elimination(keys: KeyScope) {
     let (batch, seq, d) = (2, 21, 16);
     let m = model(1, seq);
     let block = &m.blocks[0];
@@ -114,15 +167,19 @@ fn eliminated_tokens_pass_through_and_kept_tokens_see_only_kept_keys() {
         .collect();
     let (idx, inv) = select_segments_host(&scores, batch, seq, 8, 3);
     let p = TokenPattern::<B64>::from_host(&idx, &inv, batch, seq, &dev);
-    let y = eliminate(block, x.clone(), &m.rope, &p);
+    let bound = Arc::new(kept_position_bounds(seq, 8, 3));
+    let y = eliminate(block, x.clone(), &m.rope, &p, keys, bound);
 
-    // Reference: the dense block whose attention lets query i see key j iff j <= i and j
-    // is kept.
+    // Reference: the dense block whose attention lets query i see key j iff j <= i and
+    // (with `KeyScope::Kept`) j is kept.
+    let only_kept = keys == KeyScope::Kept;
     let kept: Vec<bool> = inv.iter().map(|&s| (s as usize) < batch * p.kept).collect();
     let mask: Vec<bool> = (0..batch)
         .flat_map(|b| {
             let kept = &kept;
-            (0..seq).flat_map(move |i| (0..seq).map(move |j| j > i || !kept[b * seq + j]))
+            (0..seq).flat_map(move |i| {
+                (0..seq).map(move |j| j > i || (only_kept && !kept[b * seq + j]))
+            })
         })
         .collect();
     let mask = Tensor::<B64, 4, Bool>::from_data(TensorData::new(mask, [batch, 1, seq, seq]), &dev);
@@ -165,11 +222,11 @@ fn eliminated_tokens_pass_through_and_kept_tokens_see_only_kept_keys() {
         if kept[r] {
             n_kept += 1;
             for (a, b) in row(&y).iter().zip(row(&dense)) {
-                assert!((a - b).abs() < 1e-10, "kept row {r}: {a} vs {b}");
+                assert!((a - b).abs() < 1e-10, "{keys:?}: kept row {r}: {a} vs {b}");
             }
         } else {
             n_gone += 1;
-            assert_eq!(row(&y), row(&x), "eliminated row {r} changed");
+            assert_eq!(row(&y), row(&x), "{keys:?}: eliminated row {r} changed");
         }
     }
     assert_eq!(n_kept, batch * 9);
@@ -211,6 +268,66 @@ fn chunked_attention_equals_burn_attention_with_gradients() {
             let (a, c) = (x.grad(&gw).unwrap(), x.grad(&gg).unwrap());
             let err = max_abs(a, c);
             assert!(err < 1e-11, "d{name} t {t} chunk {chunk}: {err}");
+        }
+    }
+}
+
+#[test]
+fn chunked_attention_at_positions_equals_masked_burn_attention_with_gradients() {
+    let dev = Default::default();
+    // (batch, heads, keys, head_dim, segment, keep, chunk): ragged last segments, several
+    // chunks, a chunk larger than the queries, keep-all.
+    for (b, h, t, hd, seg, keep, chunk) in [
+        (2, 3, 37, 8, 8, 3, 5),
+        (1, 2, 20, 4, 16, 5, 64),
+        (2, 1, 19, 4, 4, 4, 6),
+        (1, 1, 9, 4, 16, 2, 1),
+    ] {
+        let scores: Vec<f32> = (0..b * t).map(|i| ((i * 53 % 17) as f32).cos()).collect();
+        let (idx, _) = select_segments_host(&scores, b, t, seg, keep);
+        let tq = idx.len() / b;
+        let pos: Vec<i64> = idx.iter().map(|&r| r as i64 % t as i64).collect();
+        let bound = Arc::new(kept_position_bounds(t, seg, keep));
+        let r = |s: u64, n: usize| {
+            B64::seed(&dev, s);
+            Tensor::<B64, 4>::random([b, h, n, hd], Distribution::Normal(0.0, 1.0), &dev)
+                .require_grad()
+        };
+        let (q, k, v) = (r(1, tq), r(2, t), r(3, t));
+        let w = Tensor::<B64, 4>::random([b, h, tq, hd], Distribution::Default, &dev);
+        let mask: Vec<bool> = (0..b * tq)
+            .flat_map(|row| {
+                let p = pos[row];
+                (0..t as i64).map(move |j| j > p)
+            })
+            .collect();
+        let mask = Tensor::<B64, 4, Bool>::from_data(TensorData::new(mask, [b, 1, tq, t]), &dev)
+            .expand([b, h, tq, t]);
+        let opts = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: false,
+        };
+        let want = attention(q.clone(), k.clone(), v.clone(), Some(mask), None, opts);
+        let pos = Tensor::<B64, 2, Int>::from_data(TensorData::new(pos, [b, tq]), &dev);
+        let got = Tensor::<B64, 4>::from_primitive(burn::tensor::TensorPrimitive::Float(
+            <B64 as cube_kernels::attention::ChunkedAttentionBackend>::chunked_attention_at(
+                q.clone().into_primitive().tensor(),
+                k.clone().into_primitive().tensor(),
+                v.clone().into_primitive().tensor(),
+                pos.into_primitive(),
+                bound,
+                chunk,
+            ),
+        ));
+        let case = format!("t {t} seg {seg} keep {keep} chunk {chunk}");
+        assert!(max_abs(got.clone(), want.clone()) < 1e-12, "forward {case}");
+        let gw = (want * w.clone()).sum().backward();
+        let gg = (got * w.clone()).sum().backward();
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (a, c) = (x.grad(&gw).unwrap(), x.grad(&gg).unwrap());
+            let err = max_abs(a, c);
+            assert!(err < 1e-11, "d{name} {case}: {err}");
         }
     }
 }

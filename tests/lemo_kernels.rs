@@ -1,7 +1,8 @@
 //! LeMo's token kernels on wgpu (lavapipe on CPU-only machines) against the host oracle and
 //! the plain-op reference: segment selection (ragged last segments, ties, a segment shorter
 //! than the budget, keep-all, batch offsets), gather and merge with their backward (exact:
-//! they only copy), and the memory-efficient attention (f32 kernels vs an f64 reference,
+//! they only copy), and the memory-efficient attention, square and at kept-query positions
+//! (f32 kernels vs an f64 reference,
 //! within 1e-5 of the largest magnitude).
 #![cfg(feature = "wgpu")]
 
@@ -215,5 +216,82 @@ fn chunked_attention_on_wgpu_equals_the_f64_reference() {
             floats(v.grad(&gw).unwrap()),
             "dv",
         );
+    }
+}
+
+#[test]
+fn attention_at_kept_positions_on_wgpu_equals_the_f64_reference() {
+    let dev = Default::default();
+    let gdev = Default::default();
+    // (batch, heads, keys, head_dim, segment, keep, chunk): ragged last segments, several
+    // chunks, one chunk larger than the queries.
+    for (b, h, t, hd, seg, keep, chunk) in [
+        (1, 2, 50, 16, 16, 5, 4),
+        (2, 1, 37, 8, 8, 3, 16),
+        (1, 3, 64, 32, 32, 20, 64),
+    ] {
+        let (idx, _) = select_segments_host(&scores(b * t, 9, 1 << 10), b, t, seg, keep);
+        let tq = idx.len() / b;
+        let pos: Vec<i64> = idx.iter().map(|&r| r as i64 % t as i64).collect();
+        let bound = std::sync::Arc::new(cube_kernels::tokens::kept_position_bounds(t, seg, keep));
+        let vals = |n: usize, s: u64| -> Vec<f32> {
+            scores(n, s, 1 << 20)
+                .iter()
+                .map(|v| (v + 1.0) / 65536.0 - 2.0)
+                .collect()
+        };
+        let (qs, ks) = ([b, h, tq, hd], [b, h, t, hd]);
+        let (qv, kv, vv, wv) = (
+            vals(b * h * tq * hd, 1),
+            vals(b * h * t * hd, 2),
+            vals(b * h * t * hd, 3),
+            vals(b * h * tq * hd, 4),
+        );
+        let r = |v: &[f32], s: [usize; 4]| {
+            Tensor::<Ref, 4>::from_data(TensorData::new(v.to_vec(), s).convert::<f64>(), &dev)
+                .require_grad()
+        };
+        let (q, k, v) = (r(&qv, qs), r(&kv, ks), r(&vv, ks));
+        let at = cube_kernels::attention::QueryPositions::<Ref> {
+            pos: Tensor::from_data(TensorData::new(pos.clone(), [b, tq]), &dev),
+            bound: bound.clone(),
+        };
+        let (want, _) =
+            cube_kernels::attention::forward_at(q.clone(), k.clone(), v.clone(), &at, tq);
+        let gw = (want.clone() * r(&wv, qs)).sum().backward();
+        let g = |v: &[f32], s: [usize; 4]| {
+            Tensor::<Fused, 4>::from_data(TensorData::new(v.to_vec(), s), &gdev).require_grad()
+        };
+        let (qk, kk, vk) = (g(&qv, qs), g(&kv, ks), g(&vv, ks));
+        let prim = |x: &Tensor<Fused, 4>| x.clone().into_primitive().tensor();
+        let pos = Tensor::<Fused, 2, Int>::from_data(TensorData::new(pos, [b, tq]), &gdev);
+        let got = Tensor::<Fused, 4>::from_primitive(TensorPrimitive::Float(
+            <Fused as ChunkedAttentionBackend>::chunked_attention_at(
+                prim(&qk),
+                prim(&kk),
+                prim(&vk),
+                pos.into_primitive(),
+                bound,
+                chunk,
+            ),
+        ));
+        let gg = (got.clone() * g(&wv, qs)).sum().backward();
+        let close = |a: Vec<f64>, b: Vec<f64>, what: &str| {
+            let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * scale,
+                    "keys {t} keep {keep}/{seg} chunk {chunk} {what}: {x} vs {y}"
+                );
+            }
+        };
+        close(floats(got), floats(want), "out");
+        for (name, a, c) in [("dq", &qk, &q), ("dk", &kk, &k), ("dv", &vk, &v)] {
+            close(
+                floats(a.grad(&gg).unwrap()),
+                floats(c.grad(&gw).unwrap()),
+                name,
+            );
+        }
     }
 }

@@ -10,6 +10,10 @@
 //! `P = exp(S − lse)`, `dV += Pᵀ dO`, `dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`, `dQ = dS K·s`,
 //! `dK += dSᵀ Q·s`. Scores and softmax are computed in f32 whatever the storage type.
 //!
+//! Queries may also be a subset of the keys' tokens at known positions ([`QueryPositions`]):
+//! a LeMo layer whose kept tokens attend to the keys of every token — query row i sees the
+//! keys at positions `0..=pos[i]`.
+//!
 //! [`ChunkedAttentionBackend`]'s default method is the whole forward in plain burn ops (any
 //! backend); `Autodiff<B>` registers the recomputing backward.
 
@@ -20,7 +24,10 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Bool, DType, Tensor, TensorPrimitive};
+use std::sync::Arc;
+
+use burn::tensor::ops::IntTensor;
+use burn::tensor::{Bool, DType, Int, Tensor, TensorPrimitive};
 
 fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
@@ -47,14 +54,63 @@ pub fn chunk_rows(batch_heads: usize, seq: usize, budget: usize) -> usize {
     rows.min(seq.max(1))
 }
 
-/// `[c, c1]` mask of query rows `c0..c0 + c` against keys `0..c1`: true where the key is later.
-fn chunk_mask<B: Backend>(
-    c0: usize,
-    c: usize,
-    c1: usize,
-    device: &B::Device,
-) -> Tensor<B, 4, Bool> {
-    Tensor::<B, 2, Bool>::tril_mask([c, c1], c0 as i64, device).unsqueeze::<4>()
+/// Where the query rows sit among the keys when they are not the keys' own tokens: the key
+/// position of every query row, `[batch, queries]` (ascending per input), and a host-side
+/// inclusive upper bound of the positions of each query row (non-decreasing), which limits the
+/// keys a chunk of rows reads without reading the positions back.
+#[derive(Debug, Clone)]
+pub struct QueryPositions<B: Backend> {
+    /// Key position of every query row, `[batch, queries]`.
+    pub pos: Tensor<B, 2, Int>,
+    /// Inclusive upper bound of the positions of query row i (over the batch), non-decreasing.
+    pub bound: Arc<Vec<usize>>,
+}
+
+/// The causal structure: query i is key i ([`Causal::Square`]) or sits at given positions.
+#[derive(Debug, Clone)]
+enum Causal<B: Backend> {
+    Square,
+    At(QueryPositions<B>),
+}
+
+impl<B: Backend> Causal<B> {
+    /// Keys `0..end` that query rows `..c1` may see, out of `keys`.
+    fn key_end(&self, c1: usize, keys: usize) -> usize {
+        match self {
+            Causal::Square => c1,
+            Causal::At(p) => (p.bound[c1 - 1] + 1).min(keys),
+        }
+    }
+
+    /// `[batch or 1, 1, c1 - c0, end]` mask of query rows `c0..c1` against keys `0..end`: true
+    /// where the key is later than the query.
+    fn mask(
+        &self,
+        b: usize,
+        c0: usize,
+        c1: usize,
+        end: usize,
+        device: &B::Device,
+    ) -> Tensor<B, 4, Bool> {
+        let c = c1 - c0;
+        match self {
+            Causal::Square => {
+                Tensor::<B, 2, Bool>::tril_mask([c, end], c0 as i64, device).unsqueeze::<4>()
+            }
+            Causal::At(p) => {
+                let pos = p
+                    .pos
+                    .clone()
+                    .slice([0..b, c0..c1])
+                    .reshape([b, 1, c, 1])
+                    .expand([b, 1, c, end]);
+                Tensor::<B, 1, Int>::arange(0..end as i64, device)
+                    .reshape([1, 1, 1, end])
+                    .expand([b, 1, c, end])
+                    .greater(pos)
+            }
+        }
+    }
 }
 
 fn f32_of<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
@@ -73,7 +129,30 @@ pub fn forward<B: Backend>(
     v: Tensor<B, 4>,
     chunk: usize,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    forward_masked(q, k, v, &Causal::Square, chunk)
+}
+
+/// [`forward`] for query rows `q` `[batch, heads, queries, head_dim]` at positions `at` among
+/// the keys `k`, `v` `[batch, heads, keys, head_dim]`: row i sees the keys `0..=pos[i]`.
+pub fn forward_at<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    at: &QueryPositions<B>,
+    chunk: usize,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    forward_masked(q, k, v, &Causal::At(at.clone()), chunk)
+}
+
+fn forward_masked<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    causal: &Causal<B>,
+    chunk: usize,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let [b, h, t, hd] = q.dims();
+    let keys = k.dims()[2];
     let dtype = q.dtype();
     let device = q.device();
     let scale = 1.0 / (hd as f64).sqrt();
@@ -82,11 +161,12 @@ pub fn forward<B: Backend>(
     for c0 in (0..t).step_by(chunk.max(1)) {
         let c1 = (c0 + chunk).min(t);
         let c = c1 - c0;
+        let end = causal.key_end(c1, keys);
         let qc = q.clone().slice([0..b, 0..h, c0..c1, 0..hd]);
-        let kc = k.clone().slice([0..b, 0..h, 0..c1, 0..hd]);
-        let vc = v.clone().slice([0..b, 0..h, 0..c1, 0..hd]);
+        let kc = k.clone().slice([0..b, 0..h, 0..end, 0..hd]);
+        let vc = v.clone().slice([0..b, 0..h, 0..end, 0..hd]);
         let s = f32_of(qc.matmul(kc.swap_dims(2, 3))) * scale;
-        let mask = chunk_mask::<B>(c0, c, c1, &device).expand([b, h, c, c1]);
+        let mask = causal.mask(b, c0, c1, end, &device).expand([b, h, c, end]);
         let s = s.mask_fill(mask, f32::NEG_INFINITY);
         let m = s.clone().max_dim(3);
         let p = (s - m.clone()).exp();
@@ -110,26 +190,42 @@ pub fn backward<B: Backend>(
     dout: Tensor<B, 4>,
     chunk: usize,
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    backward_masked(q, k, v, out, lse, dout, &Causal::Square, chunk)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_masked<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    out: Tensor<B, 4>,
+    lse: Tensor<B, 4>,
+    dout: Tensor<B, 4>,
+    causal: &Causal<B>,
+    chunk: usize,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
     let [b, h, t, hd] = q.dims();
+    let keys = k.dims()[2];
     let dtype = q.dtype();
     let device = q.device();
     let acc = lse.dtype();
     let scale = 1.0 / (hd as f64).sqrt();
     let delta = (f32_of(dout.clone()) * f32_of(out)).sum_dim(3);
     let mut dq = Vec::new();
-    let mut dk = Tensor::<B, 4>::zeros([b, h, t, hd], (&device, acc));
-    let mut dv = Tensor::<B, 4>::zeros([b, h, t, hd], (&device, acc));
+    let mut dk = Tensor::<B, 4>::zeros([b, h, keys, hd], (&device, acc));
+    let mut dv = Tensor::<B, 4>::zeros([b, h, keys, hd], (&device, acc));
     for c0 in (0..t).step_by(chunk.max(1)) {
         let c1 = (c0 + chunk).min(t);
         let c = c1 - c0;
+        let end = causal.key_end(c1, keys);
         let rows = [0..b, 0..h, c0..c1, 0..hd];
-        let keys = [0..b, 0..h, 0..c1, 0..hd];
+        let seen = [0..b, 0..h, 0..end, 0..hd];
         let qc = q.clone().slice(rows.clone());
-        let kc = k.clone().slice(keys.clone());
-        let vc = v.clone().slice(keys.clone());
+        let kc = k.clone().slice(seen.clone());
+        let vc = v.clone().slice(seen.clone());
         let doc = dout.clone().slice(rows.clone());
         let s = f32_of(qc.clone().matmul(kc.clone().swap_dims(2, 3))) * scale;
-        let mask = chunk_mask::<B>(c0, c, c1, &device).expand([b, h, c, c1]);
+        let mask = causal.mask(b, c0, c1, end, &device).expand([b, h, c, end]);
         let s = s.mask_fill(mask, f32::NEG_INFINITY);
         let lse_c = lse.clone().slice([0..b, 0..h, c0..c1, 0..1]);
         let p = (s - lse_c).exp();
@@ -141,8 +237,8 @@ pub fn backward<B: Backend>(
         let dk_c = f32_of(ds.swap_dims(2, 3).matmul(qc));
         dk = dk
             .clone()
-            .slice_assign(keys.clone(), dk.slice(keys.clone()) + dk_c);
-        dv = dv.clone().slice_assign(keys.clone(), dv.slice(keys) + dv_c);
+            .slice_assign(seen.clone(), dk.slice(seen.clone()) + dk_c);
+        dv = dv.clone().slice_assign(seen.clone(), dv.slice(seen) + dv_c);
     }
     (Tensor::cat(dq, 2), dk.cast(dtype), dv.cast(dtype))
 }
@@ -158,6 +254,23 @@ pub trait ChunkedAttentionBackend: Backend {
         chunk: usize,
     ) -> FloatTensor<Self> {
         prim(forward::<Self>(float(q), float(k), float(v), chunk).0)
+    }
+
+    /// [`Self::chunked_attention`] for query rows at positions `pos` `[batch, queries]` among
+    /// the keys (row i sees keys `0..=pos[i]`; `bound` as in [`QueryPositions`]).
+    fn chunked_attention_at(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        pos: IntTensor<Self>,
+        bound: Arc<Vec<usize>>,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        let at = QueryPositions {
+            pos: Tensor::from_primitive(pos),
+            bound,
+        };
+        prim(forward_at::<Self>(float(q), float(k), float(v), &at, chunk).0)
     }
 }
 
@@ -180,6 +293,7 @@ struct Saved<B: Backend> {
     v: FloatTensor<B>,
     out: FloatTensor<B>,
     lse: FloatTensor<B>,
+    at: Option<(IntTensor<B>, Arc<Vec<usize>>)>,
     chunk: usize,
 }
 
@@ -193,13 +307,21 @@ impl<B: Backend> Backward<B, 3> for AttentionBackward {
         let [nq, nk, nv] = ops.parents;
         let dout = grads.consume::<B>(&ops.node);
         let s = ops.state;
-        let (dq, dk, dv) = backward::<B>(
+        let causal = match s.at {
+            None => Causal::Square,
+            Some((pos, bound)) => Causal::At(QueryPositions {
+                pos: Tensor::from_primitive(pos),
+                bound,
+            }),
+        };
+        let (dq, dk, dv) = backward_masked::<B>(
             float(s.q),
             float(s.k),
             float(s.v),
             float(s.out),
             float(s.lse),
             float(dout),
+            &causal,
             s.chunk,
         );
         if let Some(node) = nq {
@@ -221,32 +343,63 @@ impl<B: ChunkedAttentionBackend, C: CheckpointStrategy> ChunkedAttentionBackend 
         v: FloatTensor<Self>,
         chunk: usize,
     ) -> FloatTensor<Self> {
-        let prep = AttentionBackward
-            .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
-            .compute_bound()
-            .stateful();
-        let (qp, kp, vp) = (q.primitive, k.primitive, v.primitive);
-        let (out, lse) = forward::<B>(
-            float(qp.clone()),
-            float(kp.clone()),
-            float(vp.clone()),
-            chunk,
-        );
-        let out = prim(out);
-        match prep {
-            OpsKind::Tracked(prep) => {
-                let state = Saved {
-                    q: qp,
-                    k: kp,
-                    v: vp,
-                    out: out.clone(),
-                    lse: prim(lse),
-                    chunk,
-                };
-                prep.finish(state, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(out),
+        tracked::<B, C>(q, k, v, None, chunk)
+    }
+
+    fn chunked_attention_at(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        pos: IntTensor<Self>,
+        bound: Arc<Vec<usize>>,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        tracked::<B, C>(q, k, v, Some((pos, bound)), chunk)
+    }
+}
+
+/// The chunked forward on the inner backend, registered with the recomputing backward.
+fn tracked<B: ChunkedAttentionBackend, C: CheckpointStrategy>(
+    q: FloatTensor<Autodiff<B, C>>,
+    k: FloatTensor<Autodiff<B, C>>,
+    v: FloatTensor<Autodiff<B, C>>,
+    at: Option<(IntTensor<B>, Arc<Vec<usize>>)>,
+    chunk: usize,
+) -> FloatTensor<Autodiff<B, C>> {
+    let prep = AttentionBackward
+        .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+        .compute_bound()
+        .stateful();
+    let (qp, kp, vp) = (q.primitive, k.primitive, v.primitive);
+    let causal = match &at {
+        None => Causal::Square,
+        Some((pos, bound)) => Causal::At(QueryPositions {
+            pos: Tensor::from_primitive(pos.clone()),
+            bound: bound.clone(),
+        }),
+    };
+    let (out, lse) = forward_masked::<B>(
+        float(qp.clone()),
+        float(kp.clone()),
+        float(vp.clone()),
+        &causal,
+        chunk,
+    );
+    let out = prim(out);
+    match prep {
+        OpsKind::Tracked(prep) => {
+            let state = Saved {
+                q: qp,
+                k: kp,
+                v: vp,
+                out: out.clone(),
+                lse: prim(lse),
+                at,
+                chunk,
+            };
+            prep.finish(state, out)
         }
+        OpsKind::UnTracked(prep) => prep.finish(out),
     }
 }
 
@@ -260,4 +413,25 @@ pub fn chunked_attention<B: ChunkedAttentionBackend>(
     let [b, h, t, _] = q.dims();
     let chunk = chunk_rows(b * h, t, chunk_budget_bytes());
     float(B::chunked_attention(prim(q), prim(k), prim(v), chunk))
+}
+
+/// [`chunked_attention`] for query rows at positions `at` among the keys `k`, `v`
+/// `[batch, heads, keys, head_dim]` (row i sees the keys `0..=pos[i]`).
+pub fn chunked_attention_at<B: ChunkedAttentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    at: &QueryPositions<B>,
+) -> Tensor<B, 4> {
+    let [b, h, _, _] = q.dims();
+    let keys = k.dims()[2];
+    let chunk = chunk_rows(b * h, keys, chunk_budget_bytes());
+    float(B::chunked_attention_at(
+        prim(q),
+        prim(k),
+        prim(v),
+        at.pos.clone().into_primitive(),
+        at.bound.clone(),
+        chunk,
+    ))
 }

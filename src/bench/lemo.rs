@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::model::{median, sync, Preset};
 use crate::adapter::{wrap, AdapterConfig, Layers, LoraConfig};
 use crate::backend::{cuda_memory, cuda_memory_cleanup, BackendTask};
-use crate::lemo::{Lemo, LemoConfig, LemoMode};
+use crate::lemo::{KeyScope, Lemo, LemoConfig, LemoMode};
 use crate::model::{Llama, LlamaConfig};
 use crate::{Error, Result};
 
@@ -34,8 +34,11 @@ pub enum LemoBenchMode {
     Full,
     /// Full, under burn's balanced activation checkpointing.
     Checkpoint,
-    /// LeMo with the predicted pattern.
+    /// LeMo with the predicted pattern (kept tokens attend to the keys `[lemo] keys` names,
+    /// all by default).
     Lemo,
+    /// LeMo with the predicted pattern, kept tokens attending to kept keys only.
+    LemoKept,
     /// LeMo with the exact pattern (attention received; costly).
     LemoExact,
     /// Full with burn's own attention (keeps `T × T` scores; shows why the chunked form is
@@ -132,9 +135,13 @@ impl LemoBench {
         let model = Llama::<AB>::init_random(&cfg, device);
         let lora = AdapterConfig::Lora(LoraConfig::new(self.lora_rank));
         let (model, _) = wrap(model, &lora, &Layers::All)?;
-        let lemo = Lemo::new(&self.lemo, &model, device)?;
+        let mut lemo_cfg = self.lemo.clone();
+        if mode == LemoBenchMode::LemoKept {
+            lemo_cfg.keys = KeyScope::Kept;
+        }
+        let lemo = Lemo::new(&lemo_cfg, &model, device)?;
         let lemo_mode = match mode {
-            LemoBenchMode::Lemo => LemoMode::Predicted,
+            LemoBenchMode::Lemo | LemoBenchMode::LemoKept => LemoMode::Predicted,
             LemoBenchMode::LemoExact => LemoMode::Exact,
             _ => LemoMode::Off,
         };

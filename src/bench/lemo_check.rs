@@ -1,13 +1,17 @@
 //! `meft bench lemo-check`: LeMo's device operations (segment selection, gather and merge
-//! with their backward, the chunked attention with its backward) on the chosen backend
+//! with their backward, the chunked attention, square and at kept-query positions, with its
+//! backward) on the chosen backend
 //! against the host oracle and the f64 plain-op reference on ndarray, on random inputs at
 //! several sizes including ragged ones — the same checks `tests/lemo_kernels.rs` runs on wgpu,
 //! for backends CI has not got (CUDA).
 
+use std::sync::Arc;
+
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
-use cube_kernels::tokens::{reference, select_segments_host, TokenPattern};
+use cube_kernels::attention::QueryPositions;
+use cube_kernels::tokens::{kept_position_bounds, reference, select_segments_host, TokenPattern};
 use serde::Serialize;
 
 use crate::backend::BackendTask;
@@ -219,7 +223,72 @@ impl LemoCheck {
                 ));
             }
         }
+        self.attention_at::<AB>(device, out);
         std::env::remove_var("MEFT_ATTN_CHUNK_MB");
+    }
+
+    /// Kept query rows (segments of 64 keeping 27: ragged) attending to every key.
+    fn attention_at<AB: AutodiffBackend>(&self, device: &AB::Device, out: &mut Vec<CheckRow>) {
+        let rdev = Default::default();
+        let (seg, keep) = (64, 27);
+        for (i, &(b, h, t, hd)) in [(1, 2, 50, 16), (2, 3, 300, 64), (1, 9, 1000, 64)]
+            .iter()
+            .enumerate()
+        {
+            let case = format!(
+                "batch {b} heads {h} keys {t} head_dim {hd}, {keep} of every {seg} as queries"
+            );
+            let scores = lcg(b * t, 77 + i as u64, 1 << 20);
+            let (idx, _) = select_segments_host(&scores, b, t, seg, keep);
+            let tq = idx.len() / b;
+            let pos: Vec<i64> = idx.iter().map(|&r| r as i64 % t as i64).collect();
+            let bound = Arc::new(kept_position_bounds(t, seg, keep));
+            let (qs, ks) = ([b, h, tq, hd], [b, h, t, hd]);
+            let v: Vec<Vec<f32>> = [(qs, 0), (ks, 1), (ks, 2), (qs, 3)]
+                .iter()
+                .map(|&(s, j)| lcg(s.iter().product(), 301 + 7 * i as u64 + j, 1 << 20))
+                .collect();
+            let at_ref = QueryPositions::<Ref> {
+                pos: Tensor::from_data(TensorData::new(pos.clone(), [b, tq]), &rdev),
+                bound: bound.clone(),
+            };
+            let r = |x: &[f32], s| on::<Ref, 4>(x, s, &rdev).require_grad();
+            let (q, k, vv) = (r(&v[0], qs), r(&v[1], ks), r(&v[2], ks));
+            let (want, _) =
+                cube_kernels::attention::forward_at(q.clone(), k.clone(), vv.clone(), &at_ref, tq);
+            let gw = (want.clone() * on::<Ref, 4>(&v[3], qs, &rdev))
+                .sum()
+                .backward();
+            let at = QueryPositions::<AB> {
+                pos: Tensor::from_data(TensorData::new(pos, [b, tq]), device),
+                bound,
+            };
+            let g = |x: &[f32], s| on::<AB, 4>(x, s, device).require_grad();
+            let (qk, kk, vk) = (g(&v[0], qs), g(&v[1], ks), g(&v[2], ks));
+            let got = ops::causal_attention_at(qk.clone(), kk.clone(), vk.clone(), &at);
+            let gg = (got.clone() * on::<AB, 4>(&v[3], qs, device))
+                .sum()
+                .backward();
+            let tol = 1e-3;
+            out.push(row(
+                "attention at positions out",
+                case.clone(),
+                rel_err(&host(got), &host(want)),
+                tol,
+            ));
+            for (name, a, c) in [("dq", &qk, &q), ("dk", &kk, &k), ("dv", &vk, &vv)] {
+                let e = rel_err(
+                    &host(a.grad(&gg).expect("grad")),
+                    &host(c.grad(&gw).expect("grad")),
+                );
+                out.push(row(
+                    &format!("attention at positions {name}"),
+                    case.clone(),
+                    e,
+                    tol,
+                ));
+            }
+        }
     }
 }
 

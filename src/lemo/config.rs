@@ -16,6 +16,20 @@ pub enum PatternSource {
     Exact,
 }
 
+/// Which keys a kept token attends to in an eliminating layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyScope {
+    /// Every token's key and value at that layer (from its current hidden state): eliminated
+    /// tokens skip the layer's queries, output and FFN but stay visible as context. Costs the
+    /// K/V projections of every token (and keeps them for the backward).
+    #[default]
+    All,
+    /// The kept tokens' keys only: eliminated tokens vanish from the layer entirely (least
+    /// memory and compute; the context each kept token sees shrinks with the budget).
+    Kept,
+}
+
 /// LeMo's token elimination (arXiv 2501.09767), as configured for `meft train` (`[lemo]`)
 /// and the library. Each applicable layer keeps, in every segment of `segment` tokens, the
 /// `keep_ratio` share of tokens with the highest informativeness; the first `sink` and the
@@ -41,6 +55,8 @@ pub struct LemoConfig {
     pub warmup_steps: usize,
     /// What drives elimination after warm-up.
     pub pattern: PatternSource,
+    /// Which keys kept tokens attend to (`"all"` or `"kept"`).
+    pub keys: KeyScope,
     /// Layers that eliminate tokens (default: all but the first two).
     pub layers: Option<Layers>,
     /// Seed of the predictors' init (layer l uses seed + l).
@@ -58,6 +74,7 @@ impl Default for LemoConfig {
             predictor_hidden: 64,
             warmup_steps: 20,
             pattern: PatternSource::Predicted,
+            keys: KeyScope::All,
             layers: None,
             seed: 0,
         }

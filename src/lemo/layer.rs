@@ -1,6 +1,8 @@
 //! [`Lemo`]: the per-layer predictors and plan, and the model's forward with token
 //! elimination.
 
+use std::sync::Arc;
+
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
@@ -8,7 +10,7 @@ use cube_kernels::tokens::TokenPattern;
 
 use super::predictor::{bce_with_logits, PatternPredictor};
 use super::score::attention_received;
-use super::{LemoConfig, PatternSource};
+use super::{KeyScope, LemoConfig, PatternSource};
 use crate::model::ops::{gather, kept_positions, merge, select_tokens};
 use crate::model::{Block, Llama, RotaryEmbedding};
 use crate::Result;
@@ -50,6 +52,8 @@ pub struct LemoPlan {
     pub sink: usize,
     /// Trailing tokens always kept.
     pub recent: usize,
+    /// Which keys kept tokens attend to.
+    pub keys: KeyScope,
 }
 
 impl LemoPlan {
@@ -64,7 +68,18 @@ impl LemoPlan {
             segment: cfg.segment,
             sink: cfg.sink,
             recent: cfg.recent,
+            keys: cfg.keys,
         })
+    }
+
+    /// Upper bounds of the kept tokens' positions at layer slot `i` in a `seq`-token input
+    /// (for attention to all keys).
+    pub fn position_bounds(&self, i: usize, seq: usize) -> Arc<Vec<usize>> {
+        Arc::new(cube_kernels::tokens::kept_position_bounds(
+            seq,
+            self.segment,
+            self.keep[i],
+        ))
     }
 
     /// Share of tokens layer slot `i` keeps in a `seq`-token input.
@@ -156,6 +171,12 @@ impl<B: Backend> Lemo<B> {
                 x = block.forward(x, &model.rope, None);
                 continue;
             };
+            // A layer that keeps every token is the plain layer (no selection, gather or
+            // merge; bit for bit the plain model's values and gradients).
+            if self.plan.keep[slot] >= self.plan.segment && mode != LemoMode::Calibrate {
+                x = block.forward(x, &model.rope, None);
+                continue;
+            }
             x = match mode {
                 LemoMode::Off => unreachable!("no bias without LeMo"),
                 LemoMode::Calibrate => {
@@ -175,7 +196,8 @@ impl<B: Backend> Lemo<B> {
                 LemoMode::Exact => {
                     let exact = exact_scores(block, x.clone(), &model.rope);
                     let p = self.pattern(slot, exact, bias);
-                    eliminate(block, x, &model.rope, &p)
+                    let bound = self.plan.position_bounds(slot, seq);
+                    eliminate(block, x, &model.rope, &p, self.plan.keys, bound)
                 }
                 LemoMode::Predicted => {
                     // Only the selection reads the logits: run the predictor untracked, so
@@ -183,7 +205,8 @@ impl<B: Backend> Lemo<B> {
                     let predictor = self.predictors[slot].clone().no_grad();
                     let logits = predictor.forward(x.clone().detach());
                     let p = self.pattern(slot, logits, bias);
-                    eliminate(block, x, &model.rope, &p)
+                    let bound = self.plan.position_bounds(slot, seq);
+                    eliminate(block, x, &model.rope, &p, self.plan.keys, bound)
                 }
             };
         }
@@ -244,21 +267,34 @@ fn overlap<B: Backend>(truth: &TokenPattern<B>, guess: &TokenPattern<B>, plan: &
     }
 }
 
-/// One block on the kept tokens of `x` only: they attend among themselves (causally, at
-/// their original positions) and go through the FFN; eliminated tokens pass through
-/// unchanged. Activations are kept for the compact tokens alone.
+/// One block on the kept tokens of `x` only: they attend causally, at their original
+/// positions, to the keys `keys` names — the kept tokens' own, or every token's (`bound`:
+/// upper bounds of the kept rows' positions, [`LemoPlan::position_bounds`]) — and go through
+/// the FFN; eliminated tokens pass through unchanged. Queries, attention outputs and FFN
+/// activations exist for the kept tokens alone (with [`KeyScope::All`], every token's norm
+/// and K/V projections too).
 pub fn eliminate<B: Backend>(
     block: &Block<B>,
     x: Tensor<B, 3>,
     rope: &RotaryEmbedding<B>,
     p: &TokenPattern<B>,
+    keys: KeyScope,
+    bound: Arc<Vec<usize>>,
 ) -> Tensor<B, 3> {
     let positions = kept_positions(p);
     let xc = gather(x.clone(), p);
-    let hc = xc.clone()
-        + block
-            .attn
-            .forward_at(block.attn_norm.forward(xc), rope, positions);
+    let att = match keys {
+        KeyScope::Kept => {
+            block
+                .attn
+                .forward_at(block.attn_norm.forward(xc.clone()), rope, positions)
+        }
+        KeyScope::All => {
+            let xn = block.attn_norm.forward(x.clone());
+            block.attn.forward_among(xn, rope, p, positions, bound)
+        }
+    };
+    let hc = xc + att;
     let yc = hc.clone() + block.ffn.forward(block.ffn_norm.forward(hc));
     merge(x, yc, p)
 }

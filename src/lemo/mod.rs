@@ -1,8 +1,10 @@
 //! LeMo (arXiv 2501.09767): contextual token sparsity for long-context fine-tuning.
 //!
 //! Per input and per layer, tokens that carry little information for that layer are
-//! *eliminated*: they skip the layer's attention (as queries and as keys) and FFN and pass
-//! through on the residual stream, so neither their compute nor their activations exist.
+//! *eliminated*: they skip the layer's attention (as queries) and FFN and pass through on the
+//! residual stream, so neither that compute nor its activations exist. Kept tokens attend to
+//! every token's key and value ([`KeyScope::All`], the default) or to the kept tokens' only
+//! ([`KeyScope::Kept`]: eliminated tokens vanish from the layer, less memory, less context).
 //!
 //! - [`config`]: the budget and where it applies ([`LemoConfig`]).
 //! - [`score`]: exact informativeness (attention received).
@@ -18,6 +20,6 @@ pub mod layer;
 pub mod predictor;
 pub mod score;
 
-pub use config::{LemoConfig, PatternSource};
+pub use config::{KeyScope, LemoConfig, PatternSource};
 pub use layer::{eliminate, kept_mask, Lemo, LemoAux, LemoMode, LemoPlan};
 pub use predictor::{bce_with_logits, PatternPredictor};

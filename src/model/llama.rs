@@ -15,7 +15,12 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Distribution, Int, Tensor, TensorData};
 
 use super::config::LlamaConfig;
-use super::ops::causal_attention;
+use std::sync::Arc;
+
+use cube_kernels::attention::QueryPositions;
+use cube_kernels::tokens::TokenPattern;
+
+use super::ops::{self, causal_attention};
 use crate::adapter::{DenseAdapterFfn, MeftFfn, Projection};
 use crate::lemo::{Lemo, LemoAux, LemoMode};
 
@@ -365,6 +370,40 @@ impl<B: Backend> Attention<B> {
         let k = rope.apply_at(k, positions);
         let out = causal_attention(q, self.repeat_kv(k), self.repeat_kv(v));
         self.wo.forward(out.swap_dims(1, 2).reshape([b, t, d]))
+    }
+
+    /// Attention of the kept tokens of a LeMo layer to the keys of *every* token: `xn`
+    /// `[batch, seq, d]` is the normalised input of all tokens, `p` the kept tokens,
+    /// `positions` their positions `[batch, kept]` and `bound` an upper bound of each kept
+    /// row's position (see `cube_kernels::attention::QueryPositions`). Returns the kept tokens'
+    /// outputs `[batch, kept, d]`. Queries are computed for the kept tokens only.
+    pub fn forward_among(
+        &self,
+        xn: Tensor<B, 3>,
+        rope: &RotaryEmbedding<B>,
+        p: &TokenPattern<B>,
+        positions: Tensor<B, 2, Int>,
+        bound: Arc<Vec<usize>>,
+    ) -> Tensor<B, 3> {
+        let [b, t, d] = xn.dims();
+        let kept = p.kept;
+        let hd = d / self.n_heads;
+        let heads = |y: Tensor<B, 3>, n: usize, h: usize| y.reshape([b, n, h, hd]).swap_dims(1, 2);
+        let q = heads(
+            self.wq.forward(ops::gather(xn.clone(), p)),
+            kept,
+            self.n_heads,
+        );
+        let k = heads(self.wk.forward(xn.clone()), t, self.n_kv_heads);
+        let v = heads(self.wv.forward(xn), t, self.n_kv_heads);
+        let q = rope.apply_at(q, positions.clone());
+        let k = rope.apply(k, 0);
+        let at = QueryPositions {
+            pos: positions,
+            bound,
+        };
+        let out = ops::causal_attention_at(q, self.repeat_kv(k), self.repeat_kv(v), &at);
+        self.wo.forward(out.swap_dims(1, 2).reshape([b, kept, d]))
     }
 
     /// Query, key and value heads `[batch, heads, seq, head_dim]` of `x` (before rotation).

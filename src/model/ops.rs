@@ -14,7 +14,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, Tensor};
-use cube_kernels::attention::chunked_attention;
+use cube_kernels::attention::{chunked_attention, chunked_attention_at, QueryPositions};
 use cube_kernels::tokens::{kept_per_input, reference, segment_select, TokenPattern};
 
 use crate::adapter::meft::compute::kernels_enabled;
@@ -94,6 +94,45 @@ pub fn causal_attention<B: Backend>(
         is_causal: true,
     };
     attention(q, k, v, None, None, opts)
+}
+
+/// Causal attention of query rows `q` `[batch, heads, queries, head_dim]` sitting at
+/// positions `at` among the keys `k`, `v` `[batch, heads, keys, head_dim]` (row i sees keys
+/// `0..=pos[i]`): a LeMo layer's kept tokens attending to every token. Chunked (no score
+/// matrix kept) on the extension backends; elsewhere burn's attention with an explicit mask.
+pub fn causal_attention_at<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    at: &QueryPositions<B>,
+) -> Tensor<B, 4> {
+    if chunked_enabled() {
+        let id = TypeId::of::<B>();
+        macro_rules! run {
+            ($t:ty) => {
+                if id == TypeId::of::<$t>() {
+                    let at: &QueryPositions<$t> =
+                        (at as &dyn Any).downcast_ref().expect("same type");
+                    return cast(chunked_attention_at::<$t>(cast(q), cast(k), cast(v), at));
+                }
+            };
+        }
+        extension_backends!(run);
+    }
+    let [b, h, tq, _] = q.dims();
+    let tk = k.dims()[2];
+    let device = q.device();
+    let pos = at.pos.clone().reshape([b, 1, tq, 1]).expand([b, h, tq, tk]);
+    let mask = Tensor::<B, 1, Int>::arange(0..tk as i64, &device)
+        .reshape([1, 1, 1, tk])
+        .expand([b, h, tq, tk])
+        .greater(pos);
+    let opts = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: false,
+    };
+    attention(q, k, v, Some(mask), None, opts)
 }
 
 fn token_kernels<B: Backend>() -> bool {

@@ -41,6 +41,20 @@ pub fn kept_per_input(seq: usize, segment: usize, keep: usize) -> usize {
     full * keep.min(segment) + keep.min(last)
 }
 
+/// For each of the [`kept_per_input`] kept tokens of an input (in order), an inclusive upper
+/// bound of its position: the last position of the segment it was kept from. Known without
+/// reading the pattern back (what [`crate::attention::QueryPositions`] needs). When every
+/// token is kept the bounds are the positions themselves.
+pub fn kept_position_bounds(seq: usize, segment: usize, keep: usize) -> Vec<usize> {
+    let keep = keep.min(segment);
+    if keep == segment {
+        return (0..seq).collect();
+    }
+    (0..kept_per_input(seq, segment, keep))
+        .map(|i| (((i / keep.max(1)) + 1) * segment).min(seq) - 1)
+        .collect()
+}
+
 /// The host version of [`TokenSparsityBackend::segment_select`] (the test oracle and the
 /// ndarray path): `scores` `[batch, seq]` row-major → `(idx, inv)` as described in the
 /// module docs.
@@ -258,5 +272,26 @@ mod tests {
         let (idx, inv) = select_segments_host(&s, 2, 2, 2, 1);
         assert_eq!(idx, vec![0, 3]);
         assert_eq!(inv, vec![0, 2, 2, 1]);
+    }
+
+    #[test]
+    fn position_bounds_hold_for_every_selection() {
+        for (seq, segment, keep) in [(10, 4, 2), (9, 4, 2), (7, 3, 3), (5, 8, 6), (16, 4, 1)] {
+            let bounds = kept_position_bounds(seq, segment, keep);
+            assert_eq!(bounds.len(), kept_per_input(seq, segment, keep));
+            assert!(bounds.windows(2).all(|w| w[0] <= w[1]));
+            for seed in 0..20u64 {
+                let s: Vec<f32> = (0..seq as u64)
+                    .map(|j| ((j * 7919 + seed * 104_729) % 97) as f32)
+                    .collect();
+                let (idx, _) = select_segments_host(&s, 1, seq, segment, keep);
+                for (i, &pos) in idx.iter().enumerate() {
+                    assert!(pos as usize <= bounds[i], "{seq}/{segment}/{keep}: row {i}");
+                    assert!(bounds[i] < seq);
+                    // The bound is the end of the row's own segment.
+                    assert_eq!(bounds[i] / segment, pos as usize / segment);
+                }
+            }
+        }
     }
 }
