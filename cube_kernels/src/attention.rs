@@ -74,6 +74,17 @@ enum Causal<B: Backend> {
 }
 
 impl<B: Backend> Causal<B> {
+    /// Square without positions, else at `pos` with `bound` (the form the autodiff state keeps).
+    fn of(at: Option<(IntTensor<B>, Arc<Vec<usize>>)>) -> Self {
+        match at {
+            None => Causal::Square,
+            Some((pos, bound)) => Causal::At(QueryPositions {
+                pos: Tensor::from_primitive(pos),
+                bound,
+            }),
+        }
+    }
+
     /// Keys `0..end` that query rows `..c1` may see, out of `keys`.
     fn key_end(&self, c1: usize, keys: usize) -> usize {
         match self {
@@ -307,13 +318,7 @@ impl<B: Backend> Backward<B, 3> for AttentionBackward {
         let [nq, nk, nv] = ops.parents;
         let dout = grads.consume::<B>(&ops.node);
         let s = ops.state;
-        let causal = match s.at {
-            None => Causal::Square,
-            Some((pos, bound)) => Causal::At(QueryPositions {
-                pos: Tensor::from_primitive(pos),
-                bound,
-            }),
-        };
+        let causal = Causal::of(s.at);
         let (dq, dk, dv) = backward_masked::<B>(
             float(s.q),
             float(s.k),
@@ -371,13 +376,7 @@ fn tracked<B: ChunkedAttentionBackend, C: CheckpointStrategy>(
         .compute_bound()
         .stateful();
     let (qp, kp, vp) = (q.primitive, k.primitive, v.primitive);
-    let causal = match &at {
-        None => Causal::Square,
-        Some((pos, bound)) => Causal::At(QueryPositions {
-            pos: Tensor::from_primitive(pos.clone()),
-            bound: bound.clone(),
-        }),
-    };
+    let causal = Causal::of(at.clone());
     let (out, lse) = forward_masked::<B>(
         float(qp.clone()),
         float(kp.clone()),
