@@ -299,7 +299,7 @@ enum BenchCommand {
             long,
             value_enum,
             value_delimiter = ',',
-            default_value = "full,checkpoint,lemo,lemo-kept"
+            default_value = "full,checkpoint,lemo,lemo-layer,lemo-kept"
         )]
         modes: Vec<LemoBenchMode>,
         /// LeMo: share of each segment kept.

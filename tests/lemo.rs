@@ -20,7 +20,10 @@ use cube_kernels::tokens::{
     gather_tokens, kept_position_bounds, merge_tokens, reference, select_segments_host,
     TokenPattern,
 };
-use meft::lemo::{eliminate, KeyScope, Lemo, LemoConfig, LemoMode};
+use meft::lemo::{
+    eliminate, eliminate_from_backward, eliminated, Elimination, KeyScope, Lemo, LemoConfig,
+    LemoMode,
+};
 use meft::model::{ops, Llama};
 
 type B64 = Autodiff<NdArray<f64>>;
@@ -75,8 +78,12 @@ fn param_grads(m: &Llama<B64>, loss: Tensor<B64, 1>) -> Vec<Vec<f64>> {
 
 #[test]
 fn zero_budget_equals_the_plain_model_exactly() {
-    for keys in [KeyScope::All, KeyScope::Kept] {
-        zero_budget_equals_plain(keys);
+    for (keys, elim) in [
+        (KeyScope::All, Elimination::Backward),
+        (KeyScope::All, Elimination::Layer),
+        (KeyScope::Kept, Elimination::Layer),
+    ] {
+        zero_budget_equals_plain(keys, elim);
     }
 }
 
@@ -115,7 +122,7 @@ fn eliminating_nothing_through_the_gather_merge_path_equals_the_plain_block() {
     }
 }
 
-fn zero_budget_equals_plain(keys: KeyScope) {
+fn zero_budget_equals_plain(keys: KeyScope, eliminate: Elimination) {
     // 24 tokens in segments of 16: a full segment and a ragged one.
     let (batch, seq) = (2, 24);
     let m = model(3, seq);
@@ -123,6 +130,7 @@ fn zero_budget_equals_plain(keys: KeyScope) {
         keep_ratio: 1.0,
         segment: 16,
         keys,
+        eliminate,
         layers: Some(meft::adapter::Layers::All),
         ..LemoConfig::default()
     };
@@ -231,6 +239,126 @@ fn check_elimination(keys: KeyScope) {
     }
     assert_eq!(n_kept, batch * 9);
     assert_eq!(n_gone, batch * (seq - 9));
+}
+
+/// `eliminate_from_backward` against the dense reference `x + m·f(x) + (1 − m)·stop(f(x))`
+/// (f the block's update, m the kept mask): the same outputs (the plain block's) and the
+/// same gradients for the input and every parameter. Segments of 8 keeping 3 over 21 tokens
+/// (a ragged last segment), and of 16 keeping 10 over 21 (the ragged segment's 5 tokens are
+/// all kept, so the eliminated-token pattern also holds kept ones).
+#[test]
+fn eliminating_from_the_backward_keeps_the_forward_and_stops_the_eliminated_gradient() {
+    for (seg, keep) in [(8, 3), (16, 10)] {
+        let (batch, seq, d) = (2, 21, 16);
+        let m = model(1, seq);
+        let block = &m.blocks[0];
+        let dev = Default::default();
+        let x = Tensor::<B64, 3>::random([batch, seq, d], Distribution::Normal(0.0, 1.0), &dev)
+            .require_grad();
+        let w = Tensor::<B64, 3>::random([batch, seq, d], Distribution::Default, &dev);
+        let scores: Vec<f32> = (0..batch * seq)
+            .map(|i| ((i * 37 % 11) as f32).sin())
+            .collect();
+        let (idx, inv) = select_segments_host(&scores, batch, seq, seg, keep);
+        let p = TokenPattern::<B64>::from_host(&idx, &inv, batch, seq, &dev);
+        let rest = eliminated(&p, seg, keep);
+        let y = eliminate_from_backward(
+            block,
+            x.clone(),
+            &m.rope,
+            &p,
+            Arc::new(kept_position_bounds(seq, seg, keep)),
+            &rest,
+            Arc::new(kept_position_bounds(seq, seg, seg - keep)),
+        );
+
+        let kept: Vec<f64> = inv
+            .iter()
+            .map(|&s| ((s as usize) < batch * p.kept) as u8 as f64)
+            .collect();
+        let mask = Tensor::<B64, 3>::from_data(TensorData::new(kept, [batch, seq, 1]), &dev);
+        let f = block.forward(x.clone(), &m.rope, None) - x.clone();
+        let dense = x.clone() + f.clone() * mask.clone() + f.detach() * (mask.neg() + 1.0);
+
+        let case = format!("segment {seg} keep {keep}");
+        let scale = max_abs(dense.clone(), dense.clone() * 0.0);
+        let err = max_abs(y.clone(), dense.clone());
+        assert!(err <= 1e-12 * scale, "{case}: outputs differ by {err}");
+        let gy = (y * w.clone()).sum().backward();
+        let gd = (dense * w.clone()).sum().backward();
+        let err = max_abs(x.grad(&gy).unwrap(), x.grad(&gd).unwrap());
+        assert!(err < 1e-11, "{case}: input gradients differ by {err}");
+        let (a, b) = (
+            GradientsParams::from_grads(gy, &m),
+            GradientsParams::from_grads(gd, &m),
+        );
+        struct Compare<'a>(&'a GradientsParams, &'a GradientsParams, usize, String);
+        impl burn::module::ModuleVisitor<B64> for Compare<'_> {
+            fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<B64, D>>) {
+                let (a, b) = match (
+                    self.0.get::<NdArray<f64>, D>(p.id),
+                    self.1.get::<NdArray<f64>, D>(p.id),
+                ) {
+                    (Some(a), Some(b)) => (a, b),
+                    (None, None) => return, // Outside the block (embedding, head).
+                    _ => panic!("{}: a parameter has a gradient in one only", self.3),
+                };
+                let scale = b.clone().abs().max().into_scalar().max(1e-300);
+                let err = (a - b).abs().max().into_scalar();
+                assert!(
+                    err <= 1e-10 * scale,
+                    "{}: a gradient differs by {err}",
+                    self.3
+                );
+                self.2 += 1;
+            }
+        }
+        let mut cmp = Compare(&a, &b, 0, case.clone());
+        m.visit(&mut cmp);
+        assert!(cmp.2 > 0, "{case}: no parameter gradients compared");
+    }
+}
+
+/// With eliminated tokens left out of the backward only, a whole model with LeMo (predicted
+/// and exact patterns, half of every segment eliminated in every layer) computes the plain
+/// model's hidden states.
+#[test]
+fn eliminating_from_the_backward_leaves_the_model_outputs_unchanged() {
+    let (batch, seq) = (2, 40);
+    let m = model(3, seq);
+    let cfg = LemoConfig {
+        keep_ratio: 0.5,
+        segment: 16,
+        sink: 1,
+        recent: 4,
+        layers: Some(meft::adapter::Layers::All),
+        ..LemoConfig::default()
+    };
+    assert_eq!(cfg.eliminate, Elimination::Backward, "the default");
+    let lemo = Lemo::new(&cfg, &m, &Default::default()).unwrap();
+    let toks = tokens::<B64>(batch, seq, 40, 3);
+    let plain = m.forward_hidden(toks.clone(), None);
+    let scale = max_abs(plain.clone(), plain.clone() * 0.0);
+    for mode in [LemoMode::Predicted, LemoMode::Exact] {
+        let (h, _) = lemo.forward_hidden(&m, toks.clone(), mode);
+        let err = max_abs(h, plain.clone());
+        assert!(
+            err <= 1e-12 * scale,
+            "{mode:?}: hidden states differ by {err}"
+        );
+    }
+    // The layer-skipping variant does change them (the check above can fail).
+    let skip = Lemo::new(
+        &LemoConfig {
+            eliminate: Elimination::Layer,
+            ..cfg
+        },
+        &m,
+        &Default::default(),
+    )
+    .unwrap();
+    let (h, _) = skip.forward_hidden(&m, toks, LemoMode::Predicted);
+    assert!(max_abs(h, plain) > 1e-6 * scale);
 }
 
 #[test]

@@ -2,8 +2,10 @@
 # LeMo quality ablation that fits a CPU: SmolLM2-135M-Instruct (real weights), LoRA r 8 on q/v,
 # KJV windows of $LEN tokens, $STEPS steps of batch 1, then held-out perplexity of the plain
 # model at $LEN over $EVAL tokens. Rows: LoRA alone, and LoRA + LeMo (layers 2-29 keep half of
-# every $SEG-token segment after $WARM calibration steps) with kept tokens attending to all keys
-# or to kept keys only, plus any extra `name:--set ...` rows given as arguments.
+# every $SEG-token segment after $WARM calibration steps): eliminated tokens left out of the
+# backward only (lemo.eliminate = backward), or skipping the layer with kept tokens attending to
+# all keys or to kept keys only, plus any extra `name:--set ...` rows given as arguments.
+# ROWS (space-separated names) picks among the built-in rows: lora lemo-backward lemo-all lemo-kept.
 #
 # usage: scripts/lemo/ablation-cpu.sh OUT_DIR ['name:--set k=v --set k2=v2' ...]
 # The release binary must exist (cargo build --release); writes OUT_DIR/<row>/ and a table.
@@ -25,7 +27,15 @@ common=(--display plain
 lora=(--config "$root/configs/kjv-lora-smollm2-gpu.toml")
 lemo=(--config "$root/configs/kjv-lemo-smollm2-gpu.toml" --set lemo.segment="$SEG"
   --set lemo.recent=$((SEG / 4)) --set lemo.warmup_steps="$WARM")
-rows=("lora:" "lemo-all:LEMO --set lemo.keys=all" "lemo-kept:LEMO --set lemo.keys=kept" "$@")
+builtin=("lora:" "lemo-backward:LEMO --set lemo.eliminate=backward --set lemo.keys=all"
+  "lemo-all:LEMO --set lemo.eliminate=layer --set lemo.keys=all"
+  "lemo-kept:LEMO --set lemo.eliminate=layer --set lemo.keys=kept")
+ROWS=${ROWS:-lora lemo-backward lemo-all lemo-kept}
+rows=()
+for row in "${builtin[@]}"; do
+  [[ " $ROWS " == *" ${row%%:*} "* ]] && rows+=("$row")
+done
+rows+=("$@")
 for row in "${rows[@]}"; do
   name=${row%%:*}
   args=${row#*:}

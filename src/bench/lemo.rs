@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::model::{median, sync, Preset};
 use crate::adapter::{wrap, AdapterConfig, Layers, LoraConfig};
 use crate::backend::{cuda_memory, cuda_memory_cleanup, BackendTask};
-use crate::lemo::{KeyScope, Lemo, LemoConfig, LemoMode};
+use crate::lemo::{Elimination, KeyScope, Lemo, LemoConfig, LemoMode};
 use crate::model::{Llama, LlamaConfig};
 use crate::{Error, Result};
 
@@ -34,10 +34,14 @@ pub enum LemoBenchMode {
     Full,
     /// Full, under burn's balanced activation checkpointing.
     Checkpoint,
-    /// LeMo with the predicted pattern (kept tokens attend to the keys `[lemo] keys` names,
-    /// all by default).
+    /// LeMo with the predicted pattern as `[lemo]` says (by default eliminated tokens leave
+    /// the backward only and kept tokens attend to all keys).
     Lemo,
-    /// LeMo with the predicted pattern, kept tokens attending to kept keys only.
+    /// LeMo with the predicted pattern, eliminated tokens skipping the layer, kept tokens
+    /// attending to all keys.
+    LemoLayer,
+    /// LeMo with the predicted pattern, eliminated tokens skipping the layer, kept tokens
+    /// attending to kept keys only.
     LemoKept,
     /// LeMo with the exact pattern (attention received; costly).
     LemoExact,
@@ -136,12 +140,22 @@ impl LemoBench {
         let lora = AdapterConfig::Lora(LoraConfig::new(self.lora_rank));
         let (model, _) = wrap(model, &lora, &Layers::All)?;
         let mut lemo_cfg = self.lemo.clone();
-        if mode == LemoBenchMode::LemoKept {
-            lemo_cfg.keys = KeyScope::Kept;
+        match mode {
+            LemoBenchMode::LemoLayer => {
+                lemo_cfg.eliminate = Elimination::Layer;
+                lemo_cfg.keys = KeyScope::All;
+            }
+            LemoBenchMode::LemoKept => {
+                lemo_cfg.eliminate = Elimination::Layer;
+                lemo_cfg.keys = KeyScope::Kept;
+            }
+            _ => {}
         }
         let lemo = Lemo::new(&lemo_cfg, &model, device)?;
         let lemo_mode = match mode {
-            LemoBenchMode::Lemo | LemoBenchMode::LemoKept => LemoMode::Predicted,
+            LemoBenchMode::Lemo | LemoBenchMode::LemoLayer | LemoBenchMode::LemoKept => {
+                LemoMode::Predicted
+            }
             LemoBenchMode::LemoExact => LemoMode::Exact,
             _ => LemoMode::Off,
         };

@@ -30,11 +30,27 @@ pub enum KeyScope {
     Kept,
 }
 
+/// What an eliminating layer does with the tokens it eliminates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Elimination {
+    /// Eliminated tokens are computed in the forward without a graph (their hidden states are
+    /// exactly the plain model's) and are left out of the layer's backward: none of their
+    /// activations is stored, and their gradient passes the layer on the residual only. The
+    /// forward is the plain model's; what is saved is backward compute and activation memory.
+    #[default]
+    Backward,
+    /// Eliminated tokens skip the layer entirely and pass through on the residual stream
+    /// unchanged (saves forward compute too, but changes the model's outputs).
+    Layer,
+}
+
 /// LeMo's token elimination (arXiv 2501.09767), as configured for `meft train` (`[lemo]`)
 /// and the library. Each applicable layer keeps, in every segment of `segment` tokens, the
 /// `keep_ratio` share of tokens with the highest informativeness; the first `sink` and the
-/// last `recent` tokens of each input are always kept. Eliminated tokens skip the layer
-/// (attention and FFN) and pass through on the residual stream.
+/// last `recent` tokens of each input are always kept. Eliminated tokens leave the layer's
+/// backward (no stored activations) or, with [`Elimination::Layer`], skip it entirely and
+/// pass through on the residual stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LemoConfig {
@@ -57,6 +73,9 @@ pub struct LemoConfig {
     pub pattern: PatternSource,
     /// Which keys kept tokens attend to (`"all"` or `"kept"`).
     pub keys: KeyScope,
+    /// What eliminated tokens do: `"backward"` (computed in the forward only, the default) or
+    /// `"layer"` (skip the layer; needs no forward compute but changes the outputs).
+    pub eliminate: Elimination,
     /// Layers that eliminate tokens (default: all but the first two).
     pub layers: Option<Layers>,
     /// Seed of the predictors' init (layer l uses seed + l).
@@ -75,6 +94,7 @@ impl Default for LemoConfig {
             warmup_steps: 20,
             pattern: PatternSource::Predicted,
             keys: KeyScope::All,
+            eliminate: Elimination::Backward,
             layers: None,
             seed: 0,
         }
@@ -114,6 +134,14 @@ impl LemoConfig {
             return Err(bad(
                 "segment",
                 format!("{} is not in 16 … 1024", self.segment),
+            ));
+        }
+        if self.eliminate == Elimination::Backward && self.keys == KeyScope::Kept {
+            return Err(bad(
+                "eliminate",
+                "\"backward\" computes eliminated tokens exactly, which needs every key: \
+                 use keys = \"all\" with it, or eliminate = \"layer\""
+                    .into(),
             ));
         }
         if self.predictor_hidden == 0 {

@@ -10,7 +10,7 @@ use cube_kernels::tokens::TokenPattern;
 
 use super::predictor::{bce_with_logits, PatternPredictor};
 use super::score::attention_received;
-use super::{KeyScope, LemoConfig, PatternSource};
+use super::{Elimination, KeyScope, LemoConfig, PatternSource};
 use crate::model::ops::{gather, kept_positions, merge, select_tokens};
 use crate::model::{Block, Llama, RotaryEmbedding};
 use crate::Result;
@@ -54,6 +54,8 @@ pub struct LemoPlan {
     pub recent: usize,
     /// Which keys kept tokens attend to.
     pub keys: KeyScope,
+    /// What eliminated tokens do.
+    pub eliminate: Elimination,
 }
 
 impl LemoPlan {
@@ -69,6 +71,7 @@ impl LemoPlan {
             sink: cfg.sink,
             recent: cfg.recent,
             keys: cfg.keys,
+            eliminate: cfg.eliminate,
         })
     }
 
@@ -79,6 +82,16 @@ impl LemoPlan {
             seq,
             self.segment,
             self.keep[i],
+        ))
+    }
+
+    /// Upper bounds of the eliminated tokens' positions at layer slot `i` (laid out as the
+    /// pattern [`eliminated`] returns).
+    pub fn eliminated_position_bounds(&self, i: usize, seq: usize) -> Arc<Vec<usize>> {
+        Arc::new(cube_kernels::tokens::kept_position_bounds(
+            seq,
+            self.segment,
+            self.segment - self.keep[i],
         ))
     }
 
@@ -196,8 +209,7 @@ impl<B: Backend> Lemo<B> {
                 LemoMode::Exact => {
                     let exact = exact_scores(block, x.clone(), &model.rope);
                     let p = self.pattern(slot, exact, bias);
-                    let bound = self.plan.position_bounds(slot, seq);
-                    eliminate(block, x, &model.rope, &p, self.plan.keys, bound)
+                    self.eliminate_at(slot, block, x, &model.rope, &p)
                 }
                 LemoMode::Predicted => {
                     // Only the selection reads the logits: run the predictor untracked, so
@@ -205,12 +217,32 @@ impl<B: Backend> Lemo<B> {
                     let predictor = self.predictors[slot].clone().no_grad();
                     let logits = predictor.forward(x.clone().detach());
                     let p = self.pattern(slot, logits, bias);
-                    let bound = self.plan.position_bounds(slot, seq);
-                    eliminate(block, x, &model.rope, &p, self.plan.keys, bound)
+                    self.eliminate_at(slot, block, x, &model.rope, &p)
                 }
             };
         }
         (model.norm.forward(x), aux)
+    }
+
+    /// Layer slot `slot`'s `block` on `x` with the kept tokens `p`, as the plan says.
+    fn eliminate_at(
+        &self,
+        slot: usize,
+        block: &Block<B>,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding<B>,
+        p: &TokenPattern<B>,
+    ) -> Tensor<B, 3> {
+        let seq = p.seq;
+        let bound = self.plan.position_bounds(slot, seq);
+        match self.plan.eliminate {
+            Elimination::Layer => eliminate(block, x, rope, p, self.plan.keys, bound),
+            Elimination::Backward => {
+                let rest = eliminated(p, self.plan.segment, self.plan.keep[slot]);
+                let rest_bound = self.plan.eliminated_position_bounds(slot, seq);
+                eliminate_from_backward(block, x, rope, p, bound, &rest, rest_bound)
+            }
+        }
     }
 }
 
@@ -297,4 +329,54 @@ pub fn eliminate<B: Backend>(
     let hc = xc + att;
     let yc = hc.clone() + block.ffn.forward(block.ffn_norm.forward(hc));
     merge(x, yc, p)
+}
+
+/// The tokens `p` (kept `keep` of every `segment`) eliminates, as a pattern keeping
+/// `segment − keep` per segment. Covers every eliminated token; where a ragged last segment
+/// has fewer than `keep` tokens it also holds some kept ones (harmless where the kept
+/// tokens' results are merged last, as in [`eliminate_from_backward`]).
+pub fn eliminated<B: Backend>(p: &TokenPattern<B>, segment: usize, keep: usize) -> TokenPattern<B> {
+    let scores = kept_mask(p).neg() + 1.0;
+    select_tokens(scores, segment, segment - keep)
+}
+
+/// One block where the tokens `rest` names are eliminated from the *backward* only: they
+/// are computed in the forward without a graph, so the output equals the plain block's,
+/// but none of their activations is stored and their gradient passes the layer on the
+/// residual alone (`∂y/∂x = I` for them). The kept tokens `p` run with the graph, attending
+/// to every token's keys (`bound`, `rest_bound`: the two patterns' position bounds,
+/// [`LemoPlan::position_bounds`]). Every token's norm and K/V projections are kept for the
+/// backward (the kept tokens' attention reads them).
+pub fn eliminate_from_backward<B: Backend>(
+    block: &Block<B>,
+    x: Tensor<B, 3>,
+    rope: &RotaryEmbedding<B>,
+    p: &TokenPattern<B>,
+    bound: Arc<Vec<usize>>,
+    rest: &TokenPattern<B>,
+    rest_bound: Arc<Vec<usize>>,
+) -> Tensor<B, 3> {
+    let xn = block.attn_norm.forward(x.clone());
+    // The eliminated tokens: a graph-free copy of the block (parameters not tracked, inputs
+    // detached), so nothing of their layer is recorded.
+    let delta = {
+        let frozen = block.clone().no_grad();
+        let xd = x.clone().detach();
+        let pos = kept_positions(rest);
+        let att = frozen
+            .attn
+            .forward_among(xn.clone().detach(), rope, rest, pos, rest_bound);
+        let xr = gather(xd, rest);
+        let hr = xr.clone() + att;
+        let yr = hr.clone() + frozen.ffn.forward(frozen.ffn_norm.forward(hr));
+        (yr - xr).detach()
+    };
+    let base = merge(x.clone(), gather(x.clone(), rest) + delta, rest);
+    // The kept tokens, with the graph.
+    let positions = kept_positions(p);
+    let xc = gather(x, p);
+    let att = block.attn.forward_among(xn, rope, p, positions, bound);
+    let hc = xc + att;
+    let yc = hc.clone() + block.ffn.forward(block.ffn_norm.forward(hc));
+    merge(base, yc, p)
 }

@@ -20,6 +20,8 @@ pub mod layer;
 pub mod predictor;
 pub mod score;
 
-pub use config::{KeyScope, LemoConfig, PatternSource};
-pub use layer::{eliminate, kept_mask, Lemo, LemoAux, LemoMode, LemoPlan};
+pub use config::{Elimination, KeyScope, LemoConfig, PatternSource};
+pub use layer::{
+    eliminate, eliminate_from_backward, eliminated, kept_mask, Lemo, LemoAux, LemoMode, LemoPlan,
+};
 pub use predictor::{bce_with_logits, PatternPredictor};
