@@ -95,10 +95,16 @@ fn cuda_fusion(default: bool) -> bool {
     }
 }
 
+/// Set once a task runs on CUDA: the CUDA memory queries touch the device only then (a
+/// CUDA build running a task on another backend must not initialise, or need, a GPU).
+#[cfg(feature = "cuda")]
+static CUDA_IN_USE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Runs a task on CUDA with float type `$f`, fused or not.
 #[cfg(feature = "cuda")]
 macro_rules! run_cuda {
     ($task:expr, $f:ty, $fused_by_default:expr) => {{
+        CUDA_IN_USE.store(true, std::sync::atomic::Ordering::SeqCst);
         let device = burn::backend::cuda::CudaDevice::new(0);
         if cuda_fusion($fused_by_default) {
             probe_device::<burn::backend::Cuda<$f>>(&device, "CUDA")?;
@@ -152,10 +158,13 @@ fn feature_name(kind: BackendKind) -> &'static str {
 
 /// Bytes the CUDA memory pool of device 0 has in use and reserved (cubecl's own accounting;
 /// the pool keeps freed pages, so "reserved" is the high-water mark of the process). `None`
-/// in builds without CUDA. Only call it on runs that use CUDA: it initialises the device.
+/// in builds without CUDA and while no task runs on CUDA.
 pub fn cuda_memory() -> Option<(u64, u64)> {
     #[cfg(feature = "cuda")]
     {
+        if !CUDA_IN_USE.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
         use cubecl::Runtime;
         let client = cubecl::cuda::CudaRuntime::client(&burn::backend::cuda::CudaDevice::new(0));
         client
@@ -198,6 +207,9 @@ pub fn cuda_free_memory() -> Option<(u64, u64)> {
 pub fn cuda_memory_cleanup() {
     #[cfg(feature = "cuda")]
     {
+        if !CUDA_IN_USE.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         use cubecl::Runtime;
         let client = cubecl::cuda::CudaRuntime::client(&burn::backend::cuda::CudaDevice::new(0));
         client.memory_cleanup();

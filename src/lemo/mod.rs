@@ -1,8 +1,11 @@
 //! LeMo (arXiv 2501.09767): contextual token sparsity for long-context fine-tuning.
 //!
 //! Per input and per layer, tokens that carry little information for that layer are
-//! *eliminated*: they skip the layer's attention (as queries) and FFN and pass through on the
-//! residual stream, so neither that compute nor its activations exist. Kept tokens attend to
+//! *eliminated*: by default ([`Elimination::Backward`]) they are computed in the forward
+//! without a graph and left out of the layer's backward, so none of their activations is
+//! stored and the model's outputs are unchanged; with [`Elimination::Layer`] they skip the
+//! layer's attention (as queries) and FFN and pass through on the residual stream, so neither
+//! that compute nor its activations exist. Kept tokens attend to
 //! every token's key and value ([`KeyScope::All`], the default) or to the kept tokens' only
 //! ([`KeyScope::Kept`]: eliminated tokens vanish from the layer, less memory, less context).
 //!
