@@ -340,13 +340,14 @@ pub fn eliminated<B: Backend>(p: &TokenPattern<B>, segment: usize, keep: usize) 
     select_tokens(scores, segment, segment - keep)
 }
 
-/// One block where the tokens `rest` names are eliminated from the *backward* only: they
-/// are computed in the forward without a graph, so the output equals the plain block's,
-/// but none of their activations is stored and their gradient passes the layer on the
-/// residual alone (`∂y/∂x = I` for them). The kept tokens `p` run with the graph, attending
-/// to every token's keys (`bound`, `rest_bound`: the two patterns' position bounds,
-/// [`LemoPlan::position_bounds`]). Every token's norm and K/V projections are kept for the
-/// backward (the kept tokens' attention reads them).
+/// One block where the tokens `rest` names are eliminated from the *backward*: they are
+/// computed in the forward without a graph, so the output equals the plain block's, but they
+/// take no part in the layer's backward — none of their activations is stored, their
+/// gradient passes the layer on the residual alone (`∂y/∂x = I` for them), and the kept
+/// tokens `p` attend to their keys and values as constants. The kept tokens run with the
+/// graph, attending to every token's keys (`bound`, `rest_bound`: the two patterns' position
+/// bounds, [`LemoPlan::position_bounds`]). What the backward keeps of an eliminated token is
+/// its key and value (the kept queries' attention reads them).
 pub fn eliminate_from_backward<B: Backend>(
     block: &Block<B>,
     x: Tensor<B, 3>,
@@ -356,26 +357,37 @@ pub fn eliminate_from_backward<B: Backend>(
     rest: &TokenPattern<B>,
     rest_bound: Arc<Vec<usize>>,
 ) -> Tensor<B, 3> {
-    let xn = block.attn_norm.forward(x.clone());
-    // The eliminated tokens: a graph-free copy of the block (parameters not tracked, inputs
-    // detached), so nothing of their layer is recorded.
+    // Every token's keys and values, and the eliminated tokens' outputs: a graph-free copy of
+    // the block (parameters not tracked, inputs detached), so nothing of them is recorded.
+    let frozen = block.clone().no_grad();
+    let xd = x.clone().detach();
+    let xn = frozen.attn_norm.forward(xd.clone());
+    let k_all = frozen.attn.wk.forward(xn.clone());
+    let v_all = frozen.attn.wv.forward(xn.clone());
     let delta = {
-        let frozen = block.clone().no_grad();
-        let xd = x.clone().detach();
         let pos = kept_positions(rest);
-        let att = frozen
-            .attn
-            .forward_among(xn.clone().detach(), rope, rest, pos, rest_bound);
+        let att = frozen.attn.attend_at(
+            gather(xn, rest),
+            k_all.clone(),
+            v_all.clone(),
+            rope,
+            pos,
+            rest_bound,
+        );
         let xr = gather(xd, rest);
         let hr = xr.clone() + att;
         let yr = hr.clone() + frozen.ffn.forward(frozen.ffn_norm.forward(hr));
         (yr - xr).detach()
     };
     let base = merge(x.clone(), gather(x.clone(), rest) + delta, rest);
-    // The kept tokens, with the graph.
-    let positions = kept_positions(p);
+    // The kept tokens, with the graph; their own keys and values replace the constants.
     let xc = gather(x, p);
-    let att = block.attn.forward_among(xn, rope, p, positions, bound);
+    let xnc = block.attn_norm.forward(xc.clone());
+    let k = merge(k_all, block.attn.wk.forward(xnc.clone()), p);
+    let v = merge(v_all, block.attn.wv.forward(xnc.clone()), p);
+    let att = block
+        .attn
+        .attend_at(xnc, k, v, rope, kept_positions(p), bound);
     let hc = xc + att;
     let yc = hc.clone() + block.ffn.forward(block.ffn_norm.forward(hc));
     merge(base, yc, p)

@@ -385,17 +385,31 @@ impl<B: Backend> Attention<B> {
         positions: Tensor<B, 2, Int>,
         bound: Arc<Vec<usize>>,
     ) -> Tensor<B, 3> {
-        let [b, t, d] = xn.dims();
-        let kept = p.kept;
+        let k = self.wk.forward(xn.clone());
+        let v = self.wv.forward(xn.clone());
+        self.attend_at(ops::gather(xn, p), k, v, rope, positions, bound)
+    }
+
+    /// Causal attention of the query rows `xq` `[batch, n, d]` (normalised inputs at
+    /// `positions` `[batch, n]`, each row's position at most `bound[row]`) to the projected,
+    /// not yet rotated keys and values `[batch, seq, kv_dim]` of every token. Returns
+    /// `[batch, n, d]`.
+    pub fn attend_at(
+        &self,
+        xq: Tensor<B, 3>,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+        rope: &RotaryEmbedding<B>,
+        positions: Tensor<B, 2, Int>,
+        bound: Arc<Vec<usize>>,
+    ) -> Tensor<B, 3> {
+        let [b, n, d] = xq.dims();
+        let t = k.dims()[1];
         let hd = d / self.n_heads;
-        let heads = |y: Tensor<B, 3>, n: usize, h: usize| y.reshape([b, n, h, hd]).swap_dims(1, 2);
-        let q = heads(
-            self.wq.forward(ops::gather(xn.clone(), p)),
-            kept,
-            self.n_heads,
-        );
-        let k = heads(self.wk.forward(xn.clone()), t, self.n_kv_heads);
-        let v = heads(self.wv.forward(xn), t, self.n_kv_heads);
+        let heads = |y: Tensor<B, 3>, m: usize, h: usize| y.reshape([b, m, h, hd]).swap_dims(1, 2);
+        let q = heads(self.wq.forward(xq), n, self.n_heads);
+        let k = heads(k, t, self.n_kv_heads);
+        let v = heads(v, t, self.n_kv_heads);
         let q = rope.apply_at(q, positions.clone());
         let k = rope.apply(k, 0);
         let at = QueryPositions {
@@ -403,7 +417,7 @@ impl<B: Backend> Attention<B> {
             bound,
         };
         let out = ops::causal_attention_at(q, self.repeat_kv(k), self.repeat_kv(v), &at);
-        self.wo.forward(out.swap_dims(1, 2).reshape([b, kept, d]))
+        self.wo.forward(out.swap_dims(1, 2).reshape([b, n, d]))
     }
 
     /// Query, key and value heads `[batch, heads, seq, head_dim]` of `x` (before rotation).
