@@ -171,6 +171,16 @@ fn lemo_config_errors_name_the_field() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("lemo.keep_ratio"), "{err}");
+
+    // Backward elimination computes eliminated tokens exactly: it needs every key.
+    let mut cfg = config(&dir, &data, 2);
+    let lemo = cfg.lemo.as_mut().unwrap();
+    lemo.keys = meft::lemo::KeyScope::Kept;
+    lemo.eliminate = meft::lemo::Elimination::Backward;
+    let err = meft::lemo::LemoPlan::new(lemo, 4).unwrap_err().to_string();
+    assert!(err.contains("lemo.eliminate"), "{err}");
+    lemo.eliminate = meft::lemo::Elimination::Layer;
+    assert!(meft::lemo::LemoPlan::new(lemo, 4).is_ok());
 }
 
 #[test]

@@ -113,7 +113,11 @@ impl Metric for StepMetric {
 
     fn update(&mut self, item: &StepInput, _: &MetricMetadata) -> SerializedEntry {
         let (n, d) = self.quantity.of(&item.0);
-        self.current = ratio(n, d);
+        // A step that does not measure the quantity (e.g. the pattern overlap once LeMo
+        // eliminates) keeps showing the last measured value rather than 0.
+        if d > 0.0 {
+            self.current = ratio(n, d);
+        }
         self.num += n;
         self.den += d;
         let unit = self.quantity.label().1;
