@@ -35,9 +35,10 @@ pub enum KeyScope {
 #[serde(rename_all = "lowercase")]
 pub enum Elimination {
     /// Eliminated tokens are computed in the forward without a graph (their hidden states are
-    /// exactly the plain model's) and are left out of the layer's backward: none of their
-    /// activations is stored, and their gradient passes the layer on the residual only. The
-    /// forward is the plain model's; what is saved is backward compute and activation memory.
+    /// exactly the plain model's) and are left out of the layer's backward: of their
+    /// activations only their keys and values are kept (the kept queries read them, as
+    /// constants), and their gradient passes the layer on the residual only. The forward is
+    /// the plain model's; what is saved is backward compute and activation memory.
     #[default]
     Backward,
     /// Eliminated tokens skip the layer entirely and pass through on the residual stream
@@ -49,7 +50,7 @@ pub enum Elimination {
 /// and the library. Each applicable layer keeps, in every segment of `segment` tokens, the
 /// `keep_ratio` share of tokens with the highest informativeness; the first `sink` and the
 /// last `recent` tokens of each input are always kept. Eliminated tokens leave the layer's
-/// backward (no stored activations) or, with [`Elimination::Layer`], skip it entirely and
+/// backward (only their keys and values are stored) or, with [`Elimination::Layer`], skip it entirely and
 /// pass through on the residual stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -2,8 +2,8 @@
 //!
 //! Per input and per layer, tokens that carry little information for that layer are
 //! *eliminated*: by default ([`Elimination::Backward`]) they are computed in the forward
-//! without a graph and left out of the layer's backward, so none of their activations is
-//! stored and the model's outputs are unchanged; with [`Elimination::Layer`] they skip the
+//! without a graph and left out of the layer's backward, so of their activations only the
+//! keys and values are stored and the model's outputs are unchanged; with [`Elimination::Layer`] they skip the
 //! layer's attention (as queries) and FFN and pass through on the residual stream, so neither
 //! that compute nor its activations exist. Kept tokens attend to
 //! every token's key and value ([`KeyScope::All`], the default) or to the kept tokens' only
