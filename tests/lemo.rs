@@ -182,38 +182,8 @@ fn check_elimination(keys: KeyScope) {
     // (with `KeyScope::Kept`) j is kept.
     let only_kept = keys == KeyScope::Kept;
     let kept: Vec<bool> = inv.iter().map(|&s| (s as usize) < batch * p.kept).collect();
-    let mask: Vec<bool> = (0..batch)
-        .flat_map(|b| {
-            let kept = &kept;
-            (0..seq).flat_map(move |i| {
-                (0..seq).map(move |j| j > i || (only_kept && !kept[b * seq + j]))
-            })
-        })
-        .collect();
-    let mask = Tensor::<B64, 4, Bool>::from_data(TensorData::new(mask, [batch, 1, seq, seq]), &dev);
-    let xn = block.attn_norm.forward(x.clone());
-    let (q, k, v) = block.attn.project(xn);
-    let (q, k) = (m.rope.apply(q, 0), m.rope.apply(k, 0));
-    let heads = block.attn.n_heads;
-    let opts = AttentionModuleOptions {
-        scale: None,
-        softcap: None,
-        is_causal: false,
-    };
-    let att = attention(
-        q,
-        block.attn.repeat_kv(k),
-        block.attn.repeat_kv(v),
-        Some(mask.expand([batch, heads, seq, seq])),
-        None,
-        opts,
-    );
-    let att = block
-        .attn
-        .wo
-        .forward(att.swap_dims(1, 2).reshape([batch, seq, d]));
-    let h = x.clone() + att;
-    let dense = h.clone() + block.ffn.forward(block.ffn_norm.forward(h));
+    let hide = hidden_keys(batch, seq, |b, j| only_kept && !kept[b * seq + j]);
+    let dense = dense_block(block, &m, x.clone(), hide, |t| t);
 
     let (y, x, dense) = (
         y.into_data().convert::<f64>().into_vec::<f64>().unwrap(),
@@ -320,6 +290,58 @@ fn eliminating_from_the_backward_keeps_the_forward_and_stops_the_eliminated_grad
     }
 }
 
+/// The causal attention mask `[batch, 1, seq, seq]` (true = hidden) that also hides key `j`
+/// of input `b` wherever `hide(b, j)`.
+fn hidden_keys(
+    batch: usize,
+    seq: usize,
+    hide: impl Fn(usize, usize) -> bool,
+) -> Tensor<B64, 4, Bool> {
+    let mask: Vec<bool> = (0..batch)
+        .flat_map(|b| (0..seq).flat_map(move |i| (0..seq).map(move |j| (b, i, j))))
+        .map(|(b, i, j)| j > i || hide(b, j))
+        .collect();
+    Tensor::from_data(
+        TensorData::new(mask, [batch, 1, seq, seq]),
+        &Default::default(),
+    )
+}
+
+/// The dense block on `x` `[batch, seq, d]` whose attention hides what `hide` marks
+/// ([`hidden_keys`]), with `kv` applied to the rotated keys and to the values.
+fn dense_block(
+    block: &meft::model::Block<B64>,
+    m: &Llama<B64>,
+    x: Tensor<B64, 3>,
+    hide: Tensor<B64, 4, Bool>,
+    kv: impl Fn(Tensor<B64, 4>) -> Tensor<B64, 4>,
+) -> Tensor<B64, 3> {
+    let [batch, seq, d] = x.dims();
+    let xn = block.attn_norm.forward(x.clone());
+    let (q, k, v) = block.attn.project(xn);
+    let (q, k) = (m.rope.apply(q, 0), m.rope.apply(k, 0));
+    let heads = block.attn.n_heads;
+    let opts = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: false,
+    };
+    let att = attention(
+        q,
+        block.attn.repeat_kv(kv(k)),
+        block.attn.repeat_kv(kv(v)),
+        Some(hide.expand([batch, heads, seq, seq])),
+        None,
+        opts,
+    );
+    let att = block
+        .attn
+        .wo
+        .forward(att.swap_dims(1, 2).reshape([batch, seq, d]));
+    let h = x + att;
+    h.clone() + block.ffn.forward(block.ffn_norm.forward(h))
+}
+
 /// The block's update `f(x)` (output − input) on every token, where the keys and values of
 /// the tokens `mask` (`[batch, seq, 1]`, 1 = kept) marks eliminated are detached.
 fn dense_update_with_constant_eliminated_kv(
@@ -328,34 +350,12 @@ fn dense_update_with_constant_eliminated_kv(
     x: Tensor<B64, 3>,
     mask: Tensor<B64, 3>,
 ) -> Tensor<B64, 3> {
-    let [batch, seq, d] = x.dims();
-    let xn = block.attn_norm.forward(x.clone());
-    let (q, k, v) = block.attn.project(xn);
-    let (q, k) = (m.rope.apply(q, 0), m.rope.apply(k, 0));
-    let m4 = mask.clone().reshape([batch, 1, seq, 1]);
+    let [batch, seq, _] = x.dims();
+    let m4 = mask.reshape([batch, 1, seq, 1]);
     let constant =
         |t: Tensor<B64, 4>| t.clone() * m4.clone() + t.detach() * (m4.clone().neg() + 1.0);
-    let (k, v) = (constant(k), constant(v));
-    let heads = block.attn.n_heads;
-    let opts = AttentionModuleOptions {
-        scale: None,
-        softcap: None,
-        is_causal: true,
-    };
-    let att = attention(
-        q,
-        block.attn.repeat_kv(k),
-        block.attn.repeat_kv(v),
-        None,
-        None,
-        opts,
-    );
-    let att = block.attn.wo.forward(
-        att.swap_dims(1, 2)
-            .reshape([batch, seq, heads * (d / heads)]),
-    );
-    let h = x.clone() + att;
-    h.clone() + block.ffn.forward(block.ffn_norm.forward(h)) - x
+    let hide = hidden_keys(batch, seq, |_, _| false);
+    dense_block(block, m, x.clone(), hide, constant) - x
 }
 
 /// With eliminated tokens left out of the backward only, a whole model with LeMo (predicted
