@@ -21,8 +21,8 @@ use cube_kernels::tokens::{
     TokenPattern,
 };
 use meft::lemo::{
-    eliminate, eliminate_from_backward, eliminated, Elimination, KeyScope, Lemo, LemoConfig,
-    LemoMode,
+    eliminate, eliminate_from_backward, eliminated, random_scores, Elimination, KeyScope, Lemo,
+    LemoConfig, LemoMode, LemoPlan,
 };
 use meft::model::{ops, Llama};
 
@@ -51,9 +51,29 @@ fn max_abs<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f64 
         .unwrap()
 }
 
+/// The backend's random generator is global and the tests run on parallel threads: every
+/// draw holds this lock, so a seeded sequence (seed, then draws) is not interleaved with
+/// another test's draws and gives the same values in every run.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A random tensor (under the generator lock).
+fn rand<const D: usize>(
+    shape: [usize; D],
+    dist: Distribution,
+    dev: &burn::backend::ndarray::NdArrayDevice,
+) -> Tensor<B64, D> {
+    let _g = rng();
+    Tensor::random(shape, dist, dev)
+}
+
 fn model(n_layers: usize, seq: usize) -> Llama<B64> {
     let mut cfg = common::tiny_llama(n_layers);
     cfg.max_seq_len = seq;
+    let _g = rng();
     B64::seed(&Default::default(), 7);
     Llama::<B64>::init_random(&cfg, &Default::default())
 }
@@ -96,9 +116,8 @@ fn eliminating_nothing_through_the_gather_merge_path_equals_the_plain_block() {
     let m = model(1, seq);
     let block = &m.blocks[0];
     let dev = Default::default();
-    let x = Tensor::<B64, 3>::random([batch, seq, d], Distribution::Normal(0.0, 1.0), &dev)
-        .require_grad();
-    let w = Tensor::<B64, 3>::random([batch, seq, d], Distribution::Default, &dev);
+    let x = rand([batch, seq, d], Distribution::Normal(0.0, 1.0), &dev).require_grad();
+    let w = rand([batch, seq, d], Distribution::Default, &dev);
     let scores = vec![0.0f32; batch * seq];
     let (idx, inv) = select_segments_host(&scores, batch, seq, 16, 16);
     let p = TokenPattern::<B64>::from_host(&idx, &inv, batch, seq, &dev);
@@ -136,8 +155,7 @@ fn zero_budget_equals_plain(keys: KeyScope, eliminate: Elimination) {
     };
     let lemo = Lemo::new(&cfg, &m, &Default::default()).unwrap();
     let toks = tokens::<B64>(batch, seq, 40, 1);
-    let weights =
-        Tensor::<B64, 3>::random([batch, seq, 16], Distribution::Default, &Default::default());
+    let weights = rand([batch, seq, 16], Distribution::Default, &Default::default());
     let plain = m.forward_hidden(toks.clone(), None);
     let plain_grads = param_grads(&m, (plain.clone() * weights.clone()).sum());
     for mode in [LemoMode::Exact, LemoMode::Predicted, LemoMode::Calibrate] {
@@ -168,7 +186,7 @@ fn check_elimination(keys: KeyScope) {
     let m = model(1, seq);
     let block = &m.blocks[0];
     let dev = Default::default();
-    let x = Tensor::<B64, 3>::random([batch, seq, d], Distribution::Normal(0.0, 1.0), &dev);
+    let x = rand([batch, seq, d], Distribution::Normal(0.0, 1.0), &dev);
     // Segments of 8 keeping 3: 3 + 3 + 3 of 8, 8, 5 tokens; random scores.
     let scores: Vec<f32> = (0..batch * seq)
         .map(|i| ((i * 37 % 11) as f32).sin())
@@ -216,23 +234,34 @@ fn check_elimination(keys: KeyScope) {
 /// (m the kept mask): the same outputs (the plain block's) and the same gradients for the
 /// input and every parameter. Segments of 8 keeping 3 over 21 tokens
 /// (a ragged last segment), and of 16 keeping 10 over 21 (the ragged segment's 5 tokens are
-/// all kept, so the eliminated-token pattern also holds kept ones).
+/// all kept, so the eliminated-token pattern also holds kept ones). With a gradient scale `s`
+/// per position the reference is `x + m·(s·f − stop((s − 1)·f)) + (1 − m)·stop(f)`.
 #[test]
 fn eliminating_from_the_backward_keeps_the_forward_and_stops_the_eliminated_gradient() {
-    for (seg, keep) in [(8, 3), (16, 10)] {
+    for (seg, keep, scaled) in [(8, 3, false), (16, 10, false), (8, 3, true), (16, 10, true)] {
         let (batch, seq, d) = (2, 21, 16);
         let m = model(1, seq);
         let block = &m.blocks[0];
         let dev = Default::default();
-        let x = Tensor::<B64, 3>::random([batch, seq, d], Distribution::Normal(0.0, 1.0), &dev)
-            .require_grad();
-        let w = Tensor::<B64, 3>::random([batch, seq, d], Distribution::Default, &dev);
+        let x = rand([batch, seq, d], Distribution::Normal(0.0, 1.0), &dev).require_grad();
+        let w = rand([batch, seq, d], Distribution::Default, &dev);
         let scores: Vec<f32> = (0..batch * seq)
             .map(|i| ((i * 37 % 11) as f32).sin())
             .collect();
         let (idx, inv) = select_segments_host(&scores, batch, seq, seg, keep);
         let p = TokenPattern::<B64>::from_host(&idx, &inv, batch, seq, &dev);
         let rest = eliminated(&p, seg, keep);
+        // Per-position gradient scales (arbitrary, distinct; 1 where unscaled).
+        let s: Vec<f64> = (0..seq)
+            .map(|j| {
+                if scaled {
+                    1.0 + (j % 5) as f64 * 0.37
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let s_pos = Tensor::<B64, 1>::from_data(TensorData::new(s.clone(), [seq]), &dev);
         let y = eliminate_from_backward(
             block,
             x.clone(),
@@ -241,6 +270,7 @@ fn eliminating_from_the_backward_keeps_the_forward_and_stops_the_eliminated_grad
             Arc::new(kept_position_bounds(seq, seg, keep)),
             &rest,
             Arc::new(kept_position_bounds(seq, seg, seg - keep)),
+            scaled.then_some(s_pos),
         );
 
         let kept: Vec<f64> = inv
@@ -249,9 +279,12 @@ fn eliminating_from_the_backward_keeps_the_forward_and_stops_the_eliminated_grad
             .collect();
         let mask = Tensor::<B64, 3>::from_data(TensorData::new(kept, [batch, seq, 1]), &dev);
         let f = dense_update_with_constant_eliminated_kv(block, &m, x.clone(), mask.clone());
-        let dense = x.clone() + f.clone() * mask.clone() + f.detach() * (mask.neg() + 1.0);
+        let s = Tensor::<B64, 3>::from_data(TensorData::new(s, [1, seq, 1]), &dev);
+        let fm = f.clone() * mask.clone();
+        let dense = x.clone() + fm.clone() * s.clone() - (fm * (s - 1.0)).detach()
+            + f.detach() * (mask.neg() + 1.0);
 
-        let case = format!("segment {seg} keep {keep}");
+        let case = format!("segment {seg} keep {keep} scaled {scaled}");
         let scale = max_abs(dense.clone(), dense.clone() * 0.0);
         let err = max_abs(y.clone(), dense.clone());
         assert!(err <= 1e-12 * scale, "{case}: outputs differ by {err}");
@@ -378,13 +411,30 @@ fn eliminating_from_the_backward_leaves_the_model_outputs_unchanged() {
     let toks = tokens::<B64>(batch, seq, 40, 3);
     let plain = m.forward_hidden(toks.clone(), None);
     let scale = max_abs(plain.clone(), plain.clone() * 0.0);
-    for mode in [LemoMode::Predicted, LemoMode::Exact] {
-        let (h, _) = lemo.forward_hidden(&m, toks.clone(), mode);
-        let err = max_abs(h, plain.clone());
-        assert!(
-            err <= 1e-12 * scale,
-            "{mode:?}: hidden states differ by {err}"
-        );
+    let rescaled = Lemo::new(
+        &LemoConfig {
+            rescale_gradient: true,
+            ..cfg.clone()
+        },
+        &m,
+        &Default::default(),
+    )
+    .unwrap();
+    for mode in [
+        LemoMode::Predicted,
+        LemoMode::Exact,
+        LemoMode::Random(1),
+        LemoMode::Random(2),
+    ] {
+        for l in [&lemo, &rescaled] {
+            let (h, _) = l.forward_hidden(&m, toks.clone(), mode);
+            let err = max_abs(h, plain.clone());
+            assert!(
+                err <= 1e-12 * scale,
+                "{mode:?} (rescale {}): hidden states differ by {err}",
+                l.plan.rescale_gradient
+            );
+        }
     }
     // The layer-skipping variant does change them (the check above can fail).
     let skip = Lemo::new(
@@ -405,12 +455,13 @@ fn chunked_attention_equals_burn_attention_with_gradients() {
     let dev = Default::default();
     for (b, h, t, hd, chunk) in [(1, 1, 5, 4, 16), (2, 3, 37, 8, 16), (1, 2, 33, 4, 5)] {
         let r = |s: u64| {
+            let _g = rng();
             B64::seed(&dev, s);
             Tensor::<B64, 4>::random([b, h, t, hd], Distribution::Normal(0.0, 1.0), &dev)
                 .require_grad()
         };
         let (q, k, v) = (r(1), r(2), r(3));
-        let w = Tensor::<B64, 4>::random([b, h, t, hd], Distribution::Default, &dev);
+        let w = rand([b, h, t, hd], Distribution::Default, &dev);
         let opts = AttentionModuleOptions {
             scale: None,
             softcap: None,
@@ -456,12 +507,13 @@ fn chunked_attention_at_positions_equals_masked_burn_attention_with_gradients() 
         let pos: Vec<i64> = idx.iter().map(|&r| r as i64 % t as i64).collect();
         let bound = Arc::new(kept_position_bounds(t, seg, keep));
         let r = |s: u64, n: usize| {
+            let _g = rng();
             B64::seed(&dev, s);
             Tensor::<B64, 4>::random([b, h, n, hd], Distribution::Normal(0.0, 1.0), &dev)
                 .require_grad()
         };
         let (q, k, v) = (r(1, tq), r(2, t), r(3, t));
-        let w = Tensor::<B64, 4>::random([b, h, tq, hd], Distribution::Default, &dev);
+        let w = rand([b, h, tq, hd], Distribution::Default, &dev);
         let mask: Vec<bool> = (0..b * tq)
             .flat_map(|row| {
                 let p = pos[row];
@@ -509,11 +561,10 @@ fn token_ops_backward_equals_reference_autodiff() {
     // Ties (equal scores) and a ragged last segment of 3.
     let (idx, inv) = select_segments_host(&scores, batch, seq, 4, 2);
     let p = TokenPattern::<B64>::from_host(&idx, &inv, batch, seq, &dev);
-    let x = Tensor::<B64, 3>::random([batch, seq, d], Distribution::Default, &dev).require_grad();
-    let c =
-        Tensor::<B64, 3>::random([batch, p.kept, d], Distribution::Default, &dev).require_grad();
-    let w1 = Tensor::<B64, 3>::random([batch, p.kept, d], Distribution::Default, &dev);
-    let w2 = Tensor::<B64, 3>::random([batch, seq, d], Distribution::Default, &dev);
+    let x = rand([batch, seq, d], Distribution::Default, &dev).require_grad();
+    let c = rand([batch, p.kept, d], Distribution::Default, &dev).require_grad();
+    let w1 = rand([batch, p.kept, d], Distribution::Default, &dev);
+    let w2 = rand([batch, seq, d], Distribution::Default, &dev);
 
     let loss =
         |g: Tensor<B64, 3>, m: Tensor<B64, 3>| (g * w1.clone()).sum() + (m * w2.clone()).sum();
@@ -573,4 +624,57 @@ fn predictors_fit_the_exact_pattern_in_calibration() {
     assert!(last < 0.5 * first, "predictor loss {first} -> {last}");
     let (o0, o1) = (overlaps[0], *overlaps.last().unwrap());
     assert!(o1 > 0.9 && o1 > o0, "overlap {o0} -> {o1}");
+}
+
+/// The gradient scale is the inverse of the chance that a random pattern keeps a token: over
+/// many random patterns (forced tokens first, the rest by uniform scores, as
+/// `PatternSource::Random` draws them) the mean of `kept · scale` is 1 at every position, and
+/// forced tokens are always kept with scale 1. Ragged last segment (13 tokens, 7 of them
+/// forced), forced tokens inside segments.
+#[test]
+fn gradient_scale_is_the_inverse_keep_chance_of_random_patterns() {
+    let (seq, seg) = (45, 16);
+    for keep in [8, 10, 13] {
+        let cfg = LemoConfig {
+            keep_ratio: keep as f64 / seg as f64,
+            segment: seg,
+            sink: 2,
+            recent: 7,
+            layers: Some(meft::adapter::Layers::All),
+            ..LemoConfig::default()
+        };
+        let plan = LemoPlan::new(&cfg, 1).unwrap();
+        assert_eq!(plan.keep[0], keep);
+        let scale = plan.gradient_scale(0, seq);
+        let forced = |j: usize| j < 2 || j + 7 >= seq;
+        let draws = 4000;
+        let mut mean = vec![0.0f64; seq];
+        for seed in 0..draws {
+            let scores: Vec<f32> = random_scores(seed, seq)
+                .into_iter()
+                .enumerate()
+                .map(|(j, r)| if forced(j) { r + 1e30 } else { r })
+                .collect();
+            let (_, inv) = select_segments_host(&scores, 1, seq, seg, keep);
+            for j in 0..seq {
+                let kept = (inv[j] as usize) < cube_kernels::tokens::kept_per_input(seq, seg, keep);
+                if forced(j) {
+                    assert!(kept, "keep {keep}: forced position {j} dropped");
+                    assert_eq!(scale[j], 1.0);
+                }
+                mean[j] += kept as u8 as f64 * scale[j] as f64 / draws as f64;
+            }
+        }
+        for (j, m) in mean.iter().enumerate() {
+            // Per draw kept·scale has variance s − 1 ≤ 5 here: 0.15 is over 4σ of the mean.
+            assert!(
+                (m - 1.0).abs() < 0.15,
+                "keep {keep}: position {j}: mean {m}"
+            );
+        }
+        assert!(
+            scale.iter().any(|&s| s > 1.0),
+            "keep {keep}: nothing scaled"
+        );
+    }
 }

@@ -181,6 +181,39 @@ fn lemo_config_errors_name_the_field() {
     assert!(err.contains("lemo.eliminate"), "{err}");
     lemo.eliminate = meft::lemo::Elimination::Layer;
     assert!(meft::lemo::LemoPlan::new(lemo, 4).is_ok());
+    // Rescaling the gradient needs a forward that stays exact.
+    lemo.keys = meft::lemo::KeyScope::All;
+    lemo.rescale_gradient = true;
+    let err = meft::lemo::LemoPlan::new(lemo, 4).unwrap_err().to_string();
+    assert!(err.contains("lemo.rescale_gradient"), "{err}");
+    lemo.eliminate = meft::lemo::Elimination::Backward;
+    assert!(meft::lemo::LemoPlan::new(lemo, 4).is_ok());
+}
+
+/// Random patterns are drawn from the seed and the step: a run stopped and resumed draws the
+/// same ones (losses equal the straight run's), and the rescaled gradient trains.
+#[test]
+fn random_rescaled_lemo_resumes_exactly() {
+    let random = |dir: &Path, data: &Path| {
+        let mut cfg = config(dir, data, 8);
+        let lemo = cfg.lemo.as_mut().unwrap();
+        lemo.pattern = meft::lemo::PatternSource::Random;
+        lemo.rescale_gradient = true;
+        cfg
+    };
+    let dir = workdir("random-straight");
+    let data = text_file(&dir);
+    let straight = train(random(&dir, &data), false, None);
+    assert_eq!(straight.steps, 8);
+    assert!(straight.losses.iter().all(|l| l.is_finite()));
+    let dir2 = workdir("random-resumed");
+    train(random(&dir2, &data), false, Some(4));
+    let rest = train(random(&dir2, &data), true, None);
+    assert_eq!(rest.resumed_from, 4);
+    assert_eq!(rest.losses.len(), straight.losses.len());
+    for (i, (a, b)) in rest.losses.iter().zip(&straight.losses).enumerate() {
+        assert!((a - b).abs() <= 1e-6 * b.abs(), "step {i}: {a} vs {b}");
+    }
 }
 
 #[test]

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::model::{median, sync, Preset};
 use crate::adapter::{wrap, AdapterConfig, Layers, LoraConfig};
 use crate::backend::{cuda_memory, cuda_memory_cleanup, BackendTask};
-use crate::lemo::{Elimination, KeyScope, Lemo, LemoConfig, LemoMode};
+use crate::lemo::{Elimination, KeyScope, Lemo, LemoConfig, LemoMode, PatternSource};
 use crate::model::{Llama, LlamaConfig};
 use crate::{Error, Result};
 
@@ -154,7 +154,10 @@ impl LemoBench {
         let lemo = Lemo::new(&lemo_cfg, &model, device)?;
         let lemo_mode = match mode {
             LemoBenchMode::Lemo | LemoBenchMode::LemoLayer | LemoBenchMode::LemoKept => {
-                LemoMode::Predicted
+                match lemo_cfg.pattern {
+                    PatternSource::Random => LemoMode::Random(lemo_cfg.seed),
+                    _ => LemoMode::Predicted,
+                }
             }
             LemoBenchMode::LemoExact => LemoMode::Exact,
             _ => LemoMode::Off,

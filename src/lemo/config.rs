@@ -14,6 +14,14 @@ pub enum PatternSource {
     Predicted,
     /// The exact informativeness scores (attention received; costly, for reference runs).
     Exact,
+    /// A uniformly random choice in every segment (forced tokens aside), drawn afresh per
+    /// step and layer from `seed`: no scoring and no predictor. Meant for
+    /// [`Elimination::Backward`], where the forward is exact whatever is chosen and the pattern
+    /// only decides which tokens' gradient goes through the layer (with
+    /// [`LemoConfig::rescale_gradient`], an unbiased estimate of the gradient except for the
+    /// eliminated tokens' keys and values, which stay constants).
+    /// Warm-up steps run the plain model (there is nothing to calibrate).
+    Random,
 }
 
 /// Which keys a kept token attends to in an eliminating layer.
@@ -77,9 +85,16 @@ pub struct LemoConfig {
     /// What eliminated tokens do: `"backward"` (computed in the forward only, the default) or
     /// `"layer"` (skip the layer; needs no forward compute but changes the outputs).
     pub eliminate: Elimination,
+    /// With `eliminate = "backward"`: scale the gradient that goes through the layer's
+    /// branch (attention + FFN) of each kept token by the inverse of its chance of being kept
+    /// in its segment (forced tokens 1; with `keep` of `n` tokens kept, `(n − forced) /
+    /// (keep − forced)` for the rest). The forward is unchanged. With random patterns the
+    /// parameter and input gradients are then unbiased estimates of the plain model's (up to
+    /// the eliminated tokens' keys and values, which stay constants).
+    pub rescale_gradient: bool,
     /// Layers that eliminate tokens (default: all but the first two).
     pub layers: Option<Layers>,
-    /// Seed of the predictors' init (layer l uses seed + l).
+    /// Seed of the predictors' init (layer l uses seed + l) and of random patterns.
     pub seed: u64,
 }
 
@@ -96,6 +111,7 @@ impl Default for LemoConfig {
             pattern: PatternSource::Predicted,
             keys: KeyScope::All,
             eliminate: Elimination::Backward,
+            rescale_gradient: false,
             layers: None,
             seed: 0,
         }
@@ -142,6 +158,14 @@ impl LemoConfig {
                 "eliminate",
                 "\"backward\" computes eliminated tokens exactly, which needs every key: \
                  use keys = \"all\" with it, or eliminate = \"layer\""
+                    .into(),
+            ));
+        }
+        if self.rescale_gradient && self.eliminate != Elimination::Backward {
+            return Err(bad(
+                "rescale_gradient",
+                "scales the gradient of a forward that stays exact: it needs \
+                 eliminate = \"backward\""
                     .into(),
             ));
         }

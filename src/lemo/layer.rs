@@ -27,16 +27,36 @@ pub enum LemoMode {
     Exact,
     /// Eliminate with the predicted pattern.
     Predicted,
+    /// Eliminate with a random pattern drawn from this seed (mixed with the layer index).
+    Random(u64),
 }
 
 impl LemoMode {
-    /// The eliminating mode for `source`.
-    pub fn eliminating(source: PatternSource) -> Self {
+    /// The eliminating mode for `source` at training step `step` (random patterns are drawn
+    /// from `seed` and `step`, so a resumed run draws the same ones).
+    pub fn eliminating(source: PatternSource, seed: u64, step: usize) -> Self {
         match source {
             PatternSource::Predicted => LemoMode::Predicted,
             PatternSource::Exact => LemoMode::Exact,
+            PatternSource::Random => LemoMode::Random(mix(seed, step as u64)),
         }
     }
+}
+
+/// splitmix64 of `a` combined with `b`: a well-spread 64-bit hash.
+fn mix(a: u64, b: u64) -> u64 {
+    let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `n` scores uniform in [0, 1), a pure function of `seed`.
+pub fn random_scores(seed: u64, n: usize) -> Vec<f32> {
+    (0..n as u64)
+        .map(|i| (mix(seed, i) >> 40) as f32 / (1u64 << 24) as f32)
+        .collect()
 }
 
 /// Where and how much LeMo eliminates (plain values derived from [`LemoConfig`]).
@@ -56,6 +76,8 @@ pub struct LemoPlan {
     pub keys: KeyScope,
     /// What eliminated tokens do.
     pub eliminate: Elimination,
+    /// Whether kept tokens' branch gradient is scaled by their inverse keep chance.
+    pub rescale_gradient: bool,
 }
 
 impl LemoPlan {
@@ -72,6 +94,7 @@ impl LemoPlan {
             recent: cfg.recent,
             keys: cfg.keys,
             eliminate: cfg.eliminate,
+            rescale_gradient: cfg.rescale_gradient,
         })
     }
 
@@ -93,6 +116,32 @@ impl LemoPlan {
             self.segment,
             self.segment - self.keep[i],
         ))
+    }
+
+    /// Per position of a `seq`-token input, the inverse of the chance that layer slot `i`
+    /// keeps it when the non-forced tokens of each segment are kept uniformly at random:
+    /// 1 for forced tokens (the first `sink`, the last `recent`) and in segments that keep
+    /// every token; `(n − f) / (k − f)` for the others of a segment of `n` tokens, `f` forced,
+    /// `k` kept. Where `k ≤ f` (a segment with more forced tokens than it keeps) the choice
+    /// is not random and every scale there is 1.
+    pub fn gradient_scale(&self, i: usize, seq: usize) -> Vec<f32> {
+        let forced = |j: usize| j < self.sink || j + self.recent >= seq;
+        let mut out = vec![1.0f32; seq];
+        for start in (0..seq).step_by(self.segment.max(1)) {
+            let end = (start + self.segment).min(seq);
+            let n = end - start;
+            let k = self.keep[i].min(n);
+            let f = (start..end).filter(|&j| forced(j)).count();
+            if k > f && k < n {
+                let s = (n - f) as f32 / (k - f) as f32;
+                for (j, o) in out.iter_mut().enumerate().take(end).skip(start) {
+                    if !forced(j) {
+                        *o = s;
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Share of tokens layer slot `i` keeps in a `seq`-token input.
@@ -219,6 +268,15 @@ impl<B: Backend> Lemo<B> {
                     let p = self.pattern(slot, logits, bias);
                     self.eliminate_at(slot, block, x, &model.rope, &p)
                 }
+                LemoMode::Random(seed) => {
+                    let batch = x.dims()[0];
+                    let v = random_scores(mix(seed, i as u64), batch * seq);
+                    let scores =
+                        Tensor::<B, 2>::from_data(TensorData::new(v, [batch, seq]), &device)
+                            .cast(DType::F32);
+                    let p = self.pattern(slot, scores, bias);
+                    self.eliminate_at(slot, block, x, &model.rope, &p)
+                }
             };
         }
         (model.norm.forward(x), aux)
@@ -240,7 +298,12 @@ impl<B: Backend> Lemo<B> {
             Elimination::Backward => {
                 let rest = eliminated(p, self.plan.segment, self.plan.keep[slot]);
                 let rest_bound = self.plan.eliminated_position_bounds(slot, seq);
-                eliminate_from_backward(block, x, rope, p, bound, &rest, rest_bound)
+                let scale = self.plan.rescale_gradient.then(|| {
+                    let v = self.plan.gradient_scale(slot, seq);
+                    Tensor::<B, 1>::from_data(TensorData::new(v, [seq]), &x.device())
+                        .cast(DType::F32)
+                });
+                eliminate_from_backward(block, x, rope, p, bound, &rest, rest_bound, scale)
             }
         }
     }
@@ -348,6 +411,11 @@ pub fn eliminated<B: Backend>(p: &TokenPattern<B>, segment: usize, keep: usize) 
 /// graph, attending to every token's keys (`bound`, `rest_bound`: the two patterns' position
 /// bounds, [`LemoPlan::position_bounds`]). What the backward keeps of an eliminated token is
 /// its key and value (the kept queries' attention reads them).
+///
+/// With `scale` (`[seq]`, per position; [`LemoPlan::gradient_scale`]) a kept token's output
+/// is `x + s·f(x) − stop((s − 1)·f(x))`: the same value, with the gradient through the
+/// layer's branch scaled by `s`.
+#[allow(clippy::too_many_arguments)]
 pub fn eliminate_from_backward<B: Backend>(
     block: &Block<B>,
     x: Tensor<B, 3>,
@@ -356,6 +424,7 @@ pub fn eliminate_from_backward<B: Backend>(
     bound: Arc<Vec<usize>>,
     rest: &TokenPattern<B>,
     rest_bound: Arc<Vec<usize>>,
+    scale: Option<Tensor<B, 1>>,
 ) -> Tensor<B, 3> {
     // Every token's keys and values, and the eliminated tokens' outputs: a graph-free copy of
     // the block (parameters not tracked, inputs detached), so nothing of them is recorded.
@@ -388,7 +457,20 @@ pub fn eliminate_from_backward<B: Backend>(
     let att = block
         .attn
         .attend_at(xnc, k, v, rope, kept_positions(p), bound);
-    let hc = xc + att;
+    let hc = xc.clone() + att;
     let yc = hc.clone() + block.ffn.forward(block.ffn_norm.forward(hc));
+    let yc = match scale {
+        None => yc,
+        Some(s) => {
+            let positions = kept_positions(p);
+            let [b, kept] = positions.dims();
+            let s = s
+                .cast(yc.dtype())
+                .select(0, positions.reshape([b * kept]))
+                .reshape([b, kept, 1]);
+            let branch = yc - xc.clone();
+            xc + branch.clone() * s.clone() - (branch * (s - 1.0)).detach()
+        }
+    };
     merge(base, yc, p)
 }

@@ -84,8 +84,8 @@ pub struct AdaptedLm<B: Backend> {
 }
 
 /// When LeMo eliminates during training: the first `warmup_steps` training steps calibrate
-/// the predictors on the exact pattern without eliminating, later ones eliminate with
-/// `source`'s pattern. Validation always runs the plain model.
+/// the predictors on the exact pattern without eliminating (random patterns: the plain
+/// model), later ones eliminate with `source`'s pattern. Validation always runs the plain model.
 #[derive(Debug, Clone)]
 pub struct LemoSchedule {
     /// Calibration steps.
@@ -94,16 +94,19 @@ pub struct LemoSchedule {
     pub source: PatternSource,
     /// Training steps taken so far (shared by the Learner's clones of the model).
     pub steps: Arc<AtomicUsize>,
+    /// Seed of random patterns (`lemo.seed`).
+    pub seed: u64,
 }
 
 impl LemoSchedule {
     /// The mode of the next training step (and counts it).
     fn next_mode(&self) -> LemoMode {
         let step = self.steps.fetch_add(1, Ordering::SeqCst);
-        if step < self.warmup_steps {
-            LemoMode::Calibrate
-        } else {
-            LemoMode::eliminating(self.source)
+        match (step < self.warmup_steps, self.source) {
+            // Random patterns have no predictor to calibrate: warm-up runs the plain model.
+            (true, PatternSource::Random) => LemoMode::Off,
+            (true, _) => LemoMode::Calibrate,
+            (false, source) => LemoMode::eliminating(source, self.seed, step),
         }
     }
 }

@@ -323,6 +323,7 @@ impl BackendTask for TrainTask {
             warmup_steps: lc.warmup_steps,
             source: lc.pattern,
             steps: Default::default(),
+            seed: lc.seed,
         });
         // Before the first step: a run whose checkpoints cannot fit on the disk stops now,
         // not at its first checkpoint hours later.
