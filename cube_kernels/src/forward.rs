@@ -64,7 +64,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
         if n * w == 0 {
             return out;
         }
-        let shape = LaunchShape::for_width(w);
+        let shape = LaunchShape::scalar(w);
         let dtypes = [src.dtype.into(), indices.dtype.into()];
         gather_rows_kernel::launch::<R>(
             &src.client.clone(),
@@ -106,6 +106,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
                 &client,
                 grid(m),
                 CubeDim::new_1d(shape.threads),
+                shape.vector,
                 x.clone().into_tensor_arg(),
                 rows.clone().into_tensor_arg(),
                 slots.clone().into_tensor_arg(),
@@ -162,6 +163,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
                     &client,
                     grid(m),
                     CubeDim::new_1d(shape.threads),
+                    shape.vector,
                     dy.clone().into_tensor_arg(),
                     rows.clone().into_tensor_arg(),
                     slots.clone().into_tensor_arg(),
@@ -190,6 +192,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
                     &client,
                     grid(n),
                     CubeDim::new_1d(shape.threads),
+                    shape.vector,
                     x.clone().into_tensor_arg(),
                     dy.clone().into_tensor_arg(),
                     gate.clone().into_tensor_arg(),

@@ -68,21 +68,23 @@ pub fn gather_rows_kernel<F: Float, I: Numeric>(
 /// Forward, one cube per token t:
 /// `z_ts = x_t · k_{slot(t,s)}`, `a_ts = relu(gate_ts · z_ts)`, `y_t = Σ_s a_ts v_{slot(t,s)}`.
 ///
-/// Each unit keeps `cols` columns of `x_t` in registers (columns `tid + i · threads`). Scores
-/// are computed `chunk` slots at a time: per-unit partial dot products, then a shared-memory
-/// tree reduction. The output is accumulated per unit over the slots whose activation is
-/// non-zero (value rows of inactive slots are not read). With `blocked`, only the slots of
-/// pass `pass` are handled and `y` accumulates over passes.
+/// `x`, `rows` and `y` are read in vectors of `N` elements (16-byte loads for f32 at N = 4;
+/// the host picks N = 4 when d is a multiple of 4, else 1). Each unit keeps `cols` vectors of
+/// `x_t` in registers (vectors `tid + i · threads`). Scores are computed `chunk` slots at a
+/// time: per-unit partial dot products, then a shared-memory tree reduction. The output is
+/// accumulated per unit over the slots whose activation is non-zero (value rows of inactive
+/// slots are not read). With `blocked`, only the slots of pass `pass` are handled and `y`
+/// accumulates over passes.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-pub fn sparse_forward_kernel<F: Float, I: Numeric>(
-    x: &Tensor<F>,
-    rows: &Tensor<F>,
+pub fn sparse_forward_kernel<F: Float, I: Numeric, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    rows: &Tensor<Vector<F, N>>,
     slots: &Tensor<I>,
     gate: &Tensor<F>,
     order: &Tensor<I>,
     token_ranges: &Tensor<I>,
-    y: &mut Tensor<F>,
+    y: &mut Tensor<Vector<F, N>>,
     z: &mut Tensor<F>,
     pass: u32,
     #[comptime] k: u32,
@@ -102,7 +104,6 @@ pub fn sparse_forward_kernel<F: Float, I: Numeric>(
     let nt = comptime!(threads as usize);
     let ncols = comptime!(cols as usize);
     let nchunk = comptime!(chunk as usize);
-    let d = x.shape(1);
 
     let (lo, hi) = slot_range(token_ranges, t, pass, kk, blocked);
     let n = hi - lo;
@@ -125,7 +126,7 @@ pub fn sparse_forward_kernel<F: Float, I: Numeric>(
         row_of[i] = u32::cast_from(slots[t * kk + s]);
         i += nt;
     }
-    let mut xr = Array::<f32>::new(ncols);
+    let mut xr = Array::<Vector<f32, N>>::new(ncols);
     load_cols(x, t, &mut xr, nt, ncols);
     sync_cube();
 
@@ -153,34 +154,35 @@ pub fn sparse_forward_kernel<F: Float, I: Numeric>(
     }
 
     // Output: y_t (+)= Σ_s a_ts v_s over active slots.
-    let mut yr = Array::<f32>::new(ncols);
+    let mut yr = Array::<Vector<f32, N>>::new(ncols);
     zero_cols(&mut yr, ncols);
     if blocked {
         if later {
             load_cols(y, t, &mut yr, nt, ncols);
         }
     }
-    add_rows(&mut yr, rows, &row_of, &coef, n, d, nt, ncols);
+    let dv = x.shape(1) / N::value();
+    add_rows(&mut yr, rows, &row_of, &coef, n, dv, nt, ncols);
     store_cols(y, t, &yr, nt, ncols);
 }
 
-/// `out[q] = v[t, tid + q·threads]` (0 past the width).
+/// `out[q] = v[t, tid + q·threads]` (vectors; 0 past the width).
 #[cube]
-fn load_cols<F: Float>(
-    v: &Tensor<F>,
+fn load_cols<F: Float, N: Size>(
+    v: &Tensor<Vector<F, N>>,
     t: usize,
-    out: &mut Array<f32>,
+    out: &mut Array<Vector<f32, N>>,
     #[comptime] nt: usize,
     #[comptime] ncols: usize,
 ) {
     let tid = UNIT_POS_X as usize;
-    let d = v.shape(1);
+    let w = v.shape(1) / N::value();
     #[unroll]
     for q in 0..ncols {
         let c = tid + q * nt;
-        let mut e = f32::new(0.0);
-        if c < d {
-            e = f32::cast_from(v[t * d + c]);
+        let mut e = Vector::<f32, N>::new(f32::new(0.0));
+        if c < w {
+            e = Vector::<f32, N>::cast_from(v[t * w + c]);
         }
         out[q] = e;
     }
@@ -188,41 +190,52 @@ fn load_cols<F: Float>(
 
 /// `out[q] = 0`.
 #[cube]
-fn zero_cols(out: &mut Array<f32>, #[comptime] ncols: usize) {
+fn zero_cols<N: Size>(out: &mut Array<Vector<f32, N>>, #[comptime] ncols: usize) {
     #[unroll]
     for q in 0..ncols {
-        out[q] = f32::new(0.0);
+        out[q] = Vector::<f32, N>::new(f32::new(0.0));
     }
 }
 
-/// `v[t, tid + q·threads] = src[q]` within the width.
+/// `v[t, tid + q·threads] = src[q]` (vectors) within the width.
 #[cube]
-fn store_cols<F: Float>(
-    v: &mut Tensor<F>,
+fn store_cols<F: Float, N: Size>(
+    v: &mut Tensor<Vector<F, N>>,
     t: usize,
-    src: &Array<f32>,
+    src: &Array<Vector<f32, N>>,
     #[comptime] nt: usize,
     #[comptime] ncols: usize,
 ) {
     let tid = UNIT_POS_X as usize;
-    let d = v.shape(1);
+    let w = v.shape(1) / N::value();
     #[unroll]
     for q in 0..ncols {
         let c = tid + q * nt;
-        if c < d {
-            v[t * d + c] = F::cast_from(src[q]);
+        if c < w {
+            v[t * w + c] = Vector::<F, N>::cast_from(src[q]);
         }
     }
 }
 
-/// Dot products of the unit's register columns `vr` with the rows of slot positions
-/// `c0 .. c0 + chunk` (columns `col0 + …` of each row; positions `>= n` and rows `>= R`
+/// The sum of a vector's lanes.
+#[cube]
+fn lane_sum<N: Size>(v: Vector<f32, N>) -> f32 {
+    let mut sum = f32::new(0.0);
+    #[unroll]
+    for e in 0..N::value() {
+        sum += v[e];
+    }
+    sum
+}
+
+/// Dot products of the unit's register vectors `vr` with the rows of slot positions
+/// `c0 .. c0 + chunk` (vectors `col0 + …` of each row; positions `>= n` and rows `>= R`
 /// give 0), reduced over the cube: afterwards `part[j · threads]` holds position `c0 + j`'s.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn chunk_dots<F: Float>(
-    vr: &Array<f32>,
-    rows: &Tensor<F>,
+fn chunk_dots<F: Float, N: Size>(
+    vr: &Array<Vector<f32, N>>,
+    rows: &Tensor<Vector<F, N>>,
     row_of: &SharedMemory<u32>,
     part: &mut SharedMemory<f32>,
     c0: usize,
@@ -233,13 +246,13 @@ fn chunk_dots<F: Float>(
     #[comptime] nchunk: usize,
 ) {
     let tid = UNIT_POS_X as usize;
-    let w = rows.shape(1);
+    let w = rows.shape(1) / N::value();
     let d = w / 2;
     let n_rows = rows.shape(0);
     #[unroll]
     for j in 0..nchunk {
         let i = c0 + j;
-        let mut sum = f32::new(0.0);
+        let mut acc = Vector::<f32, N>::new(f32::new(0.0));
         if i < n {
             let r = row_of[i] as usize;
             if r < n_rows {
@@ -248,12 +261,12 @@ fn chunk_dots<F: Float>(
                 for q in 0..ncols {
                     let c = tid + q * nt;
                     if c < d {
-                        sum += vr[q] * f32::cast_from(rows[base + c]);
+                        acc += vr[q] * Vector::<f32, N>::cast_from(rows[base + c]);
                     }
                 }
             }
         }
-        part[j * nt + tid] = sum;
+        part[j * nt + tid] = lane_sum(acc);
     }
     sync_cube();
     let mut stride = (nt / 2).runtime();
@@ -269,13 +282,13 @@ fn chunk_dots<F: Float>(
     }
 }
 
-/// `acc[q] += Σ_i coef[i] · rows[row_of[i], col0 + tid + q·threads]` over positions `i < n`
-/// with a non-zero coefficient (rows of zero coefficients are not read).
+/// `acc[q] += Σ_i coef[i] · rows[row_of[i], col0 + tid + q·threads]` (vectors) over
+/// positions `i < n` with a non-zero coefficient (rows of zero coefficients are not read).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn add_rows<F: Float>(
-    acc: &mut Array<f32>,
-    rows: &Tensor<F>,
+fn add_rows<F: Float, N: Size>(
+    acc: &mut Array<Vector<f32, N>>,
+    rows: &Tensor<Vector<F, N>>,
     row_of: &SharedMemory<u32>,
     coef: &SharedMemory<f32>,
     n: usize,
@@ -284,17 +297,18 @@ fn add_rows<F: Float>(
     #[comptime] ncols: usize,
 ) {
     let tid = UNIT_POS_X as usize;
-    let w = rows.shape(1);
+    let w = rows.shape(1) / N::value();
     let d = w / 2;
     for i in 0..n {
         let g = coef[i];
         if g != f32::new(0.0) {
+            let gv = Vector::<f32, N>::new(g);
             let base = row_of[i] as usize * w + col0;
             #[unroll]
             for q in 0..ncols {
                 let c = tid + q * nt;
                 if c < d {
-                    acc[q] += g * f32::cast_from(rows[base + c]);
+                    acc[q] += gv * Vector::<f32, N>::cast_from(rows[base + c]);
                 }
             }
         }
@@ -342,15 +356,15 @@ fn slot_at<I: Numeric>(
 /// only, `dx` accumulating over passes.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-pub fn sparse_backward_tokens_kernel<F: Float, I: Numeric>(
-    dy: &Tensor<F>,
-    rows: &Tensor<F>,
+pub fn sparse_backward_tokens_kernel<F: Float, I: Numeric, N: Size>(
+    dy: &Tensor<Vector<F, N>>,
+    rows: &Tensor<Vector<F, N>>,
     slots: &Tensor<I>,
     gate: &Tensor<F>,
     z: &Tensor<F>,
     order: &Tensor<I>,
     token_ranges: &Tensor<I>,
-    dx: &mut Tensor<F>,
+    dx: &mut Tensor<Vector<F, N>>,
     dz: &mut Tensor<F>,
     dgate: &mut Tensor<F>,
     pass: u32,
@@ -371,7 +385,7 @@ pub fn sparse_backward_tokens_kernel<F: Float, I: Numeric>(
     let nt = comptime!(threads as usize);
     let ncols = comptime!(cols as usize);
     let nchunk = comptime!(chunk as usize);
-    let d = dy.shape(1);
+    let dv = dy.shape(1) / N::value();
     let n_rows = rows.shape(0);
 
     let (lo, hi) = slot_range(token_ranges, t, pass, kk, blocked);
@@ -408,13 +422,13 @@ pub fn sparse_backward_tokens_kernel<F: Float, I: Numeric>(
         row_of[i] = active_row;
         i += nt;
     }
-    let mut gr = Array::<f32>::new(ncols);
+    let mut gr = Array::<Vector<f32, N>>::new(ncols);
     load_cols(dy, t, &mut gr, nt, ncols);
     sync_cube();
 
     let mut c0 = 0usize.runtime();
     while c0 < n {
-        chunk_dots(&gr, rows, &row_of, &mut part, c0, n, d, nt, ncols, nchunk);
+        chunk_dots(&gr, rows, &row_of, &mut part, c0, n, dv, nt, ncols, nchunk);
         if tid < nchunk {
             let i = c0 + tid;
             if i < n {
@@ -435,7 +449,7 @@ pub fn sparse_backward_tokens_kernel<F: Float, I: Numeric>(
         c0 += nchunk;
     }
 
-    let mut acc = Array::<f32>::new(ncols);
+    let mut acc = Array::<Vector<f32, N>>::new(ncols);
     zero_cols(&mut acc, ncols);
     if blocked {
         if later {
@@ -452,16 +466,16 @@ pub fn sparse_backward_tokens_kernel<F: Float, I: Numeric>(
 /// `blocked`, only the entries of token block `block`, accumulating over blocks in order.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-pub fn sparse_backward_rows_kernel<F: Float, I: Numeric>(
-    x: &Tensor<F>,
-    dy: &Tensor<F>,
+pub fn sparse_backward_rows_kernel<F: Float, I: Numeric, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    dy: &Tensor<Vector<F, N>>,
     gate: &Tensor<F>,
     z: &Tensor<F>,
     dz: &Tensor<F>,
     row_offsets: &Tensor<I>,
     row_users: &Tensor<I>,
     user_ranges: &Tensor<I>,
-    drows: &mut Tensor<F>,
+    drows: &mut Tensor<Vector<F, N>>,
     block: u32,
     #[comptime] k: u32,
     #[comptime] threads: u32,
@@ -478,8 +492,8 @@ pub fn sparse_backward_rows_kernel<F: Float, I: Numeric>(
     let kk = comptime!(k as usize);
     let nt = comptime!(threads as usize);
     let ncols = comptime!(cols as usize);
-    let d = x.shape(1);
-    let w = drows.shape(1);
+    let d = x.shape(1) / N::value();
+    let w = drows.shape(1) / N::value();
 
     let mut begin = u32::cast_from(row_offsets[r]) as usize;
     let mut end = u32::cast_from(row_offsets[r + 1]) as usize;
@@ -495,17 +509,17 @@ pub fn sparse_backward_rows_kernel<F: Float, I: Numeric>(
         }
     }
 
-    let mut ak = Array::<f32>::new(ncols);
-    let mut av = Array::<f32>::new(ncols);
+    let mut ak = Array::<Vector<f32, N>>::new(ncols);
+    let mut av = Array::<Vector<f32, N>>::new(ncols);
     #[unroll]
     for q in 0..ncols {
         let c = tid + q * nt;
-        let mut vk = f32::new(0.0);
-        let mut vv = f32::new(0.0);
+        let mut vk = Vector::<f32, N>::new(f32::new(0.0));
+        let mut vv = Vector::<f32, N>::new(f32::new(0.0));
         if blocked {
             if later && c < d {
-                vk = f32::cast_from(drows[r * w + c]);
-                vv = f32::cast_from(drows[r * w + d + c]);
+                vk = Vector::<f32, N>::cast_from(drows[r * w + c]);
+                vv = Vector::<f32, N>::cast_from(drows[r * w + d + c]);
             }
         }
         ak[q] = vk;
@@ -521,20 +535,22 @@ pub fn sparse_backward_rows_kernel<F: Float, I: Numeric>(
             ca = f32::new(0.0);
         }
         if cz != f32::new(0.0) {
+            let czv = Vector::<f32, N>::new(cz);
             #[unroll]
             for q in 0..ncols {
                 let c = tid + q * nt;
                 if c < d {
-                    ak[q] += cz * f32::cast_from(x[t * d + c]);
+                    ak[q] += czv * Vector::<f32, N>::cast_from(x[t * d + c]);
                 }
             }
         }
         if ca != f32::new(0.0) {
+            let cav = Vector::<f32, N>::new(ca);
             #[unroll]
             for q in 0..ncols {
                 let c = tid + q * nt;
                 if c < d {
-                    av[q] += ca * f32::cast_from(dy[t * d + c]);
+                    av[q] += cav * Vector::<f32, N>::cast_from(dy[t * d + c]);
                 }
             }
         }
@@ -543,8 +559,8 @@ pub fn sparse_backward_rows_kernel<F: Float, I: Numeric>(
     for q in 0..ncols {
         let c = tid + q * nt;
         if c < d {
-            drows[r * w + c] = F::cast_from(ak[q]);
-            drows[r * w + d + c] = F::cast_from(av[q]);
+            drows[r * w + c] = Vector::<F, N>::cast_from(ak[q]);
+            drows[r * w + d + c] = Vector::<F, N>::cast_from(av[q]);
         }
     }
 }

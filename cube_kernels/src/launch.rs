@@ -1,15 +1,16 @@
 //! Launch shapes: a documented choice instead of autotuning.
 //!
 //! The token kernels run one cube per token and the row kernel one cube per row; inside a
-//! cube each unit owns the columns `tid + i · threads` (`i < cols`) of the hidden width d,
-//! kept in registers. So the choice is the cube width `threads` and the number of slots
-//! scored at once, `chunk`:
+//! cube each unit owns the vectors `tid + i · threads` (`i < cols`) of the hidden width d,
+//! kept in registers. A vector is `vector` elements read or written in one access: 4 (16-byte
+//! loads for f32) when d is a multiple of 4, else 1. So the choice is the vector size, the
+//! cube width `threads` and the number of slots scored at once, `chunk`:
 //!
-//! - `threads` = the power of two nearest `d / 8`, clamped to 32 … 256: every unit owns 4–16
-//!   columns (d = 576 → 128 units × 5 columns; d = 4096 → 256 × 16; d = 8192 → 256 × 32).
-//!   Fewer, wider units would leave too few warps per cube to hide memory latency; more than
-//!   256 only adds tree-reduction steps. Each cube streams `K` rows of `2d` floats, so with
-//!   thousands of tokens the GPU is full at any of these widths.
+//! - `threads` = the power of two nearest `d / (4 · vector)`, clamped to 32 … 256: every unit
+//!   owns about 4 vectors (d = 576 → 64 units × 3 vectors of 4; d = 4096 → 256 × 4;
+//!   d = 8192 → 256 × 8). Fewer, wider units would leave too few warps per cube to hide
+//!   memory latency; more than 256 only adds tree-reduction steps. Each cube streams `K`
+//!   rows of `2d` floats, so with thousands of tokens the GPU is full at any of these widths.
 //! - `chunk` = 16 slots scored per pass (16 independent dot products in flight per unit,
 //!   16 × `threads` floats of shared memory for the reduction, one reduction per 16 slots).
 //!   K need not be a multiple of it: the last pass is guarded.
@@ -33,22 +34,41 @@ pub const CHUNK: u32 = 16;
 pub struct LaunchShape {
     /// Units per cube.
     pub threads: u32,
-    /// Columns owned by each unit (`threads · cols >= d`).
+    /// Vectors owned by each unit (`threads · cols · vector >= d`).
     pub cols: u32,
+    /// Elements per vector (4 when d is a multiple of 4, else 1).
+    pub vector: usize,
 }
 
 impl LaunchShape {
     /// The shape used for hidden width `d` (see the module docs).
     pub fn for_width(d: usize) -> Self {
-        let target = (d / 8).max(1);
+        let vector = if d % 4 == 0 { 4 } else { 1 };
+        let width = d / vector;
+        let target = (width / 4).max(1);
         let mut threads = 32usize;
         while threads < 256 && threads * 2 <= target.next_power_of_two() {
             threads *= 2;
         }
-        let cols = d.div_ceil(threads).max(1);
+        let cols = width.div_ceil(threads).max(1);
         Self {
             threads: threads as u32,
             cols: cols as u32,
+            vector,
+        }
+    }
+
+    /// The scalar shape for width `w` (one element per access; the gather kernel's).
+    pub fn scalar(w: usize) -> Self {
+        let target = (w / 8).max(1);
+        let mut threads = 32usize;
+        while threads < 256 && threads * 2 <= target.next_power_of_two() {
+            threads *= 2;
+        }
+        Self {
+            threads: threads as u32,
+            cols: w.div_ceil(threads).max(1) as u32,
+            vector: 1,
         }
     }
 }
@@ -69,24 +89,24 @@ mod tests {
     #[test]
     fn shapes_cover_the_width() {
         for d in [1, 7, 64, 576, 960, 2048, 4096, 5120, 8192, 12288] {
-            let s = LaunchShape::for_width(d);
-            assert!(s.threads.is_power_of_two() && (32..=256).contains(&s.threads));
-            assert!((s.threads * s.cols) as usize >= d, "d {d}: {s:?}");
+            for s in [LaunchShape::for_width(d), LaunchShape::scalar(d)] {
+                assert!(s.threads.is_power_of_two() && (32..=256).contains(&s.threads));
+                assert!(
+                    s.threads as usize * s.cols as usize * s.vector >= d,
+                    "d {d}: {s:?}"
+                );
+                assert_eq!(d % s.vector, 0, "d {d}: {s:?}");
+            }
         }
-        assert_eq!(
-            LaunchShape::for_width(4096),
-            LaunchShape {
-                threads: 256,
-                cols: 16
-            }
-        );
-        assert_eq!(
-            LaunchShape::for_width(576),
-            LaunchShape {
-                threads: 128,
-                cols: 5
-            }
-        );
+        let shape = |threads, cols, vector| LaunchShape {
+            threads,
+            cols,
+            vector,
+        };
+        assert_eq!(LaunchShape::for_width(4096), shape(256, 4, 4));
+        assert_eq!(LaunchShape::for_width(576), shape(64, 3, 4));
+        assert_eq!(LaunchShape::for_width(33), shape(32, 2, 1));
+        assert_eq!(LaunchShape::scalar(4096), shape(256, 16, 1));
     }
 
     #[test]

@@ -80,7 +80,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> TokenSpars
         // A missing side is never read; any tensor of the right dtype stands in for it.
         let base = base.unwrap_or_else(|| out.clone());
         let comp = comp.unwrap_or_else(|| out.clone());
-        let shape = LaunchShape::for_width(width);
+        let shape = LaunchShape::scalar(width);
         let dtypes = [dtype.into(), inv.dtype.into()];
         token_merge_kernel::launch::<R>(
             &out.client.clone(),
