@@ -453,21 +453,30 @@ fn eliminating_from_the_backward_leaves_the_model_outputs_unchanged() {
 #[test]
 fn chunked_attention_equals_burn_attention_with_gradients() {
     let dev = Default::default();
-    for (b, h, t, hd, chunk) in [(1, 1, 5, 4, 16), (2, 3, 37, 8, 16), (1, 2, 33, 4, 5)] {
-        let r = |s: u64| {
+    // (batch, heads, kv_heads, seq, head_dim, chunk): grouped-query cases have fewer
+    // key/value heads; the reference repeats them.
+    for (b, h, kv, t, hd, chunk) in [
+        (1, 1, 1, 5, 4, 16),
+        (2, 3, 3, 37, 8, 16),
+        (1, 2, 2, 33, 4, 5),
+        (2, 6, 2, 29, 4, 7),
+        (1, 4, 1, 18, 8, 16),
+    ] {
+        let r = |s: u64, h: usize| {
             let _g = rng();
             B64::seed(&dev, s);
             Tensor::<B64, 4>::random([b, h, t, hd], Distribution::Normal(0.0, 1.0), &dev)
                 .require_grad()
         };
-        let (q, k, v) = (r(1), r(2), r(3));
+        let (q, k, v) = (r(1, h), r(2, kv), r(3, kv));
         let w = rand([b, h, t, hd], Distribution::Default, &dev);
         let opts = AttentionModuleOptions {
             scale: None,
             softcap: None,
             is_causal: true,
         };
-        let want = attention(q.clone(), k.clone(), v.clone(), None, None, opts);
+        let (kr, vr) = (ops::repeat_kv(k.clone(), h), ops::repeat_kv(v.clone(), h));
+        let want = attention(q.clone(), kr, vr, None, None, opts);
         let got = Tensor::<B64, 4>::from_primitive(burn::tensor::TensorPrimitive::Float(
             <B64 as cube_kernels::attention::ChunkedAttentionBackend>::chunked_attention(
                 q.clone().into_primitive().tensor(),
@@ -478,14 +487,17 @@ fn chunked_attention_equals_burn_attention_with_gradients() {
         ));
         assert!(
             max_abs(got.clone(), want.clone()) < 1e-12,
-            "forward t {t} chunk {chunk}"
+            "forward t {t} heads {h}/{kv} chunk {chunk}"
         );
         let gw = (want * w.clone()).sum().backward();
         let gg = (got * w.clone()).sum().backward();
         for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
             let (a, c) = (x.grad(&gw).unwrap(), x.grad(&gg).unwrap());
             let err = max_abs(a, c);
-            assert!(err < 1e-11, "d{name} t {t} chunk {chunk}: {err}");
+            assert!(
+                err < 1e-11,
+                "d{name} t {t} heads {h}/{kv} chunk {chunk}: {err}"
+            );
         }
     }
 }
@@ -495,24 +507,26 @@ fn chunked_attention_at_positions_equals_masked_burn_attention_with_gradients() 
     let dev = Default::default();
     // (batch, heads, keys, head_dim, segment, keep, chunk): ragged last segments, several
     // chunks, a chunk larger than the queries, keep-all.
-    for (b, h, t, hd, seg, keep, chunk) in [
-        (2, 3, 37, 8, 8, 3, 5),
-        (1, 2, 20, 4, 16, 5, 64),
-        (2, 1, 19, 4, 4, 4, 6),
-        (1, 1, 9, 4, 16, 2, 1),
+    // Last case: 6 query heads over 2 key/value heads.
+    for (b, h, kv, t, hd, seg, keep, chunk) in [
+        (2, 3, 3, 37, 8, 8, 3, 5),
+        (1, 2, 2, 20, 4, 16, 5, 64),
+        (2, 1, 1, 19, 4, 4, 4, 6),
+        (1, 1, 1, 9, 4, 16, 2, 1),
+        (2, 6, 2, 27, 4, 8, 3, 4),
     ] {
         let scores: Vec<f32> = (0..b * t).map(|i| ((i * 53 % 17) as f32).cos()).collect();
         let (idx, _) = select_segments_host(&scores, b, t, seg, keep);
         let tq = idx.len() / b;
         let pos: Vec<i64> = idx.iter().map(|&r| r as i64 % t as i64).collect();
         let bound = Arc::new(kept_position_bounds(t, seg, keep));
-        let r = |s: u64, n: usize| {
+        let r = |s: u64, n: usize, h: usize| {
             let _g = rng();
             B64::seed(&dev, s);
             Tensor::<B64, 4>::random([b, h, n, hd], Distribution::Normal(0.0, 1.0), &dev)
                 .require_grad()
         };
-        let (q, k, v) = (r(1, tq), r(2, t), r(3, t));
+        let (q, k, v) = (r(1, tq, h), r(2, t, kv), r(3, t, kv));
         let w = rand([b, h, tq, hd], Distribution::Default, &dev);
         let mask: Vec<bool> = (0..b * tq)
             .flat_map(|row| {
@@ -527,7 +541,8 @@ fn chunked_attention_at_positions_equals_masked_burn_attention_with_gradients() 
             softcap: None,
             is_causal: false,
         };
-        let want = attention(q.clone(), k.clone(), v.clone(), Some(mask), None, opts);
+        let (kr, vr) = (ops::repeat_kv(k.clone(), h), ops::repeat_kv(v.clone(), h));
+        let want = attention(q.clone(), kr, vr, Some(mask), None, opts);
         let pos = Tensor::<B64, 2, Int>::from_data(TensorData::new(pos, [b, tq]), &dev);
         let got = Tensor::<B64, 4>::from_primitive(burn::tensor::TensorPrimitive::Float(
             <B64 as cube_kernels::attention::ChunkedAttentionBackend>::chunked_attention_at(
@@ -539,7 +554,7 @@ fn chunked_attention_at_positions_equals_masked_burn_attention_with_gradients() 
                 chunk,
             ),
         ));
-        let case = format!("t {t} seg {seg} keep {keep} chunk {chunk}");
+        let case = format!("t {t} heads {h}/{kv} seg {seg} keep {keep} chunk {chunk}");
         assert!(max_abs(got.clone(), want.clone()) < 1e-12, "forward {case}");
         let gw = (want * w.clone()).sum().backward();
         let gg = (got * w.clone()).sum().backward();

@@ -159,30 +159,40 @@ fn gather_and_merge_equal_the_reference_with_gradients() {
 fn chunked_attention_on_wgpu_equals_the_f64_reference() {
     let dev = Default::default();
     let gdev = Default::default();
-    for (b, h, t, hd, chunk) in [(1, 2, 50, 16, 16), (2, 1, 17, 8, 16), (1, 3, 64, 32, 64)] {
-        let n = b * h * t * hd;
+    // (batch, heads, kv_heads, seq, head_dim, chunk); the last case groups 4 query heads over
+    // 2 key/value heads.
+    for (b, h, nkv, t, hd, chunk) in [
+        (1, 2, 2, 50, 16, 16),
+        (2, 1, 1, 17, 8, 16),
+        (1, 3, 3, 64, 32, 64),
+        (2, 4, 2, 23, 8, 16),
+    ] {
         // Values in [-2, 2) (the selection scores' generator, rescaled).
-        let vals = |s: u64| -> Vec<f32> {
-            scores(n, s, 1 << 20)
+        let vals = |s: u64, heads: usize| -> Vec<f32> {
+            scores(b * heads * t * hd, s, 1 << 20)
                 .iter()
                 .map(|v| (v + 1.0) / 65536.0 - 2.0)
                 .collect()
         };
-        let (mut qv, kv, vv, wv) = (vals(1), vals(2), vals(3), vals(4));
+        let (mut qv, kv, vv, wv) = (vals(1, h), vals(2, nkv), vals(3, nkv), vals(4, h));
         // Queries scaled down so the softmax stays spread (not one-hot).
         qv.iter_mut().for_each(|x| *x *= 0.125);
-        let shape = [b, h, t, hd];
-        let r = |v: &[f32]| {
-            Tensor::<Ref, 4>::from_data(TensorData::new(v.to_vec(), shape).convert::<f64>(), &dev)
+        let shape = |heads: usize| [b, heads, t, hd];
+        let r = |v: &[f32], heads: usize| {
+            Tensor::<Ref, 4>::from_data(
+                TensorData::new(v.to_vec(), shape(heads)).convert::<f64>(),
+                &dev,
+            )
+            .require_grad()
+        };
+        let (q, k, v) = (r(&qv, h), r(&kv, nkv), r(&vv, nkv));
+        let (want, _) = attn_ref(q.clone(), k.clone(), v.clone(), chunk);
+        let gw = (want.clone() * r(&wv, h)).sum().backward();
+        let g = |v: &[f32], heads: usize| {
+            Tensor::<Fused, 4>::from_data(TensorData::new(v.to_vec(), shape(heads)), &gdev)
                 .require_grad()
         };
-        let (q, k, v) = (r(&qv), r(&kv), r(&vv));
-        let (want, _) = attn_ref(q.clone(), k.clone(), v.clone(), chunk);
-        let gw = (want.clone() * r(&wv)).sum().backward();
-        let g = |v: &[f32]| {
-            Tensor::<Fused, 4>::from_data(TensorData::new(v.to_vec(), shape), &gdev).require_grad()
-        };
-        let (qk, kk, vk) = (g(&qv), g(&kv), g(&vv));
+        let (qk, kk, vk) = (g(&qv, h), g(&kv, nkv), g(&vv, nkv));
         let prim = |x: &Tensor<Fused, 4>| x.clone().into_primitive().tensor();
         let got = Tensor::<Fused, 4>::from_primitive(TensorPrimitive::Float(
             <Fused as ChunkedAttentionBackend>::chunked_attention(
@@ -192,7 +202,7 @@ fn chunked_attention_on_wgpu_equals_the_f64_reference() {
                 chunk,
             ),
         ));
-        let gg = (got.clone() * g(&wv)).sum().backward();
+        let gg = (got.clone() * g(&wv, h)).sum().backward();
         let close = |a: Vec<f64>, b: Vec<f64>, what: &str| {
             let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
             for (x, y) in a.iter().zip(&b) {

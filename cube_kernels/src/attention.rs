@@ -10,6 +10,10 @@
 //! `P = exp(S − lse)`, `dV += Pᵀ dO`, `dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O))`, `dQ = dS K·s`,
 //! `dK += dSᵀ Q·s`. Scores and softmax are computed in f32 whatever the storage type.
 //!
+//! Keys and values may have fewer heads than the queries (grouped-query attention, as in
+//! LLaMA-2/3 and SmolLM2): each key/value head serves its group of query heads in one matmul
+//! and is kept once for the backward, never repeated.
+//!
 //! Queries may also be a subset of the keys' tokens at known positions ([`QueryPositions`]):
 //! a LeMo layer whose kept tokens attend to the keys of every token — query row i sees the
 //! keys at positions `0..=pos[i]`.
@@ -131,8 +135,9 @@ fn f32_of<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     }
 }
 
-/// Causal attention of `q`, `k`, `v` `[batch, heads, seq, head_dim]` (query i sees keys
-/// `0..=i`), scale `1/sqrt(head_dim)`, `chunk` query rows at a time. Returns the output and
+/// Causal attention of `q` `[batch, heads, seq, head_dim]` to `k`, `v` `[batch, kv_heads,
+/// seq, head_dim]` (`kv_heads` divides `heads`; query head j reads key/value head
+/// `j / (heads / kv_heads)`, grouped-query attention; query i sees keys `0..=i`), scale `1/sqrt(head_dim)`, `chunk` query rows at a time. Returns the output and
 /// the per-row log-sum-exp `[batch, heads, seq, 1]` (f32, or f64 for f64 inputs).
 pub fn forward<B: Backend>(
     q: Tensor<B, 4>,
@@ -144,7 +149,7 @@ pub fn forward<B: Backend>(
 }
 
 /// [`forward`] for query rows `q` `[batch, heads, queries, head_dim]` at positions `at` among
-/// the keys `k`, `v` `[batch, heads, keys, head_dim]`: row i sees the keys `0..=pos[i]`.
+/// the keys `k`, `v` `[batch, kv_heads, keys, head_dim]`: row i sees the keys `0..=pos[i]`.
 pub fn forward_at<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -163,6 +168,7 @@ fn forward_masked<B: Backend>(
     chunk: usize,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let [b, h, t, hd] = q.dims();
+    let g = Groups::of(h, &k);
     let keys = k.dims()[2];
     let dtype = q.dtype();
     let device = q.device();
@@ -171,22 +177,84 @@ fn forward_masked<B: Backend>(
     let mut lses = Vec::new();
     for c0 in (0..t).step_by(chunk.max(1)) {
         let c1 = (c0 + chunk).min(t);
-        let c = c1 - c0;
         let end = causal.key_end(c1, keys);
-        let qc = q.clone().slice([0..b, 0..h, c0..c1, 0..hd]);
-        let kc = k.clone().slice([0..b, 0..h, 0..end, 0..hd]);
-        let vc = v.clone().slice([0..b, 0..h, 0..end, 0..hd]);
+        let qc = g.group(q.clone().slice([0..b, 0..h, c0..c1, 0..hd]));
+        let kc = k.clone().slice([0..b, 0..g.kv, 0..end, 0..hd]);
+        let vc = v.clone().slice([0..b, 0..g.kv, 0..end, 0..hd]);
         let s = f32_of(qc.matmul(kc.swap_dims(2, 3))) * scale;
-        let mask = causal.mask(b, c0, c1, end, &device).expand([b, h, c, end]);
-        let s = s.mask_fill(mask, f32::NEG_INFINITY);
+        let s = s.mask_fill(g.mask(causal, b, c0, c1, end, &device), f32::NEG_INFINITY);
         let m = s.clone().max_dim(3);
         let p = (s - m.clone()).exp();
         let l = p.clone().sum_dim(3);
         let o = p.cast(dtype).matmul(vc) / l.clone().cast(dtype);
-        outs.push(o);
-        lses.push(m + l.log());
+        outs.push(g.ungroup(o));
+        lses.push(g.ungroup(m + l.log()));
     }
     (Tensor::cat(outs, 2), Tensor::cat(lses, 2))
+}
+
+/// Query heads sharing a key/value head (grouped-query attention): query head `j` reads
+/// key/value head `j / rep`. A chunk's query rows `[batch, heads, c, ·]` are viewed as
+/// `[batch, kv_heads, rep · c, ·]`, so one matmul per key/value head serves its whole group
+/// and the keys and values are never repeated (nor saved repeated for the backward).
+#[derive(Debug, Clone, Copy)]
+struct Groups {
+    kv: usize,
+    rep: usize,
+}
+
+impl Groups {
+    /// The grouping of `heads` query heads over the heads of `k` `[batch, kv_heads, ·, ·]`.
+    fn of<B: Backend>(heads: usize, k: &Tensor<B, 4>) -> Self {
+        let kv = k.dims()[1];
+        assert!(
+            kv > 0 && heads % kv == 0,
+            "attention: {heads} query heads do not share {kv} key/value heads evenly"
+        );
+        Groups {
+            kv,
+            rep: heads / kv,
+        }
+    }
+
+    /// `[batch, heads, c, w]` → `[batch, kv_heads, rep · c, w]`.
+    fn group<B: Backend>(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        if self.rep == 1 {
+            return x;
+        }
+        let [b, _, c, w] = x.dims();
+        x.reshape([b, self.kv, self.rep * c, w])
+    }
+
+    /// `[batch, kv_heads, rep · c, w]` → `[batch, heads, c, w]`.
+    fn ungroup<B: Backend>(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        if self.rep == 1 {
+            return x;
+        }
+        let [b, _, rc, w] = x.dims();
+        x.reshape([b, self.kv * self.rep, rc / self.rep, w])
+    }
+
+    /// The causal mask of query rows `c0..c1` against keys `0..end`, grouped:
+    /// `[batch, kv_heads, rep · c, end]`.
+    fn mask<B: Backend>(
+        &self,
+        causal: &Causal<B>,
+        b: usize,
+        c0: usize,
+        c1: usize,
+        end: usize,
+        device: &B::Device,
+    ) -> Tensor<B, 4, Bool> {
+        let c = c1 - c0;
+        let m = causal.mask(b, c0, c1, end, device);
+        if self.rep == 1 {
+            return m.expand([b, self.kv, c, end]);
+        }
+        m.unsqueeze_dim::<5>(2)
+            .expand([b, self.kv, self.rep, c, end])
+            .reshape([b, self.kv, self.rep * c, end])
+    }
 }
 
 /// Gradients `(dq, dk, dv)` of [`forward`] for output gradient `dout`, recomputing each
@@ -216,6 +284,7 @@ fn backward_masked<B: Backend>(
     chunk: usize,
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
     let [b, h, t, hd] = q.dims();
+    let g = Groups::of(h, &k);
     let keys = k.dims()[2];
     let dtype = q.dtype();
     let device = q.device();
@@ -223,28 +292,26 @@ fn backward_masked<B: Backend>(
     let scale = 1.0 / (hd as f64).sqrt();
     let delta = (f32_of(dout.clone()) * f32_of(out)).sum_dim(3);
     let mut dq = Vec::new();
-    let mut dk = Tensor::<B, 4>::zeros([b, h, keys, hd], (&device, acc));
-    let mut dv = Tensor::<B, 4>::zeros([b, h, keys, hd], (&device, acc));
+    let mut dk = Tensor::<B, 4>::zeros([b, g.kv, keys, hd], (&device, acc));
+    let mut dv = Tensor::<B, 4>::zeros([b, g.kv, keys, hd], (&device, acc));
     for c0 in (0..t).step_by(chunk.max(1)) {
         let c1 = (c0 + chunk).min(t);
-        let c = c1 - c0;
         let end = causal.key_end(c1, keys);
         let rows = [0..b, 0..h, c0..c1, 0..hd];
-        let seen = [0..b, 0..h, 0..end, 0..hd];
-        let qc = q.clone().slice(rows.clone());
+        let seen = [0..b, 0..g.kv, 0..end, 0..hd];
+        let qc = g.group(q.clone().slice(rows.clone()));
         let kc = k.clone().slice(seen.clone());
         let vc = v.clone().slice(seen.clone());
-        let doc = dout.clone().slice(rows.clone());
+        let doc = g.group(dout.clone().slice(rows.clone()));
         let s = f32_of(qc.clone().matmul(kc.clone().swap_dims(2, 3))) * scale;
-        let mask = causal.mask(b, c0, c1, end, &device).expand([b, h, c, end]);
-        let s = s.mask_fill(mask, f32::NEG_INFINITY);
-        let lse_c = lse.clone().slice([0..b, 0..h, c0..c1, 0..1]);
+        let s = s.mask_fill(g.mask(causal, b, c0, c1, end, &device), f32::NEG_INFINITY);
+        let lse_c = g.group(lse.clone().slice([0..b, 0..h, c0..c1, 0..1]));
         let p = (s - lse_c).exp();
         let dv_c = f32_of(p.clone().cast(dtype).swap_dims(2, 3).matmul(doc.clone()));
         let dp = f32_of(doc.matmul(vc.swap_dims(2, 3)));
-        let delta_c = delta.clone().slice([0..b, 0..h, c0..c1, 0..1]);
+        let delta_c = g.group(delta.clone().slice([0..b, 0..h, c0..c1, 0..1]));
         let ds = (p * (dp - delta_c) * scale).cast(dtype);
-        dq.push(ds.clone().matmul(kc));
+        dq.push(g.ungroup(ds.clone().matmul(kc)));
         let dk_c = f32_of(ds.swap_dims(2, 3).matmul(qc));
         dk = dk
             .clone()
@@ -256,7 +323,8 @@ fn backward_masked<B: Backend>(
 
 /// burn backend extension: memory-efficient causal attention (see the module docs).
 pub trait ChunkedAttentionBackend: Backend {
-    /// Causal attention of `[batch, heads, seq, head_dim]` tensors, `chunk` query rows at a
+    /// Causal attention of `q` `[batch, heads, seq, head_dim]` to `k`, `v` `[batch,
+    /// kv_heads, seq, head_dim]` (grouped query heads, see [`forward`]), `chunk` query rows at a
     /// time; differentiable on `Autodiff` backends (with a recomputing backward).
     fn chunked_attention(
         q: FloatTensor<Self>,
@@ -402,7 +470,8 @@ fn tracked<B: ChunkedAttentionBackend, C: CheckpointStrategy>(
     }
 }
 
-/// Causal attention of `[batch, heads, seq, head_dim]` tensors without storing scores
+/// Causal attention of `q` `[batch, heads, seq, head_dim]` to `k`, `v` `[batch, kv_heads,
+/// seq, head_dim]` (grouped query heads, see [`forward`]) without storing scores
 /// (chunk size from [`chunk_budget_bytes`]).
 pub fn chunked_attention<B: ChunkedAttentionBackend>(
     q: Tensor<B, 4>,
@@ -415,7 +484,7 @@ pub fn chunked_attention<B: ChunkedAttentionBackend>(
 }
 
 /// [`chunked_attention`] for query rows at positions `at` among the keys `k`, `v`
-/// `[batch, heads, keys, head_dim]` (row i sees the keys `0..=pos[i]`).
+/// `[batch, kv_heads, keys, head_dim]` (row i sees the keys `0..=pos[i]`).
 pub fn chunked_attention_at<B: ChunkedAttentionBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,

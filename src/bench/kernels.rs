@@ -191,19 +191,31 @@ fn time_kernels<K: SparseAdapterBackend>(
     })
 }
 
+/// Largest `|got − want| / max |want|` over the pairs; NaN when either side holds a NaN or an
+/// infinity (a fold with `f64::max` would drop a NaN and report agreement).
 fn rel_diff<K: Backend>(got: &[Tensor<K, 2>], want: &[Tensor<K, 2>]) -> f64 {
-    got.iter()
-        .zip(want)
-        .map(|(g, w)| {
-            let scale = w.clone().abs().max().into_scalar().to_f64_lossy();
-            let diff = (g.clone() - w.clone())
-                .abs()
-                .max()
-                .into_scalar()
-                .to_f64_lossy();
-            diff / scale.max(1e-30)
-        })
-        .fold(0.0, f64::max)
+    let mut worst = 0.0f64;
+    for (g, w) in got.iter().zip(want) {
+        let finite = |t: &Tensor<K, 2>| {
+            let s = t.clone().sum().into_scalar().to_f64_lossy();
+            s.is_finite()
+        };
+        if !finite(g) || !finite(w) {
+            return f64::NAN;
+        }
+        let scale = w.clone().abs().max().into_scalar().to_f64_lossy();
+        let diff = (g.clone() - w.clone())
+            .abs()
+            .max()
+            .into_scalar()
+            .to_f64_lossy();
+        let r = diff / scale.max(1e-30);
+        if r.is_nan() {
+            return f64::NAN;
+        }
+        worst = worst.max(r);
+    }
+    worst
 }
 
 trait ToF64 {
@@ -416,6 +428,12 @@ impl KernelTask for KernelBench {
                     let (y, z) = reference::forward::<K>(prim(&x), prim(&rows), &idx, prim(&gate));
                     (float::<K>(y), float::<K>(z))
                 })?;
+                let amax = |t: &Tensor<K, 2>| t.clone().abs().max().into_scalar().to_f64_lossy();
+                eprintln!(
+                    "K={k}: max |y| kernels {:.4e}, generic {:.4e}",
+                    amax(&y),
+                    amax(&yr)
+                );
                 let fdiff = rel_diff(&[y.clone(), z.clone()], &[yr, zr]);
                 let (bg, gr3) = time::<K, _>(&device, w.min(1), it, || {
                     let g = reference::backward::<K>(

@@ -180,27 +180,29 @@ impl LemoCheck {
         let rdev = Default::default();
         // 16-row query chunks, so every case runs several (ragged) chunks.
         std::env::set_var("MEFT_ATTN_CHUNK_MB", "0");
-        for (i, &(b, h, t, hd)) in [(1, 2, 50, 16), (2, 3, 300, 64), (1, 9, 1000, 64)]
+        // (batch, heads, kv_heads, seq, head_dim); the last is SmolLM2's grouping (9 over 3).
+        for (i, &(b, h, kv, t, hd)) in [(1, 2, 2, 50, 16), (2, 3, 3, 300, 64), (1, 9, 3, 1000, 64)]
             .iter()
             .enumerate()
         {
-            let case = format!("batch {b} heads {h} seq {t} head_dim {hd}, 16-row chunks");
-            let n = b * h * t * hd;
-            let mut v: Vec<Vec<f32>> = (0..4)
-                .map(|s| lcg(n, 101 + 7 * i as u64 + s, 1 << 20))
+            let case = format!("batch {b} heads {h}/{kv} seq {t} head_dim {hd}, 16-row chunks");
+            let (shape, kshape) = ([b, h, t, hd], [b, kv, t, hd]);
+            let mut v: Vec<Vec<f32>> = [shape, kshape, kshape, shape]
+                .iter()
+                .zip(0u64..)
+                .map(|(s, j)| lcg(s.iter().product(), 101 + 7 * i as u64 + j, 1 << 20))
                 .collect();
             // Queries in [-0.25, 0.25): scores of a few units, so the softmax stays spread
             // (at [-2, 2) it saturates to one key and the output check proves little).
             v[0].iter_mut().for_each(|x| *x *= 0.125);
-            let shape = [b, h, t, hd];
-            let r = |x: &[f32]| on::<Ref, 4>(x, shape, &rdev).require_grad();
-            let (q, k, vv) = (r(&v[0]), r(&v[1]), r(&v[2]));
+            let r = |x: &[f32], s| on::<Ref, 4>(x, s, &rdev).require_grad();
+            let (q, k, vv) = (r(&v[0], shape), r(&v[1], kshape), r(&v[2], kshape));
             let (want, _) = cube_kernels::attention::forward(q.clone(), k.clone(), vv.clone(), t);
             let gw = (want.clone() * on::<Ref, 4>(&v[3], shape, &rdev))
                 .sum()
                 .backward();
-            let g = |x: &[f32]| on::<AB, 4>(x, shape, device).require_grad();
-            let (qk, kk, vk) = (g(&v[0]), g(&v[1]), g(&v[2]));
+            let g = |x: &[f32], s| on::<AB, 4>(x, s, device).require_grad();
+            let (qk, kk, vk) = (g(&v[0], shape), g(&v[1], kshape), g(&v[2], kshape));
             let got = ops::causal_attention(qk.clone(), kk.clone(), vk.clone());
             let gg = (got.clone() * on::<AB, 4>(&v[3], shape, device))
                 .sum()
@@ -234,19 +236,19 @@ impl LemoCheck {
     fn attention_at<AB: AutodiffBackend>(&self, device: &AB::Device, out: &mut Vec<CheckRow>) {
         let rdev = Default::default();
         let (seg, keep) = (64, 27);
-        for (i, &(b, h, t, hd)) in [(1, 2, 50, 16), (2, 3, 300, 64), (1, 9, 1000, 64)]
+        for (i, &(b, h, kv, t, hd)) in [(1, 2, 2, 50, 16), (2, 3, 3, 300, 64), (1, 9, 3, 1000, 64)]
             .iter()
             .enumerate()
         {
             let case = format!(
-                "batch {b} heads {h} keys {t} head_dim {hd}, {keep} of every {seg} as queries"
+                "batch {b} heads {h}/{kv} keys {t} head_dim {hd}, {keep} of every {seg} as queries"
             );
             let scores = lcg(b * t, 77 + i as u64, 1 << 20);
             let (idx, _) = select_segments_host(&scores, b, t, seg, keep);
             let tq = idx.len() / b;
             let pos: Vec<i64> = idx.iter().map(|&r| r as i64 % t as i64).collect();
             let bound = Arc::new(kept_position_bounds(t, seg, keep));
-            let (qs, ks) = ([b, h, tq, hd], [b, h, t, hd]);
+            let (qs, ks) = ([b, h, tq, hd], [b, kv, t, hd]);
             let mut v: Vec<Vec<f32>> = [(qs, 0), (ks, 1), (ks, 2), (qs, 3)]
                 .iter()
                 .map(|&(s, j)| lcg(s.iter().product(), 301 + 7 * i as u64 + j, 1 << 20))

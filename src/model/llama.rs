@@ -368,7 +368,7 @@ impl<B: Backend> Attention<B> {
         let (q, k, v) = self.project(x);
         let q = rope.apply_at(q, positions.clone());
         let k = rope.apply_at(k, positions);
-        let out = causal_attention(q, self.repeat_kv(k), self.repeat_kv(v));
+        let out = causal_attention(q, k, v);
         self.wo.forward(out.swap_dims(1, 2).reshape([b, t, d]))
     }
 
@@ -416,7 +416,7 @@ impl<B: Backend> Attention<B> {
             pos: positions,
             bound,
         };
-        let out = ops::causal_attention_at(q, self.repeat_kv(k), self.repeat_kv(v), &at);
+        let out = ops::causal_attention_at(q, k, v, &at);
         self.wo.forward(out.swap_dims(1, 2).reshape([b, n, d]))
     }
 
@@ -448,7 +448,7 @@ impl<B: Backend> Attention<B> {
         let q = rope.apply(q, start);
         let k = rope.apply(k, start);
         let out = match cache {
-            None => causal_attention(q, self.repeat_kv(k), self.repeat_kv(v)),
+            None => causal_attention(q, k, v),
             Some((slot, mask)) => {
                 let (k, v) = LayerCache::append(slot, k, v);
                 let mask = mask.clone().expand([b, self.n_heads, t, k.dims()[2]]);
@@ -472,14 +472,7 @@ impl<B: Backend> Attention<B> {
 
     /// Repeats each key/value head for the query heads that share it.
     pub fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let rep = self.n_heads / self.n_kv_heads;
-        if rep == 1 {
-            return x;
-        }
-        let [b, h, t, hd] = x.dims();
-        x.unsqueeze_dim::<5>(2)
-            .expand([b, h, rep, t, hd])
-            .reshape([b, h * rep, t, hd])
+        ops::repeat_kv(x, self.n_heads)
     }
 }
 

@@ -69,9 +69,24 @@ fn chunked_enabled() -> bool {
     !matches!(std::env::var("MEFT_ATTENTION").as_deref(), Ok("burn"))
 }
 
-/// Causal self-attention of `[batch, heads, seq, head_dim]` tensors (query i sees keys
-/// `0..=i`). On the extension backends it is the memory-efficient chunked form (no `T × T`
-/// matrix kept for the backward); elsewhere burn's attention.
+/// Repeats each of the `kv_heads` heads of `x` `[batch, kv_heads, seq, head_dim]` for the
+/// `heads / kv_heads` query heads that share it: `[batch, heads, seq, head_dim]`.
+pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, heads: usize) -> Tensor<B, 4> {
+    let [b, kv, t, hd] = x.dims();
+    let rep = heads / kv;
+    if rep == 1 {
+        return x;
+    }
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kv, rep, t, hd])
+        .reshape([b, kv * rep, t, hd])
+}
+
+/// Causal self-attention of `q` `[batch, heads, seq, head_dim]` to `k`, `v` `[batch,
+/// kv_heads, seq, head_dim]` (`kv_heads` divides `heads`; query head j reads key/value head
+/// `j / (heads / kv_heads)`; query i sees keys `0..=i`). On the extension backends it is the
+/// memory-efficient chunked form (no `T × T` matrix kept for the backward, keys and values
+/// kept once per key/value head); elsewhere burn's attention on repeated keys and values.
 pub fn causal_attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -93,11 +108,13 @@ pub fn causal_attention<B: Backend>(
         softcap: None,
         is_causal: true,
     };
-    attention(q, k, v, None, None, opts)
+    let h = q.dims()[1];
+    attention(q, repeat_kv(k, h), repeat_kv(v, h), None, None, opts)
 }
 
 /// Causal attention of query rows `q` `[batch, heads, queries, head_dim]` sitting at
-/// positions `at` among the keys `k`, `v` `[batch, heads, keys, head_dim]` (row i sees keys
+/// positions `at` among the keys `k`, `v` `[batch, kv_heads, keys, head_dim]` (grouped as in
+/// [`causal_attention`]; row i sees keys
 /// `0..=pos[i]`): a LeMo layer's kept tokens attending to every token. Chunked (no score
 /// matrix kept) on the extension backends; elsewhere burn's attention with an explicit mask.
 pub fn causal_attention_at<B: Backend>(
@@ -132,7 +149,7 @@ pub fn causal_attention_at<B: Backend>(
         softcap: None,
         is_causal: false,
     };
-    attention(q, k, v, Some(mask), None, opts)
+    attention(q, repeat_kv(k, h), repeat_kv(v, h), Some(mask), None, opts)
 }
 
 fn token_kernels<B: Backend>() -> bool {
