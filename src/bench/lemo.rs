@@ -48,6 +48,10 @@ pub enum LemoBenchMode {
     /// Full with burn's own attention (keeps `T × T` scores; shows why the chunked form is
     /// needed).
     BurnAttention,
+    /// Full with every key/value head repeated for its query heads before the chunked
+    /// attention (`MEFT_ATTENTION=repeat-kv`: the layout before grouped-query attention; shows
+    /// what grouping saves in memory and time).
+    FullRepeatedKv,
 }
 
 /// What to measure.
@@ -273,9 +277,13 @@ impl BackendTask for LemoBench {
         for &seq in &self.seqs {
             for &mode in &self.modes {
                 // burn's attention is chosen by the environment switch the model reads.
-                let burn_attention = mode == LemoBenchMode::BurnAttention;
-                if burn_attention {
-                    std::env::set_var("MEFT_ATTENTION", "burn");
+                let attention_switch = match mode {
+                    LemoBenchMode::BurnAttention => Some("burn"),
+                    LemoBenchMode::FullRepeatedKv => Some("repeat-kv"),
+                    _ => None,
+                };
+                if let Some(v) = attention_switch {
+                    std::env::set_var("MEFT_ATTENTION", v);
                 }
                 let outcome = catch_unwind(AssertUnwindSafe(|| match mode {
                     LemoBenchMode::Checkpoint => {
@@ -283,7 +291,7 @@ impl BackendTask for LemoBench {
                     }
                     _ => self.measure::<Autodiff<B>>(seq, mode, &device),
                 }));
-                if burn_attention {
+                if attention_switch.is_some() {
                     std::env::remove_var("MEFT_ATTENTION");
                 }
                 let row = match outcome {

@@ -69,6 +69,12 @@ fn chunked_enabled() -> bool {
     !matches!(std::env::var("MEFT_ATTENTION").as_deref(), Ok("burn"))
 }
 
+/// True when `MEFT_ATTENTION=repeat-kv` asks the chunked attention to receive keys and values
+/// repeated to every query head (the layout before grouped-query attention; for comparison).
+fn repeat_kv_requested() -> bool {
+    matches!(std::env::var("MEFT_ATTENTION").as_deref(), Ok("repeat-kv"))
+}
+
 /// Repeats each of the `kv_heads` heads of `x` `[batch, kv_heads, seq, head_dim]` for the
 /// `heads / kv_heads` query heads that share it: `[batch, heads, seq, head_dim]`.
 pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, heads: usize) -> Tensor<B, 4> {
@@ -92,6 +98,11 @@ pub fn causal_attention<B: Backend>(
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
 ) -> Tensor<B, 4> {
+    let (k, v) = if repeat_kv_requested() {
+        (repeat_kv(k, q.dims()[1]), repeat_kv(v, q.dims()[1]))
+    } else {
+        (k, v)
+    };
     if chunked_enabled() {
         let id = TypeId::of::<B>();
         macro_rules! run {
@@ -123,6 +134,11 @@ pub fn causal_attention_at<B: Backend>(
     v: Tensor<B, 4>,
     at: &QueryPositions<B>,
 ) -> Tensor<B, 4> {
+    let (k, v) = if repeat_kv_requested() {
+        (repeat_kv(k, q.dims()[1]), repeat_kv(v, q.dims()[1]))
+    } else {
+        (k, v)
+    };
     if chunked_enabled() {
         let id = TypeId::of::<B>();
         macro_rules! run {
