@@ -208,7 +208,7 @@ impl Groups {
     fn of<B: Backend>(heads: usize, k: &Tensor<B, 4>) -> Self {
         let kv = k.dims()[1];
         assert!(
-            kv > 0 && heads % kv == 0,
+            kv > 0 && heads.is_multiple_of(kv),
             "attention: {heads} query heads do not share {kv} key/value heads evenly"
         );
         Groups {

@@ -43,7 +43,7 @@ pub struct LaunchShape {
 impl LaunchShape {
     /// The shape used for hidden width `d` (see the module docs).
     pub fn for_width(d: usize) -> Self {
-        let vector = if d % 4 == 0 { 4 } else { 1 };
+        let vector = if d.is_multiple_of(4) { 4 } else { 1 };
         let width = d / vector;
         let target = (width / 4).max(1);
         let mut threads = 32usize;
