@@ -5,9 +5,8 @@
 //! the next token, and the perplexity is `exp(mean NLL)` over all of them. Every context
 //! length reads the same stretch of text, so the figures are comparable.
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::model::Llama;
@@ -63,15 +62,11 @@ fn window_nll<B: Backend>(
         Tensor::<B, 2, Int>::from_data(TensorData::new(v, [1, n]), device)
     };
     let (inputs, targets) = (ids(&window[..n]), ids(&window[1..]));
-    let logits = model.forward(inputs, None);
-    let logits = match logits.dtype() {
-        DType::F32 | DType::F64 => logits,
-        _ => logits.cast(DType::F32),
-    };
-    let nll = log_softmax(logits, 2)
-        .gather(2, targets.unsqueeze_dim(2))
+    let hidden = model.forward_hidden(inputs, None);
+    let d = hidden.dims()[2];
+    let (nll, _) = model.token_nll(hidden.reshape([n, d]), targets.reshape([n]));
+    let nll = nll
         .sum()
-        .neg()
         .into_data()
         .convert::<f64>()
         .into_vec::<f64>()

@@ -20,6 +20,7 @@ mod forward;
 mod fusion;
 pub mod kernel;
 pub mod launch;
+pub mod loss;
 pub mod reference;
 pub mod tokens;
 

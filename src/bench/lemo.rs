@@ -13,7 +13,6 @@ use std::time::Instant;
 
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 use clap::ValueEnum;
@@ -52,6 +51,9 @@ pub enum LemoBenchMode {
     /// attention (`MEFT_ATTENTION=repeat-kv`: the layout before grouped-query attention; shows
     /// what grouping saves in memory and time).
     FullRepeatedKv,
+    /// Full with the plain LM head and log-softmax over every position (`MEFT_LOSS=dense`:
+    /// the loss before the fused chunked cross-entropy; shows what fusing saves).
+    FullDenseLoss,
 }
 
 /// What to measure.
@@ -118,13 +120,9 @@ fn lm_loss<B: Backend>(
     hidden: Tensor<B, 3>,
     targets: Tensor<B, 2, Int>,
 ) -> Tensor<B, 1> {
-    let logits = model.lm_head.forward(hidden);
-    let logits = match logits.dtype() {
-        burn::tensor::DType::F32 | burn::tensor::DType::F64 => logits,
-        _ => logits.cast(burn::tensor::DType::F32),
-    };
-    let logp = log_softmax(logits, 2);
-    logp.gather(2, targets.unsqueeze_dim(2)).mean().neg()
+    let [b, t, d] = hidden.dims();
+    let (nll, _) = model.token_nll(hidden.reshape([b * t, d]), targets.reshape([b * t]));
+    nll.mean()
 }
 
 fn used() -> Option<u64> {
@@ -285,6 +283,10 @@ impl BackendTask for LemoBench {
                 if let Some(v) = attention_switch {
                     std::env::set_var("MEFT_ATTENTION", v);
                 }
+                let loss_switch = mode == LemoBenchMode::FullDenseLoss;
+                if loss_switch {
+                    std::env::set_var("MEFT_LOSS", "dense");
+                }
                 let outcome = catch_unwind(AssertUnwindSafe(|| match mode {
                     LemoBenchMode::Checkpoint => {
                         self.measure::<Autodiff<B, BalancedCheckpointing>>(seq, mode, &device)
@@ -293,6 +295,9 @@ impl BackendTask for LemoBench {
                 }));
                 if attention_switch.is_some() {
                     std::env::remove_var("MEFT_ATTENTION");
+                }
+                if loss_switch {
+                    std::env::remove_var("MEFT_LOSS");
                 }
                 let row = match outcome {
                     Ok(Ok(r)) => r,

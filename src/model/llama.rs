@@ -8,7 +8,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear};
-use burn::tensor::activation::{log_softmax, silu};
+use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -621,20 +621,43 @@ impl<B: Backend> Llama<B> {
     /// [`Llama::loss`] and the number of masked-in targets the model ranks first (greedy
     /// token accuracy's numerator, `[1]`, not differentiable).
     pub fn loss_and_correct(&self, batch: &CausalLmBatch<B>) -> (Tensor<B, 1>, Tensor<B, 1>) {
-        let logits = at_least_f32(self.forward(batch.inputs.clone(), None));
-        let best = logits.clone().detach().argmax(2).squeeze_dim::<2>(2);
-        let logp = log_softmax(logits, 2);
-        let picked = logp
-            .gather(2, batch.targets.clone().unsqueeze_dim(2))
-            .squeeze_dim::<2>(2);
-        let mask = batch.target_mask.clone().cast(picked.dtype());
-        let hits = best
-            .equal(batch.targets.clone())
-            .float()
-            .cast(picked.dtype());
+        let hidden = self.forward_hidden(batch.inputs.clone(), None);
+        let [b, t, d] = hidden.dims();
+        let (nll, best) = self.token_nll(
+            hidden.reshape([b * t, d]),
+            batch.targets.clone().reshape([b * t]),
+        );
+        let (nll, best) = (nll.reshape([b, t]), best.reshape([b, t]));
+        let mask = batch.target_mask.clone().cast(nll.dtype());
+        let hits = best.equal(batch.targets.clone()).float().cast(nll.dtype());
         let correct = (hits * mask.clone()).sum();
         let count = mask.clone().sum().clamp_min(1.0);
-        ((picked * mask).sum().neg() / count, correct)
+        ((nll * mask).sum() / count, correct)
+    }
+
+    /// Per-row next-token negative log-likelihood `[rows]` (at least f32) of `targets` under
+    /// the LM head applied to final hidden states `hidden` `[rows, d]`, and the per-row argmax
+    /// of the logits. The head and the cross-entropy are fused chunk by chunk on the extension
+    /// backends ([`ops::token_nll`]): no `rows × vocab` logits are kept for the backward.
+    pub fn token_nll(
+        &self,
+        hidden: Tensor<B, 2>,
+        targets: Tensor<B, 1, Int>,
+    ) -> (Tensor<B, 1>, Tensor<B, 1, Int>) {
+        let weight = self.lm_head.weight.val();
+        match &self.lm_head.bias {
+            // Heads built here have no bias; one with a bias takes the plain path.
+            Some(bias) => {
+                let logits = at_least_f32(hidden.matmul(weight) + bias.val().unsqueeze_dim(0));
+                let best = logits.clone().detach().argmax(1).squeeze_dim::<1>(1);
+                let nll = burn::tensor::activation::log_softmax(logits, 1)
+                    .gather(1, targets.unsqueeze_dim(1))
+                    .squeeze_dim::<1>(1)
+                    .neg();
+                (nll, best)
+            }
+            None => ops::token_nll(hidden, weight, targets),
+        }
     }
 
     /// [`Llama::loss_and_correct`] computed only where it counts: the LM head and softmax run
@@ -680,14 +703,10 @@ impl<B: Backend> Llama<B> {
     ) -> (Tensor<B, 1>, Tensor<B, 1>) {
         let [b, t, d] = hidden.dims();
         let picked_hidden = hidden.reshape([b * t, d]).select(0, positions);
-        let logits = at_least_f32(self.lm_head.forward(picked_hidden));
-        let best = logits.clone().detach().argmax(1).squeeze_dim::<1>(1);
-        let correct = best.equal(targets.clone()).float().sum();
-        let logp = log_softmax(logits, 1);
-        let picked = logp.gather(1, targets.unsqueeze_dim(1)).squeeze_dim::<1>(1);
-        let n = picked.dims()[0].max(1) as f64;
-        let correct = correct.cast(picked.dtype());
-        (picked.sum().neg() / n, correct)
+        let (nll, best) = self.token_nll(picked_hidden, targets.clone());
+        let correct = best.equal(targets).float().sum().cast(nll.dtype());
+        let n = nll.dims()[0].max(1) as f64;
+        (nll.sum() / n, correct)
     }
 
     /// Errors if `total` positions would exceed the model's context.

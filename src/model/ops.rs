@@ -10,11 +10,14 @@ use std::any::{Any, TypeId};
 
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
+use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::DType;
 use burn::tensor::{Int, Tensor};
 use cube_kernels::attention::{chunked_attention, chunked_attention_at, QueryPositions};
+use cube_kernels::loss::chunked_token_nll;
 use cube_kernels::tokens::{kept_per_input, reference, segment_select, TokenPattern};
 
 use crate::adapter::meft::compute::kernels_enabled;
@@ -166,6 +169,48 @@ pub fn causal_attention_at<B: Backend>(
         is_causal: false,
     };
     attention(q, repeat_kv(k, h), repeat_kv(v, h), Some(mask), None, opts)
+}
+
+/// False when `MEFT_LOSS=dense` asks for the plain LM head + log-softmax (for comparison).
+fn chunked_loss_enabled() -> bool {
+    !matches!(std::env::var("MEFT_LOSS").as_deref(), Ok("dense"))
+}
+
+/// Per-row next-token negative log-likelihood `[rows]` (at least f32) of `targets` `[rows]`
+/// under the LM head `weight` `[d, vocab]` applied to `hidden` `[rows, d]`, and the per-row
+/// argmax of the logits (not differentiable). On the extension backends the head and the
+/// cross-entropy are fused chunk by chunk, with a recomputing backward
+/// (`cube_kernels::loss`): no `rows × vocab` matrix is kept for the backward. Elsewhere (or
+/// with `MEFT_LOSS=dense`) the plain `log_softmax(hidden · weight)`.
+pub fn token_nll<B: Backend>(
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> (Tensor<B, 1>, Tensor<B, 1, Int>) {
+    if chunked_loss_enabled() {
+        let id = TypeId::of::<B>();
+        macro_rules! run {
+            ($t:ty) => {
+                if id == TypeId::of::<$t>() {
+                    let (nll, best) =
+                        chunked_token_nll::<$t>(cast(hidden), cast(weight), cast(targets));
+                    return (cast(nll), cast(best));
+                }
+            };
+        }
+        extension_backends!(run);
+    }
+    let logits = hidden.matmul(weight);
+    let logits = match logits.dtype() {
+        DType::F32 | DType::F64 => logits,
+        _ => logits.cast(DType::F32),
+    };
+    let best = logits.clone().detach().argmax(1).squeeze_dim::<1>(1);
+    let nll = log_softmax(logits, 1)
+        .gather(1, targets.unsqueeze_dim(1))
+        .squeeze_dim::<1>(1)
+        .neg();
+    (nll, best)
 }
 
 fn token_kernels<B: Backend>() -> bool {
