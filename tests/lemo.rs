@@ -235,10 +235,19 @@ fn check_elimination(keys: KeyScope) {
 /// input and every parameter. Segments of 8 keeping 3 over 21 tokens
 /// (a ragged last segment), and of 16 keeping 10 over 21 (the ragged segment's 5 tokens are
 /// all kept, so the eliminated-token pattern also holds kept ones). With a gradient scale `s`
-/// per position the reference is `x + m·(s·f − stop((s − 1)·f)) + (1 − m)·stop(f)`.
+/// per position the reference is `x + m·(s·f − stop((s − 1)·f)) + (1 − m)·stop(f)`. With
+/// `kv_graph` f is the plain block's update (no key or value detached).
 #[test]
 fn eliminating_from_the_backward_keeps_the_forward_and_stops_the_eliminated_gradient() {
-    for (seg, keep, scaled) in [(8, 3, false), (16, 10, false), (8, 3, true), (16, 10, true)] {
+    for (seg, keep, scaled, kv_graph) in [
+        (8, 3, false, false),
+        (16, 10, false, false),
+        (8, 3, true, false),
+        (16, 10, true, false),
+        (8, 3, false, true),
+        (16, 10, false, true),
+        (8, 3, true, true),
+    ] {
         let (batch, seq, d) = (2, 21, 16);
         let m = model(1, seq);
         let block = &m.blocks[0];
@@ -271,6 +280,7 @@ fn eliminating_from_the_backward_keeps_the_forward_and_stops_the_eliminated_grad
             &rest,
             Arc::new(kept_position_bounds(seq, seg, seg - keep)),
             scaled.then_some(s_pos),
+            kv_graph,
         );
 
         let kept: Vec<f64> = inv
@@ -278,13 +288,19 @@ fn eliminating_from_the_backward_keeps_the_forward_and_stops_the_eliminated_grad
             .map(|&s| ((s as usize) < batch * p.kept) as u8 as f64)
             .collect();
         let mask = Tensor::<B64, 3>::from_data(TensorData::new(kept, [batch, seq, 1]), &dev);
-        let f = dense_update_with_constant_eliminated_kv(block, &m, x.clone(), mask.clone());
+        let f = match kv_graph {
+            false => dense_update_with_constant_eliminated_kv(block, &m, x.clone(), mask.clone()),
+            true => {
+                let hide = hidden_keys(batch, seq, |_, _| false);
+                dense_block(block, &m, x.clone(), hide, |t| t) - x.clone()
+            }
+        };
         let s = Tensor::<B64, 3>::from_data(TensorData::new(s, [1, seq, 1]), &dev);
         let fm = f.clone() * mask.clone();
         let dense = x.clone() + fm.clone() * s.clone() - (fm * (s - 1.0)).detach()
             + f.detach() * (mask.neg() + 1.0);
 
-        let case = format!("segment {seg} keep {keep} scaled {scaled}");
+        let case = format!("segment {seg} keep {keep} scaled {scaled} kv_graph {kv_graph}");
         let scale = max_abs(dense.clone(), dense.clone() * 0.0);
         let err = max_abs(y.clone(), dense.clone());
         assert!(err <= 1e-12 * scale, "{case}: outputs differ by {err}");

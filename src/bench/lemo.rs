@@ -36,6 +36,9 @@ pub enum LemoBenchMode {
     /// LeMo with the predicted pattern as `[lemo]` says (by default eliminated tokens leave
     /// the backward only and kept tokens attend to all keys).
     Lemo,
+    /// LeMo as `[lemo]` says with the eliminated tokens' keys and values in the graph
+    /// (`kv_gradient = true`).
+    LemoKvGradient,
     /// LeMo with the predicted pattern, eliminated tokens skipping the layer, kept tokens
     /// attending to all keys.
     LemoLayer,
@@ -143,6 +146,10 @@ impl LemoBench {
         let (model, _) = wrap(model, &lora, &Layers::All)?;
         let mut lemo_cfg = self.lemo.clone();
         match mode {
+            LemoBenchMode::LemoKvGradient => {
+                lemo_cfg.eliminate = Elimination::Backward;
+                lemo_cfg.kv_gradient = true;
+            }
             LemoBenchMode::LemoLayer => {
                 lemo_cfg.eliminate = Elimination::Layer;
                 lemo_cfg.keys = KeyScope::All;
@@ -155,12 +162,13 @@ impl LemoBench {
         }
         let lemo = Lemo::new(&lemo_cfg, &model, device)?;
         let lemo_mode = match mode {
-            LemoBenchMode::Lemo | LemoBenchMode::LemoLayer | LemoBenchMode::LemoKept => {
-                match lemo_cfg.pattern {
-                    PatternSource::Random => LemoMode::Random(lemo_cfg.seed),
-                    _ => LemoMode::Predicted,
-                }
-            }
+            LemoBenchMode::Lemo
+            | LemoBenchMode::LemoKvGradient
+            | LemoBenchMode::LemoLayer
+            | LemoBenchMode::LemoKept => match lemo_cfg.pattern {
+                PatternSource::Random => LemoMode::Random(lemo_cfg.seed),
+                _ => LemoMode::Predicted,
+            },
             LemoBenchMode::LemoExact => LemoMode::Exact,
             _ => LemoMode::Off,
         };

@@ -92,6 +92,12 @@ pub struct LemoConfig {
     /// parameter and input gradients are then unbiased estimates of the plain model's (up to
     /// the eliminated tokens' keys and values, which stay constants).
     pub rescale_gradient: bool,
+    /// With `eliminate = "backward"`: keep the eliminated tokens' keys and values in the
+    /// graph, so the kept queries' attention gradient reaches them (their K/V projections,
+    /// adapters included, and their layer input through the attention norm). Costs every
+    /// token's attention-norm input and output in the backward's memory; default false
+    /// (their keys and values are constants).
+    pub kv_gradient: bool,
     /// Layers that eliminate tokens (default: all but the first two).
     pub layers: Option<Layers>,
     /// Seed of the predictors' init (layer l uses seed + l) and of random patterns.
@@ -112,6 +118,7 @@ impl Default for LemoConfig {
             keys: KeyScope::All,
             eliminate: Elimination::Backward,
             rescale_gradient: false,
+            kv_gradient: false,
             layers: None,
             seed: 0,
         }
@@ -165,6 +172,14 @@ impl LemoConfig {
             return Err(bad(
                 "rescale_gradient",
                 "scales the gradient of a forward that stays exact: it needs \
+                 eliminate = \"backward\""
+                    .into(),
+            ));
+        }
+        if self.kv_gradient && self.eliminate != Elimination::Backward {
+            return Err(bad(
+                "kv_gradient",
+                "applies to eliminated tokens computed in the forward: it needs \
                  eliminate = \"backward\""
                     .into(),
             ));

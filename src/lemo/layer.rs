@@ -78,6 +78,8 @@ pub struct LemoPlan {
     pub eliminate: Elimination,
     /// Whether kept tokens' branch gradient is scaled by their inverse keep chance.
     pub rescale_gradient: bool,
+    /// Whether eliminated tokens' keys and values stay in the graph.
+    pub kv_graph: bool,
 }
 
 impl LemoPlan {
@@ -95,6 +97,7 @@ impl LemoPlan {
             keys: cfg.keys,
             eliminate: cfg.eliminate,
             rescale_gradient: cfg.rescale_gradient,
+            kv_graph: cfg.kv_gradient,
         })
     }
 
@@ -303,7 +306,17 @@ impl<B: Backend> Lemo<B> {
                     Tensor::<B, 1>::from_data(TensorData::new(v, [seq]), &x.device())
                         .cast(DType::F32)
                 });
-                eliminate_from_backward(block, x, rope, p, bound, &rest, rest_bound, scale)
+                eliminate_from_backward(
+                    block,
+                    x,
+                    rope,
+                    p,
+                    bound,
+                    &rest,
+                    rest_bound,
+                    scale,
+                    self.plan.kv_graph,
+                )
             }
         }
     }
@@ -412,6 +425,11 @@ pub fn eliminated<B: Backend>(p: &TokenPattern<B>, segment: usize, keep: usize) 
 /// bounds, [`LemoPlan::position_bounds`]). What the backward keeps of an eliminated token is
 /// its key and value (the kept queries' attention reads them).
 ///
+/// With `kv_graph` the eliminated tokens' keys and values stay in the graph instead: the
+/// kept queries' attention gradient reaches them, their K/V projections (adapters included)
+/// and, through the attention norm, their layer input; the backward then keeps every token's
+/// norm input and normalised input (as the plain layer does for the attention's K/V side).
+///
 /// With `scale` (`[seq]`, per position; [`LemoPlan::gradient_scale`]) a kept token's output
 /// is `x + s·f(x) − stop((s − 1)·f(x))`: the same value, with the gradient through the
 /// layer's branch scaled by `s`.
@@ -425,6 +443,7 @@ pub fn eliminate_from_backward<B: Backend>(
     rest: &TokenPattern<B>,
     rest_bound: Arc<Vec<usize>>,
     scale: Option<Tensor<B, 1>>,
+    kv_graph: bool,
 ) -> Tensor<B, 3> {
     // Every token's keys and values, and the eliminated tokens' outputs: a graph-free copy of
     // the block (parameters not tracked, inputs detached), so nothing of them is recorded.
@@ -449,11 +468,20 @@ pub fn eliminate_from_backward<B: Backend>(
         (yr - xr).detach()
     };
     let base = merge(x.clone(), gather(x.clone(), rest) + delta, rest);
-    // The kept tokens, with the graph; their own keys and values replace the constants.
-    let xc = gather(x, p);
-    let xnc = block.attn_norm.forward(xc.clone());
-    let k = merge(k_all, block.attn.wk.forward(xnc.clone()), p);
-    let v = merge(v_all, block.attn.wv.forward(xnc.clone()), p);
+    // The kept tokens, with the graph; their own keys and values replace the constants
+    // (or, with `kv_graph`, every token's keys and values are projected with the graph).
+    let xc = gather(x.clone(), p);
+    let (xnc, k, v) = if kv_graph {
+        let xn = block.attn_norm.forward(x);
+        let k = block.attn.wk.forward(xn.clone());
+        let v = block.attn.wv.forward(xn.clone());
+        (gather(xn, p), k, v)
+    } else {
+        let xnc = block.attn_norm.forward(xc.clone());
+        let k = merge(k_all, block.attn.wk.forward(xnc.clone()), p);
+        let v = merge(v_all, block.attn.wv.forward(xnc.clone()), p);
+        (xnc, k, v)
+    };
     let att = block
         .attn
         .attend_at(xnc, k, v, rope, kept_positions(p), bound);
