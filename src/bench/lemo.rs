@@ -111,6 +111,9 @@ pub struct LemoBenchRow {
     pub head_bytes: Option<u64>,
     /// Pool high-water mark over the step, bytes.
     pub peak_reserved_bytes: Option<u64>,
+    /// Median time of the decoder's forward, the head + loss forward, and the backward
+    /// within the timed steps (ms; each phase ends with a device sync).
+    pub phases_ms: Option<[f64; 3]>,
     /// Every timed step (ms).
     pub runs_ms: Vec<f64>,
     /// Why the row has no figures (e.g. out of memory).
@@ -191,21 +194,28 @@ impl LemoBench {
         let targets = tokens.narrow(1, 1, seq);
 
         let mut mem = (None, None, None);
+        let mut phases: Vec<[f64; 3]> = Vec::new();
         let mut step = |record: bool| -> Result<()> {
             sync::<AB>(device)?;
             if record {
                 cuda_memory_cleanup();
             }
             let m0 = used();
+            let t0 = Instant::now();
             let (hidden, _) = lemo.forward_hidden(&model, inputs.clone(), lemo_mode);
             sync::<AB>(device)?;
+            let t1 = Instant::now();
             let m1 = used();
             let loss = lm_loss(&model, hidden, targets.clone());
             sync::<AB>(device)?;
+            let t2 = Instant::now();
             let m2 = used();
             let grads = loss.backward();
             sync::<AB>(device)?;
+            let t3 = Instant::now();
             drop(grads);
+            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+            phases.push([ms(t0, t1), ms(t1, t2), ms(t2, t3)]);
             if record {
                 let peak = cuda_memory().map(|(_, r)| r);
                 mem = (
@@ -230,6 +240,10 @@ impl LemoBench {
             step(self.warmup == 0 && i == 0)?;
             runs.push(t.elapsed().as_secs_f64() * 1e3);
         }
+        drop(step);
+        let timed = &phases[phases.len() - runs.len()..];
+        let phase = |i: usize| median(&timed.iter().map(|p| p[i]).collect::<Vec<_>>());
+        let phases_ms = Some([phase(0), phase(1), phase(2)]);
         let ms = median(&runs);
         Ok(LemoBenchRow {
             label: self.label.clone(),
@@ -244,6 +258,7 @@ impl LemoBench {
             activation_bytes: mem.0,
             head_bytes: mem.1,
             peak_reserved_bytes: mem.2,
+            phases_ms,
             runs_ms: runs,
             error: None,
         })
@@ -263,6 +278,7 @@ impl LemoBench {
             activation_bytes: None,
             head_bytes: None,
             peak_reserved_bytes: None,
+            phases_ms: None,
             runs_ms: Vec::new(),
             error: Some(why),
         }
@@ -335,7 +351,7 @@ impl LemoBenchRow {
             })
         };
         let mut s = String::from(
-            "| model | layers | batch×seq | mode | kept | step ms | tok/s | act GiB | head GiB | peak GiB | act vs full | speed vs full |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+            "| model | layers | batch×seq | mode | kept | step ms | fwd / loss / bwd ms | tok/s | act GiB | head GiB | peak GiB | act vs full | speed vs full |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for r in rows {
             let full = rows
@@ -350,8 +366,9 @@ impl LemoBenchRow {
                 .and_then(|f| f.step_ms.zip(r.step_ms))
                 .map_or("–".into(), |(f, x)| format!("{:.2}×", f / x));
             let cell = |v: Option<f64>, p: usize| v.map_or("–".into(), |v| format!("{v:.p$}"));
-            s += &format!(
-                "| {:?} | {} | {}×{} | {:?} | {:.2} | {} | {} | {} | {} | {} | {} | {} |\n",
+            s +=
+                &format!(
+                "| {:?} | {} | {}×{} | {:?} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 r.preset,
                 r.n_layers,
                 r.batch,
@@ -362,6 +379,7 @@ impl LemoBenchRow {
                     "failed: {}",
                     e.chars().take(60).collect::<String>()
                 )),
+                r.phases_ms.map_or("–".into(), |[f, l, b]| format!("{f:.1} / {l:.1} / {b:.1}")),
                 cell(r.tokens_per_s, 0),
                 gib(r.activation_bytes),
                 gib(r.head_bytes),
