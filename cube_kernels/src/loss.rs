@@ -86,7 +86,10 @@ pub fn forward<B: Backend>(
         );
         let max = logits.clone().detach().max_dim(1);
         let l = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
-        let t = targets.clone().slice([start..end]).unsqueeze_dim::<2>(1);
+        let t = targets
+            .clone()
+            .narrow(0, start, end - start)
+            .unsqueeze_dim::<2>(1);
         let picked = logits.clone().gather(1, t);
         best.push(logits.argmax(1).squeeze_dim::<1>(1));
         nll.push((l.clone() - picked).squeeze_dim::<1>(1));
@@ -131,9 +134,18 @@ pub fn backward<B: Backend>(
         let end = (start + chunk.max(1)).min(n);
         let h = hidden.clone().slice([start..end, 0..d]);
         let logits = f32_of(h.clone().matmul(weight.clone()));
-        let l = lse.clone().slice([start..end]).unsqueeze_dim::<2>(1);
-        let g = dnll.clone().slice([start..end]).unsqueeze_dim::<2>(1);
-        let t = targets.clone().slice([start..end]).unsqueeze_dim::<2>(1);
+        let l = lse
+            .clone()
+            .narrow(0, start, end - start)
+            .unsqueeze_dim::<2>(1);
+        let g = dnll
+            .clone()
+            .narrow(0, start, end - start)
+            .unsqueeze_dim::<2>(1);
+        let t = targets
+            .clone()
+            .narrow(0, start, end - start)
+            .unsqueeze_dim::<2>(1);
         let grad = (logits - l).exp() * g.clone();
         let grad = grad.scatter(1, t, g.neg(), IndexingUpdateOp::Add);
         let grad = grad.cast(hdtype);

@@ -240,7 +240,6 @@ impl LemoBench {
             step(self.warmup == 0 && i == 0)?;
             runs.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        drop(step);
         let timed = &phases[phases.len() - runs.len()..];
         let phase = |i: usize| median(&timed.iter().map(|p| p[i]).collect::<Vec<_>>());
         let phases_ms = Some([phase(0), phase(1), phase(2)]);
