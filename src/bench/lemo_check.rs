@@ -1,6 +1,6 @@
 //! `meft bench lemo-check`: LeMo's device operations (segment selection, gather and merge
 //! with their backward, the chunked attention, square and at kept-query positions, with its
-//! backward) on the chosen backend
+//! backward, and the fused LM head + cross-entropy with its backward) on the chosen backend
 //! against the host oracle and the f64 plain-op reference on ndarray, on random inputs at
 //! several sizes including ragged ones — the same checks `tests/lemo_kernels.rs` runs on wgpu,
 //! for backends CI has not got (CUDA).
@@ -298,6 +298,81 @@ impl LemoCheck {
     }
 }
 
+impl LemoCheck {
+    /// The fused LM head + cross-entropy (`ops::token_nll`, chunks of 16 rows: several and a
+    /// ragged last one) against the f64 `log_softmax(h · W)`: per-row loss, argmax agreement,
+    /// and the gradients of the hidden states and the head weight under random row weights.
+    fn loss<AB: AutodiffBackend>(&self, device: &AB::Device, out: &mut Vec<CheckRow>) {
+        let rdev = Default::default();
+        // 16 rows per chunk at these vocabularies (the budget rounds up to 16 rows).
+        std::env::set_var("MEFT_LOSS_CHUNK_MB", "0");
+        for (i, &(n, d, v)) in [(37, 16, 50), (300, 64, 1000), (1000, 576, 4099)]
+            .iter()
+            .enumerate()
+        {
+            let case = format!("rows {n} d {d} vocab {v}, 16-row chunks");
+            let seed = 303 + 11 * i as u64;
+            let h = lcg(n * d, seed, 1 << 20);
+            let w: Vec<f32> = lcg(d * v, seed + 1, 1 << 20)
+                .iter()
+                .map(|x| x * 0.5 / (d as f32).sqrt())
+                .collect();
+            let c = lcg(n, seed + 2, 1 << 20);
+            let t: Vec<i64> = lcg(n, seed + 3, v as u64)
+                .iter()
+                .map(|x| (((x + 2.0) / 4.0) * v as f32) as i64 % v as i64)
+                .collect();
+            let targets = Tensor::<Ref, 1, Int>::from_data(TensorData::new(t.clone(), [n]), &rdev);
+            let (hr, wr) = (
+                on::<Ref, 2>(&h, [n, d], &rdev).require_grad(),
+                on::<Ref, 2>(&w, [d, v], &rdev).require_grad(),
+            );
+            let logits = hr.clone().matmul(wr.clone());
+            let best_r: Vec<f64> = host(logits.clone().argmax(1).float());
+            let nll_r = burn::tensor::activation::log_softmax(logits, 1)
+                .gather(1, targets.unsqueeze_dim(1))
+                .reshape([n])
+                .neg();
+            let gr = (nll_r.clone() * on::<Ref, 1>(&c, [n], &rdev))
+                .sum()
+                .backward();
+            let (hk, wk) = (
+                on::<AB, 2>(&h, [n, d], device).require_grad(),
+                on::<AB, 2>(&w, [d, v], device).require_grad(),
+            );
+            let tk = Tensor::<AB, 1, Int>::from_data(TensorData::new(t.clone(), [n]), device);
+            let (nll, best) = ops::token_nll(hk.clone(), wk.clone(), tk);
+            let gk = (nll.clone() * on::<AB, 1>(&c, [n], device))
+                .sum()
+                .backward();
+            let tol = 1e-3;
+            out.push(row(
+                "fused loss nll",
+                case.clone(),
+                rel_err(&host(nll), &host(nll_r)),
+                tol,
+            ));
+            // Near-ties may flip under f32; count disagreements as a share of the rows.
+            let best = host(best.float());
+            let flips = best.iter().zip(&best_r).filter(|(a, b)| a != b).count();
+            out.push(row(
+                "fused loss argmax (share of rows differing)",
+                case.clone(),
+                flips as f64 / n as f64,
+                0.01,
+            ));
+            for (name, a, r) in [("d hidden", &hk, &hr), ("d weight", &wk, &wr)] {
+                let e = rel_err(
+                    &host(a.grad(&gk).expect("grad")),
+                    &host(r.grad(&gr).expect("grad")),
+                );
+                out.push(row(&format!("fused loss {name}"), case.clone(), e, tol));
+            }
+        }
+        std::env::remove_var("MEFT_LOSS_CHUNK_MB");
+    }
+}
+
 impl BackendTask for LemoCheck {
     type Output = Vec<CheckRow>;
 
@@ -305,6 +380,7 @@ impl BackendTask for LemoCheck {
         let mut out = Vec::new();
         self.tokens::<Autodiff<B>>(&device, &mut out);
         self.attention::<Autodiff<B>>(&device, &mut out);
+        self.loss::<Autodiff<B>>(&device, &mut out);
         Ok(out)
     }
 }
