@@ -21,22 +21,9 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorPrimitive};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 
-fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
-}
-
-fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
-    t.into_primitive().tensor()
-}
-
-fn f32_of<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    match x.dtype() {
-        DType::F32 | DType::F64 => x,
-        _ => x.cast(DType::F32),
-    }
-}
+use crate::attention::{f32_of, float, prim};
 
 /// Bytes of f32 logits one chunk may hold: `MEFT_LOSS_CHUNK_MB` (default 256 MiB).
 pub fn chunk_budget_bytes() -> usize {

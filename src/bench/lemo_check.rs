@@ -296,9 +296,7 @@ impl LemoCheck {
             }
         }
     }
-}
 
-impl LemoCheck {
     /// The fused LM head + cross-entropy (`ops::token_nll`, chunks of 16 rows: several and a
     /// ragged last one) against the f64 `log_softmax(h · W)`: per-row loss, argmax agreement,
     /// and the gradients of the hidden states and the head weight under random row weights.

@@ -648,13 +648,7 @@ impl<B: Backend> Llama<B> {
         match &self.lm_head.bias {
             // Heads built here have no bias; one with a bias takes the plain path.
             Some(bias) => {
-                let logits = at_least_f32(hidden.matmul(weight) + bias.val().unsqueeze_dim(0));
-                let best = logits.clone().detach().argmax(1).squeeze_dim::<1>(1);
-                let nll = burn::tensor::activation::log_softmax(logits, 1)
-                    .gather(1, targets.unsqueeze_dim(1))
-                    .squeeze_dim::<1>(1)
-                    .neg();
-                (nll, best)
+                ops::plain_token_nll(hidden.matmul(weight) + bias.val().unsqueeze_dim(0), targets)
             }
             None => ops::token_nll(hidden, weight, targets),
         }

@@ -14,12 +14,12 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::DType;
 use burn::tensor::{Int, Tensor};
 use cube_kernels::attention::{chunked_attention, chunked_attention_at, QueryPositions};
 use cube_kernels::loss::chunked_token_nll;
 use cube_kernels::tokens::{kept_per_input, reference, segment_select, TokenPattern};
 
+use super::llama::at_least_f32;
 use crate::adapter::meft::compute::kernels_enabled;
 
 fn cast<A: 'static, C: 'static>(a: A) -> C {
@@ -200,11 +200,16 @@ pub fn token_nll<B: Backend>(
         }
         extension_backends!(run);
     }
-    let logits = hidden.matmul(weight);
-    let logits = match logits.dtype() {
-        DType::F32 | DType::F64 => logits,
-        _ => logits.cast(DType::F32),
-    };
+    plain_token_nll(hidden.matmul(weight), targets)
+}
+
+/// Per-row negative log-likelihood `[rows]` of `targets` under `logits` `[rows, vocab]`
+/// (computed in at least f32) and the per-row argmax: the plain `log_softmax` form.
+pub fn plain_token_nll<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> (Tensor<B, 1>, Tensor<B, 1, Int>) {
+    let logits = at_least_f32(logits);
     let best = logits.clone().detach().argmax(1).squeeze_dim::<1>(1);
     let nll = log_softmax(logits, 1)
         .gather(1, targets.unsqueeze_dim(1))
