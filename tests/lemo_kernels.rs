@@ -157,6 +157,12 @@ fn gather_and_merge_equal_the_reference_with_gradients() {
 
 #[test]
 fn chunked_attention_on_wgpu_equals_the_f64_reference() {
+    // Fused: the softmax in plain ops (burn's fusion); unfused: the row kernels.
+    check_attention::<Fused>("fused");
+    check_attention::<Unfused>("unfused");
+}
+
+fn check_attention<K: AutodiffBackend + ChunkedAttentionBackend>(name: &str) {
     let dev = Default::default();
     let gdev = Default::default();
     // (batch, heads, kv_heads, seq, head_dim, chunk); the last case groups 4 query heads over
@@ -189,13 +195,13 @@ fn chunked_attention_on_wgpu_equals_the_f64_reference() {
         let (want, _) = attn_ref(q.clone(), k.clone(), v.clone(), chunk);
         let gw = (want.clone() * r(&wv, h)).sum().backward();
         let g = |v: &[f32], heads: usize| {
-            Tensor::<Fused, 4>::from_data(TensorData::new(v.to_vec(), shape(heads)), &gdev)
+            Tensor::<K, 4>::from_data(TensorData::new(v.to_vec(), shape(heads)), &gdev)
                 .require_grad()
         };
         let (qk, kk, vk) = (g(&qv, h), g(&kv, nkv), g(&vv, nkv));
-        let prim = |x: &Tensor<Fused, 4>| x.clone().into_primitive().tensor();
-        let got = Tensor::<Fused, 4>::from_primitive(TensorPrimitive::Float(
-            <Fused as ChunkedAttentionBackend>::chunked_attention(
+        let prim = |x: &Tensor<K, 4>| x.clone().into_primitive().tensor();
+        let got = Tensor::<K, 4>::from_primitive(TensorPrimitive::Float(
+            <K as ChunkedAttentionBackend>::chunked_attention(
                 prim(&qk),
                 prim(&kk),
                 prim(&vk),
@@ -208,7 +214,7 @@ fn chunked_attention_on_wgpu_equals_the_f64_reference() {
             for (x, y) in a.iter().zip(&b) {
                 assert!(
                     (x - y).abs() <= 1e-5 * scale,
-                    "t {t} chunk {chunk} {what}: {x} vs {y}"
+                    "{name}: t {t} chunk {chunk} {what}: {x} vs {y}"
                 );
             }
         };
@@ -233,6 +239,11 @@ fn chunked_attention_on_wgpu_equals_the_f64_reference() {
 
 #[test]
 fn attention_at_kept_positions_on_wgpu_equals_the_f64_reference() {
+    check_attention_at::<Fused>("fused");
+    check_attention_at::<Unfused>("unfused");
+}
+
+fn check_attention_at<K: AutodiffBackend + ChunkedAttentionBackend>(name: &str) {
     let dev = Default::default();
     let gdev = Default::default();
     // (batch, heads, keys, head_dim, segment, keep, chunk): ragged last segments, several
@@ -273,13 +284,13 @@ fn attention_at_kept_positions_on_wgpu_equals_the_f64_reference() {
             cube_kernels::attention::forward_at(q.clone(), k.clone(), v.clone(), &at, tq);
         let gw = (want.clone() * r(&wv, qs)).sum().backward();
         let g = |v: &[f32], s: [usize; 4]| {
-            Tensor::<Fused, 4>::from_data(TensorData::new(v.to_vec(), s), &gdev).require_grad()
+            Tensor::<K, 4>::from_data(TensorData::new(v.to_vec(), s), &gdev).require_grad()
         };
         let (qk, kk, vk) = (g(&qv, qs), g(&kv, ks), g(&vv, ks));
-        let prim = |x: &Tensor<Fused, 4>| x.clone().into_primitive().tensor();
-        let pos = Tensor::<Fused, 2, Int>::from_data(TensorData::new(pos, [b, tq]), &gdev);
-        let got = Tensor::<Fused, 4>::from_primitive(TensorPrimitive::Float(
-            <Fused as ChunkedAttentionBackend>::chunked_attention_at(
+        let prim = |x: &Tensor<K, 4>| x.clone().into_primitive().tensor();
+        let pos = Tensor::<K, 2, Int>::from_data(TensorData::new(pos, [b, tq]), &gdev);
+        let got = Tensor::<K, 4>::from_primitive(TensorPrimitive::Float(
+            <K as ChunkedAttentionBackend>::chunked_attention_at(
                 prim(&qk),
                 prim(&kk),
                 prim(&vk),
@@ -294,17 +305,118 @@ fn attention_at_kept_positions_on_wgpu_equals_the_f64_reference() {
             for (x, y) in a.iter().zip(&b) {
                 assert!(
                     (x - y).abs() <= 1e-5 * scale,
-                    "keys {t} keep {keep}/{seg} chunk {chunk} {what}: {x} vs {y}"
+                    "{name}: keys {t} keep {keep}/{seg} chunk {chunk} {what}: {x} vs {y}"
                 );
             }
         };
         close(floats(got), floats(want), "out");
-        for (name, a, c) in [("dq", &qk, &q), ("dk", &kk, &k), ("dv", &vk, &v)] {
+        for (what, a, c) in [("dq", &qk, &q), ("dk", &kk, &k), ("dv", &vk, &v)] {
             close(
                 floats(a.grad(&gg).unwrap()),
                 floats(c.grad(&gw).unwrap()),
-                name,
+                what,
             );
         }
+    }
+}
+
+/// The attention's row kernels (unfused wgpu) against the plain-op rows in f64: rows of 1 to
+/// 2 049 keys (ragged against every unit count), last visible keys anywhere in the row,
+/// including past its end.
+#[test]
+fn attention_row_kernels_equal_the_plain_rows() {
+    use cube_kernels::attention::reference::{causal_softmax, causal_softmax_grad};
+    type Inner = CubeBackend<WgpuRuntime, f32, i32, u32>;
+    type R64 = NdArray<f64>;
+    let (dev, gdev) = (Default::default(), Default::default());
+    for (i, &(rows, keys)) in [(1, 1), (5, 37), (17, 300), (64, 1000), (3, 2049)]
+        .iter()
+        .enumerate()
+    {
+        let seed = 100 + i as u64;
+        let vals = |s: u64| -> Vec<f32> {
+            scores(rows * keys, s, 1 << 20)
+                .iter()
+                .map(|v| ((v + 1.0) / 65536.0 - 2.0) * 3.0)
+                .collect()
+        };
+        let (sv, dpv) = (vals(seed), vals(seed + 7));
+        let limits: Vec<i32> = scores(rows, seed + 3, 1 << 20)
+            .iter()
+            .map(|v| (((v + 1.0) * 4.0) as usize % (keys + 2)) as i32)
+            .collect();
+        let deltas: Vec<f32> = scores(rows, seed + 5, 1 << 10).to_vec();
+        let scale = 0.3;
+        let r2 = |v: &[f32]| {
+            Tensor::<R64, 2>::from_data(
+                TensorData::new(v.to_vec(), [rows, keys]).convert::<f64>(),
+                &dev,
+            )
+        };
+        let r1 = |v: &[f32]| {
+            Tensor::<R64, 1>::from_data(TensorData::new(v.to_vec(), [rows]).convert::<f64>(), &dev)
+        };
+        let rl = Tensor::<R64, 1, Int>::from_data(TensorData::new(limits.clone(), [rows]), &dev);
+        let dtype = burn::tensor::DType::F64;
+        let (p_want, lse_want) = causal_softmax(r2(&sv), rl.clone(), scale, dtype);
+        let lse_host: Vec<f32> = floats(lse_want.clone()).iter().map(|&x| x as f32).collect();
+        let (gp_want, ds_want) = causal_softmax_grad(
+            r2(&sv),
+            r2(&dpv),
+            r1(&lse_host),
+            r1(&deltas),
+            rl,
+            scale,
+            dtype,
+        );
+
+        let g2 = |v: &[f32]| {
+            Tensor::<Inner, 2>::from_data(TensorData::new(v.to_vec(), [rows, keys]), &gdev)
+                .into_primitive()
+                .tensor()
+        };
+        let g1 = |v: &[f32]| {
+            Tensor::<Inner, 1>::from_data(TensorData::new(v.to_vec(), [rows]), &gdev)
+                .into_primitive()
+                .tensor()
+        };
+        let gl = || {
+            Tensor::<Inner, 1, Int>::from_data(TensorData::new(limits.clone(), [rows]), &gdev)
+                .into_primitive()
+        };
+        let f32t = burn::tensor::DType::F32;
+        let (p, lse) =
+            <Inner as ChunkedAttentionBackend>::causal_softmax(g2(&sv), gl(), scale, f32t);
+        let (gp, ds) = <Inner as ChunkedAttentionBackend>::causal_softmax_grad(
+            g2(&sv),
+            g2(&dpv),
+            g1(&lse_host),
+            g1(&deltas),
+            gl(),
+            scale,
+            f32t,
+        );
+        let back = |t| {
+            floats(Tensor::<Inner, 2>::from_primitive(TensorPrimitive::Float(
+                t,
+            )))
+        };
+        let close = |a: Vec<f64>, b: Vec<f64>, what: &str| {
+            assert_eq!(a.len(), b.len(), "{what}");
+            let m = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
+            for (j, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-5 * m,
+                    "{rows}x{keys} {what}[{j}]: {x} vs {y}"
+                );
+            }
+        };
+        close(back(p), floats(p_want), "p");
+        let lse = floats(Tensor::<Inner, 1>::from_primitive(TensorPrimitive::Float(
+            lse,
+        )));
+        close(lse, floats(lse_want), "lse");
+        close(back(gp), floats(gp_want), "grad p");
+        close(back(ds), floats(ds_want), "ds");
     }
 }

@@ -57,6 +57,11 @@ pub enum LemoBenchMode {
     /// Full with the plain LM head and log-softmax over every position (`MEFT_LOSS=dense`:
     /// the loss before the fused chunked cross-entropy; shows what fusing saves).
     FullDenseLoss,
+    /// Full with the attention's softmax and its gradient in plain burn ops
+    /// (`MEFT_ATTN_KERNELS=0`: before the row kernels; shows what they save).
+    FullPlainSoftmax,
+    /// LeMo as `[lemo]` says, with the plain-op softmax (`MEFT_ATTN_KERNELS=0`).
+    LemoPlainSoftmax,
 }
 
 /// What to measure.
@@ -166,6 +171,7 @@ impl LemoBench {
         let lemo = Lemo::new(&lemo_cfg, &model, device)?;
         let lemo_mode = match mode {
             LemoBenchMode::Lemo
+            | LemoBenchMode::LemoPlainSoftmax
             | LemoBenchMode::LemoKvGradient
             | LemoBenchMode::LemoLayer
             | LemoBenchMode::LemoKept => match lemo_cfg.pattern {
@@ -310,6 +316,13 @@ impl BackendTask for LemoBench {
                 if loss_switch {
                     std::env::set_var("MEFT_LOSS", "dense");
                 }
+                let softmax_switch = matches!(
+                    mode,
+                    LemoBenchMode::FullPlainSoftmax | LemoBenchMode::LemoPlainSoftmax
+                );
+                if softmax_switch {
+                    std::env::set_var("MEFT_ATTN_KERNELS", "0");
+                }
                 let outcome = catch_unwind(AssertUnwindSafe(|| match mode {
                     LemoBenchMode::Checkpoint => {
                         self.measure::<Autodiff<B, BalancedCheckpointing>>(seq, mode, &device)
@@ -321,6 +334,9 @@ impl BackendTask for LemoBench {
                 }
                 if loss_switch {
                     std::env::remove_var("MEFT_LOSS");
+                }
+                if softmax_switch {
+                    std::env::remove_var("MEFT_ATTN_KERNELS");
                 }
                 let row = match outcome {
                     Ok(Ok(r)) => r,

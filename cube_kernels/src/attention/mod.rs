@@ -18,8 +18,20 @@
 //! a LeMo layer whose kept tokens attend to the keys of every token — query row i sees the
 //! keys at positions `0..=pos[i]`.
 //!
-//! [`ChunkedAttentionBackend`]'s default method is the whole forward in plain burn ops (any
-//! backend); `Autodiff<B>` registers the recomputing backward.
+//! Each chunk's softmax (forward) and scores' gradient (backward) are one row kernel each on
+//! the cubecl backends ([`ChunkedAttentionBackend::causal_softmax`] and
+//! [`ChunkedAttentionBackend::causal_softmax_grad`], `kernel.rs`): the causal mask comes from
+//! each row's last visible key, and the plain ops' six to eight passes over the chunk's
+//! scores become one. Their default methods are the same in plain burn ops (`reference.rs`,
+//! the test oracle; ndarray and burn's fusion backend run them). The matmuls stay burn's.
+//! [`ChunkedAttentionBackend::chunked_attention`]'s default method is the whole forward;
+//! `Autodiff<B>` registers the recomputing backward.
+
+mod cube;
+pub mod kernel;
+pub mod reference;
+
+pub use cube::attention_kernels_enabled;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -31,7 +43,7 @@ use burn::tensor::ops::FloatTensor;
 use std::sync::Arc;
 
 use burn::tensor::ops::IntTensor;
-use burn::tensor::{Bool, DType, Int, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Int, Tensor, TensorPrimitive};
 
 pub(crate) fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
@@ -97,33 +109,13 @@ impl<B: Backend> Causal<B> {
         }
     }
 
-    /// `[batch or 1, 1, c1 - c0, end]` mask of query rows `c0..c1` against keys `0..end`: true
-    /// where the key is later than the query.
-    fn mask(
-        &self,
-        b: usize,
-        c0: usize,
-        c1: usize,
-        end: usize,
-        device: &B::Device,
-    ) -> Tensor<B, 4, Bool> {
-        let c = c1 - c0;
+    /// `[batch, c1 - c0]`: the last key each of the query rows `c0..c1` may see.
+    fn limits(&self, b: usize, c0: usize, c1: usize, device: &B::Device) -> Tensor<B, 2, Int> {
         match self {
-            Causal::Square => {
-                Tensor::<B, 2, Bool>::tril_mask([c, end], c0 as i64, device).unsqueeze::<4>()
-            }
-            Causal::At(p) => {
-                let pos = p
-                    .pos
-                    .clone()
-                    .slice([0..b, c0..c1])
-                    .reshape([b, 1, c, 1])
-                    .expand([b, 1, c, end]);
-                Tensor::<B, 1, Int>::arange(0..end as i64, device)
-                    .reshape([1, 1, 1, end])
-                    .expand([b, 1, c, end])
-                    .greater(pos)
-            }
+            Causal::Square => Tensor::<B, 1, Int>::arange(c0 as i64..c1 as i64, device)
+                .reshape([1, c1 - c0])
+                .expand([b, c1 - c0]),
+            Causal::At(p) => p.pos.clone().slice([0..b, c0..c1]),
         }
     }
 }
@@ -139,7 +131,7 @@ pub(crate) fn f32_of<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D
 /// seq, head_dim]` (`kv_heads` divides `heads`; query head j reads key/value head
 /// `j / (heads / kv_heads)`, grouped-query attention; query i sees keys `0..=i`), scale `1/sqrt(head_dim)`, `chunk` query rows at a time. Returns the output and
 /// the per-row log-sum-exp `[batch, heads, seq, 1]` (f32, or f64 for f64 inputs).
-pub fn forward<B: Backend>(
+pub fn forward<B: ChunkedAttentionBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -150,7 +142,7 @@ pub fn forward<B: Backend>(
 
 /// [`forward`] for query rows `q` `[batch, heads, queries, head_dim]` at positions `at` among
 /// the keys `k`, `v` `[batch, kv_heads, keys, head_dim]`: row i sees the keys `0..=pos[i]`.
-pub fn forward_at<B: Backend>(
+pub fn forward_at<B: ChunkedAttentionBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -160,7 +152,7 @@ pub fn forward_at<B: Backend>(
     forward_masked(q, k, v, &Causal::At(at.clone()), chunk)
 }
 
-fn forward_masked<B: Backend>(
+fn forward_masked<B: ChunkedAttentionBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -181,14 +173,14 @@ fn forward_masked<B: Backend>(
         let qc = g.group(q.clone().slice([0..b, 0..h, c0..c1, 0..hd]));
         let kc = k.clone().slice([0..b, 0..g.kv, 0..end, 0..hd]);
         let vc = v.clone().slice([0..b, 0..g.kv, 0..end, 0..hd]);
-        let s = f32_of(qc.matmul(kc.swap_dims(2, 3))) * scale;
-        let s = s.mask_fill(g.mask(causal, b, c0, c1, end, &device), f32::NEG_INFINITY);
-        let m = s.clone().max_dim(3);
-        let p = (s - m.clone()).exp();
-        let l = p.clone().sum_dim(3);
-        let o = p.cast(dtype).matmul(vc) / l.clone().cast(dtype);
-        outs.push(g.ungroup(o));
-        lses.push(g.ungroup(m + l.log()));
+        let s = qc.matmul(kc.swap_dims(2, 3));
+        let shape = s.dims();
+        let limit = g.limits(causal, b, c0, c1, &device).into_primitive();
+        let (p, lse) = B::causal_softmax(prim(rows(s)), limit, scale, dtype);
+        let p = float::<B, 2>(p).reshape(shape);
+        let [_, _, rc, _] = shape;
+        outs.push(g.ungroup(p.matmul(vc)));
+        lses.push(g.ungroup(float::<B, 1>(lse).reshape([b, g.kv, rc, 1])));
     }
     (Tensor::cat(outs, 2), Tensor::cat(lses, 2))
 }
@@ -235,32 +227,35 @@ impl Groups {
         x.reshape([b, self.kv * self.rep, rc / self.rep, w])
     }
 
-    /// The causal mask of query rows `c0..c1` against keys `0..end`, grouped:
-    /// `[batch, kv_heads, rep · c, end]`.
-    fn mask<B: Backend>(
+    /// The last visible key of every grouped score row of query rows `c0..c1`, in the rows'
+    /// order `[batch, kv_heads, rep · c]`, flattened.
+    fn limits<B: Backend>(
         &self,
         causal: &Causal<B>,
         b: usize,
         c0: usize,
         c1: usize,
-        end: usize,
         device: &B::Device,
-    ) -> Tensor<B, 4, Bool> {
+    ) -> Tensor<B, 1, Int> {
         let c = c1 - c0;
-        let m = causal.mask(b, c0, c1, end, device);
-        if self.rep == 1 {
-            return m.expand([b, self.kv, c, end]);
-        }
-        m.unsqueeze_dim::<5>(2)
-            .expand([b, self.kv, self.rep, c, end])
-            .reshape([b, self.kv, self.rep * c, end])
+        causal
+            .limits(b, c0, c1, device)
+            .reshape([b, 1, c])
+            .expand([b, self.kv * self.rep, c])
+            .reshape([b * self.kv * self.rep * c])
     }
+}
+
+/// `[b, kv, r, w]` → `[b · kv · r, w]`.
+fn rows<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 2> {
+    let [b, kv, r, w] = x.dims();
+    x.reshape([b * kv * r, w])
 }
 
 /// Gradients `(dq, dk, dv)` of [`forward`] for output gradient `dout`, recomputing each
 /// chunk's probabilities from `lse`.
 #[allow(clippy::too_many_arguments)]
-pub fn backward<B: Backend>(
+pub fn backward<B: ChunkedAttentionBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -273,7 +268,7 @@ pub fn backward<B: Backend>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn backward_masked<B: Backend>(
+fn backward_masked<B: ChunkedAttentionBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -297,20 +292,30 @@ fn backward_masked<B: Backend>(
     for c0 in (0..t).step_by(chunk.max(1)) {
         let c1 = (c0 + chunk).min(t);
         let end = causal.key_end(c1, keys);
-        let rows = [0..b, 0..h, c0..c1, 0..hd];
+        let mine = [0..b, 0..h, c0..c1, 0..hd];
         let seen = [0..b, 0..g.kv, 0..end, 0..hd];
-        let qc = g.group(q.clone().slice(rows.clone()));
+        let qc = g.group(q.clone().slice(mine.clone()));
         let kc = k.clone().slice(seen.clone());
         let vc = v.clone().slice(seen.clone());
-        let doc = g.group(dout.clone().slice(rows.clone()));
-        let s = f32_of(qc.clone().matmul(kc.clone().swap_dims(2, 3))) * scale;
-        let s = s.mask_fill(g.mask(causal, b, c0, c1, end, &device), f32::NEG_INFINITY);
+        let doc = g.group(dout.clone().slice(mine));
+        let s = qc.clone().matmul(kc.clone().swap_dims(2, 3));
+        let shape = s.dims();
+        let dp = doc.clone().matmul(vc.swap_dims(2, 3));
         let lse_c = g.group(lse.clone().slice([0..b, 0..h, c0..c1, 0..1]));
-        let p = (s - lse_c).exp();
-        let dv_c = f32_of(p.clone().cast(dtype).swap_dims(2, 3).matmul(doc.clone()));
-        let dp = f32_of(doc.matmul(vc.swap_dims(2, 3)));
         let delta_c = g.group(delta.clone().slice([0..b, 0..h, c0..c1, 0..1]));
-        let ds = (p * (dp - delta_c) * scale).cast(dtype);
+        let n = shape[0] * shape[1] * shape[2];
+        let (p, ds) = B::causal_softmax_grad(
+            prim(rows(s)),
+            prim(rows(dp)),
+            prim(lse_c.reshape([n])),
+            prim(delta_c.reshape([n])),
+            g.limits(causal, b, c0, c1, &device).into_primitive(),
+            scale,
+            dtype,
+        );
+        let p = float::<B, 2>(p).reshape(shape);
+        let ds = float::<B, 2>(ds).reshape(shape);
+        let dv_c = f32_of(p.swap_dims(2, 3).matmul(doc));
         dq.push(g.ungroup(ds.clone().matmul(kc)));
         let dk_c = f32_of(ds.swap_dims(2, 3).matmul(qc));
         dk = dk
@@ -323,6 +328,49 @@ fn backward_masked<B: Backend>(
 
 /// burn backend extension: memory-efficient causal attention (see the module docs).
 pub trait ChunkedAttentionBackend: Backend {
+    /// Causal softmax of a chunk's scores `s` `[rows, keys]` (unscaled `q·kᵀ`) times `scale`,
+    /// row r seeing keys `0..=limit[r]` (`limit` `[rows]`): the probabilities as `dtype`
+    /// (masked keys 0) and the per-row log-sum-exp `[rows]` (f32; f64 for f64 scores).
+    fn causal_softmax(
+        s: FloatTensor<Self>,
+        limit: IntTensor<Self>,
+        scale: f64,
+        dtype: DType,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (p, lse) = reference::causal_softmax::<Self>(
+            float(s),
+            Tensor::from_primitive(limit),
+            scale,
+            dtype,
+        );
+        (prim(p), prim(lse))
+    }
+
+    /// The backward of [`Self::causal_softmax`] for one chunk: the recomputed probabilities
+    /// `p = exp(scale·s − lse)` and the scores' gradient `p ⊙ (dp − delta) · scale` (`dp` =
+    /// `dO·Vᵀ`, `delta` = rowsum(dO ⊙ O) `[rows]`), both as `dtype`, masked keys 0.
+    #[allow(clippy::too_many_arguments)]
+    fn causal_softmax_grad(
+        s: FloatTensor<Self>,
+        dp: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        delta: FloatTensor<Self>,
+        limit: IntTensor<Self>,
+        scale: f64,
+        dtype: DType,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (p, ds) = reference::causal_softmax_grad::<Self>(
+            float(s),
+            float(dp),
+            float(lse),
+            float(delta),
+            Tensor::from_primitive(limit),
+            scale,
+            dtype,
+        );
+        (prim(p), prim(ds))
+    }
+
     /// Causal attention of `q` `[batch, heads, seq, head_dim]` to `k`, `v` `[batch,
     /// kv_heads, seq, head_dim]` (grouped query heads, see [`forward`]), `chunk` query rows at a
     /// time; differentiable on `Autodiff` backends (with a recomputing backward).
@@ -355,14 +403,6 @@ pub trait ChunkedAttentionBackend: Backend {
 
 impl ChunkedAttentionBackend for burn::backend::NdArray<f32> {}
 impl ChunkedAttentionBackend for burn::backend::NdArray<f64> {}
-impl<
-        R: burn_cubecl::CubeRuntime,
-        F: burn_cubecl::FloatElement,
-        I: burn_cubecl::IntElement,
-        BT: burn_cubecl::element::BoolElement,
-    > ChunkedAttentionBackend for burn_cubecl::CubeBackend<R, F, I, BT>
-{
-}
 impl<B: burn_fusion::FusionBackend> ChunkedAttentionBackend for burn_fusion::Fusion<B> {}
 
 #[derive(Debug, Clone)]
@@ -379,7 +419,7 @@ struct Saved<B: Backend> {
 #[derive(Debug)]
 struct AttentionBackward;
 
-impl<B: Backend> Backward<B, 3> for AttentionBackward {
+impl<B: ChunkedAttentionBackend> Backward<B, 3> for AttentionBackward {
     type State = Saved<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {

@@ -1,0 +1,147 @@
+//! [`ChunkedAttentionBackend`] for burn's cubecl backends (cuda, wgpu): the row kernels'
+//! launches. `MEFT_ATTN_KERNELS=0` runs the plain ops instead (for A/B measurements).
+
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Shape, TensorMetadata};
+use burn_cubecl::element::BoolElement;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
+use cubecl::CubeDim;
+
+use super::kernel::{causal_softmax_grad_kernel, causal_softmax_kernel};
+use super::{float, prim, reference, ChunkedAttentionBackend};
+use crate::launch::grid;
+
+/// False when `MEFT_ATTN_KERNELS=0` (or `false`) asks for the plain ops.
+pub fn attention_kernels_enabled() -> bool {
+    !matches!(
+        std::env::var("MEFT_ATTN_KERNELS").as_deref(),
+        Ok("0") | Ok("false")
+    )
+}
+
+/// Units per row: enough to stream a row of `keys` with a few loads each, 32 … 256.
+fn threads_for(keys: usize) -> u32 {
+    (keys / 4).next_power_of_two().clamp(32, 256) as u32
+}
+
+/// The log-sum-exp's type: f64 for f64 scores, else f32.
+fn acc_of(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
+    empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(shape),
+        dtype,
+    )
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ChunkedAttentionBackend
+    for CubeBackend<R, F, I, BT>
+{
+    fn causal_softmax(
+        s: FloatTensor<Self>,
+        limit: CubeTensor<R>,
+        scale: f64,
+        dtype: DType,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let [rows, keys] = s.shape().dims::<2>();
+        if !attention_kernels_enabled() || rows * keys == 0 {
+            let (p, lse) = reference::causal_softmax::<Self>(
+                float(s),
+                burn::tensor::Tensor::from_primitive(limit),
+                scale,
+                dtype,
+            );
+            return (prim(p), prim(lse));
+        }
+        let s = into_contiguous(s);
+        let limit = into_contiguous(limit);
+        let acc = acc_of(s.dtype);
+        let p = empty(&s, vec![rows, keys], dtype);
+        let lse = empty(&s, vec![rows], acc);
+        let threads = threads_for(keys);
+        let dtypes = [s.dtype.into(), dtype.into(), acc.into(), limit.dtype.into()];
+        causal_softmax_kernel::launch::<R>(
+            &s.client.clone(),
+            grid(rows),
+            CubeDim::new_1d(threads),
+            s.into_tensor_arg(),
+            limit.into_tensor_arg(),
+            p.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            scale as f32,
+            threads,
+            dtypes,
+        );
+        (p, lse)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn causal_softmax_grad(
+        s: FloatTensor<Self>,
+        dp: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        delta: FloatTensor<Self>,
+        limit: CubeTensor<R>,
+        scale: f64,
+        dtype: DType,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let [rows, keys] = s.shape().dims::<2>();
+        if !attention_kernels_enabled()
+            || rows * keys == 0
+            || dp.dtype != s.dtype
+            || delta.dtype != lse.dtype
+        {
+            let (p, ds) = reference::causal_softmax_grad::<Self>(
+                float(s),
+                float(dp),
+                float(lse),
+                float(delta),
+                burn::tensor::Tensor::from_primitive(limit),
+                scale,
+                dtype,
+            );
+            return (prim(p), prim(ds));
+        }
+        let s = into_contiguous(s);
+        let dp = into_contiguous(dp);
+        let lse = into_contiguous(lse);
+        let delta = into_contiguous(delta);
+        let limit = into_contiguous(limit);
+        let p = empty(&s, vec![rows, keys], dtype);
+        let ds = empty(&s, vec![rows, keys], dtype);
+        let threads = threads_for(keys);
+        let dtypes = [
+            s.dtype.into(),
+            dtype.into(),
+            lse.dtype.into(),
+            limit.dtype.into(),
+        ];
+        causal_softmax_grad_kernel::launch::<R>(
+            &s.client.clone(),
+            grid(rows),
+            CubeDim::new_1d(threads),
+            s.into_tensor_arg(),
+            dp.into_tensor_arg(),
+            lse.into_tensor_arg(),
+            delta.into_tensor_arg(),
+            limit.into_tensor_arg(),
+            p.clone().into_tensor_arg(),
+            ds.clone().into_tensor_arg(),
+            scale as f32,
+            threads,
+            dtypes,
+        );
+        (p, ds)
+    }
+}
