@@ -322,20 +322,31 @@ fn check_attention_at<K: AutodiffBackend + ChunkedAttentionBackend>(name: &str) 
 
 /// The attention's row kernels (unfused wgpu) against the plain-op rows in f64: rows of 1 to
 /// 2 049 keys (ragged against every unit count), last visible keys anywhere in the row,
-/// including past its end.
+/// including past its end; scores read through a pitched view (row stride > keys, as a
+/// matmul's output may be); outputs in key blocks of every key count, of 16, and of 7 (ragged
+/// last block, padding).
 #[test]
 fn attention_row_kernels_equal_the_plain_rows() {
     use cube_kernels::attention::reference::{causal_softmax, causal_softmax_grad};
     type Inner = CubeBackend<WgpuRuntime, f32, i32, u32>;
     type R64 = NdArray<f64>;
     let (dev, gdev) = (Default::default(), Default::default());
-    for (i, &(rows, keys)) in [(1, 1), (5, 37), (17, 300), (64, 1000), (3, 2049)]
-        .iter()
-        .enumerate()
+    // (batch, kv heads, rows per head, keys)
+    for (i, &(b, kv, rc, keys)) in [
+        (1, 1, 1, 1),
+        (1, 1, 5, 37),
+        (2, 3, 3, 300),
+        (1, 2, 32, 1000),
+        (1, 1, 3, 2049),
+    ]
+    .iter()
+    .enumerate()
     {
+        let rows = b * kv * rc;
         let seed = 100 + i as u64;
+        let pitch = keys + 3;
         let vals = |s: u64| -> Vec<f32> {
-            scores(rows * keys, s, 1 << 20)
+            scores(rows * pitch, s, 1 << 20)
                 .iter()
                 .map(|v| ((v + 1.0) / 65536.0 - 2.0) * 3.0)
                 .collect()
@@ -347,31 +358,23 @@ fn attention_row_kernels_equal_the_plain_rows() {
             .collect();
         let deltas: Vec<f32> = scores(rows, seed + 5, 1 << 10).to_vec();
         let scale = 0.3;
-        let r2 = |v: &[f32]| {
-            Tensor::<R64, 2>::from_data(
-                TensorData::new(v.to_vec(), [rows, keys]).convert::<f64>(),
+        let shape = [b, kv, rc, keys];
+        let cut = [0..b, 0..kv, 0..rc, 0..keys];
+        let r4 = |v: &[f32]| {
+            Tensor::<R64, 4>::from_data(
+                TensorData::new(v.to_vec(), [b, kv, rc, pitch]).convert::<f64>(),
                 &dev,
             )
+            .slice(cut.clone())
         };
         let r1 = |v: &[f32]| {
             Tensor::<R64, 1>::from_data(TensorData::new(v.to_vec(), [rows]).convert::<f64>(), &dev)
         };
-        let rl = Tensor::<R64, 1, Int>::from_data(TensorData::new(limits.clone(), [rows]), &dev);
-        let dtype = burn::tensor::DType::F64;
-        let (p_want, lse_want) = causal_softmax(r2(&sv), rl.clone(), scale, dtype);
-        let lse_host: Vec<f32> = floats(lse_want.clone()).iter().map(|&x| x as f32).collect();
-        let (gp_want, ds_want) = causal_softmax_grad(
-            r2(&sv),
-            r2(&dpv),
-            r1(&lse_host),
-            r1(&deltas),
-            rl,
-            scale,
-            dtype,
-        );
-
-        let g2 = |v: &[f32]| {
-            Tensor::<Inner, 2>::from_data(TensorData::new(v.to_vec(), [rows, keys]), &gdev)
+        let rl = || Tensor::<R64, 1, Int>::from_data(TensorData::new(limits.clone(), [rows]), &dev);
+        // The pitched view, on the device: [b, kv, rc, keys] with row stride keys + 3.
+        let g4 = |v: &[f32]| {
+            Tensor::<Inner, 4>::from_data(TensorData::new(v.to_vec(), [b, kv, rc, pitch]), &gdev)
+                .slice(cut.clone())
                 .into_primitive()
                 .tensor()
         };
@@ -384,39 +387,61 @@ fn attention_row_kernels_equal_the_plain_rows() {
             Tensor::<Inner, 1, Int>::from_data(TensorData::new(limits.clone(), [rows]), &gdev)
                 .into_primitive()
         };
-        let f32t = burn::tensor::DType::F32;
-        let (p, lse) =
-            <Inner as ChunkedAttentionBackend>::causal_softmax(g2(&sv), gl(), scale, f32t);
-        let (gp, ds) = <Inner as ChunkedAttentionBackend>::causal_softmax_grad(
-            g2(&sv),
-            g2(&dpv),
-            g1(&lse_host),
-            g1(&deltas),
-            gl(),
-            scale,
-            f32t,
-        );
-        let back = |t| {
-            floats(Tensor::<Inner, 2>::from_primitive(TensorPrimitive::Float(
-                t,
-            )))
-        };
         let close = |a: Vec<f64>, b: Vec<f64>, what: &str| {
             assert_eq!(a.len(), b.len(), "{what}");
             let m = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
             for (j, (x, y)) in a.iter().zip(&b).enumerate() {
                 assert!(
                     (x - y).abs() <= 1e-5 * m,
-                    "{rows}x{keys} {what}[{j}]: {x} vs {y}"
+                    "{shape:?} {what}[{j}]: {x} vs {y}"
                 );
             }
         };
-        close(back(p), floats(p_want), "p");
-        let lse = floats(Tensor::<Inner, 1>::from_primitive(TensorPrimitive::Float(
-            lse,
-        )));
-        close(lse, floats(lse_want), "lse");
-        close(back(gp), floats(gp_want), "grad p");
-        close(back(ds), floats(ds_want), "ds");
+        let back = |t| {
+            floats(Tensor::<Inner, 4>::from_primitive(TensorPrimitive::Float(
+                t,
+            )))
+        };
+        let (f64t, f32t) = (burn::tensor::DType::F64, burn::tensor::DType::F32);
+        for block in [keys, 16, 7] {
+            let (p_want, lse_want) = causal_softmax(r4(&sv), rl(), scale, f64t, block);
+            let lse_host: Vec<f32> = floats(lse_want.clone()).iter().map(|&x| x as f32).collect();
+            let (gp_want, ds_want) = causal_softmax_grad(
+                r4(&sv),
+                r4(&dpv),
+                r1(&lse_host),
+                r1(&deltas),
+                rl(),
+                scale,
+                f64t,
+                block,
+            );
+            let (p, lse) = <Inner as ChunkedAttentionBackend>::causal_softmax(
+                g4(&sv),
+                gl(),
+                scale,
+                f32t,
+                block,
+            );
+            let (gp, ds) = <Inner as ChunkedAttentionBackend>::causal_softmax_grad(
+                g4(&sv),
+                g4(&dpv),
+                g1(&lse_host),
+                g1(&deltas),
+                gl(),
+                scale,
+                f32t,
+                block,
+            );
+            let what = |x: &str| format!("{x}, block {block}");
+            close(back(p), floats(p_want), &what("p"));
+            let lse = floats(Tensor::<Inner, 1>::from_primitive(TensorPrimitive::Float(
+                lse,
+            )));
+            close(lse, floats(lse_want), &what("lse"));
+            close(back(gp), floats(gp_want), &what("grad p"));
+            close(back(ds), floats(ds_want), &what("ds"));
+        }
+        assert_eq!(shape.iter().product::<usize>(), rows * keys);
     }
 }

@@ -36,6 +36,16 @@ fn acc_of(dtype: DType) -> DType {
     }
 }
 
+/// `x` as is when its keys (last dim) are adjacent in memory — any other strides are read as
+/// they are, so a pitched matmul output is not copied — else a contiguous copy.
+fn unit_stride<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
+    if x.meta.strides()[3] == 1 {
+        x
+    } else {
+        into_contiguous(x)
+    }
+}
+
 fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
     empty_device_contiguous_dtype(
         like.client.clone(),
@@ -53,21 +63,25 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ChunkedAtt
         limit: CubeTensor<R>,
         scale: f64,
         dtype: DType,
+        block: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let [rows, keys] = s.shape().dims::<2>();
+        let [b, kv, rc, keys] = s.shape().dims::<4>();
+        let rows = b * kv * rc;
         if !attention_kernels_enabled() || rows * keys == 0 {
             let (p, lse) = reference::causal_softmax::<Self>(
                 float(s),
                 burn::tensor::Tensor::from_primitive(limit),
                 scale,
                 dtype,
+                block,
             );
             return (prim(p), prim(lse));
         }
-        let s = into_contiguous(s);
+        let s = unit_stride(s);
         let limit = into_contiguous(limit);
         let acc = acc_of(s.dtype);
-        let p = empty(&s, vec![rows, keys], dtype);
+        let nb = keys.div_ceil(block).max(1);
+        let p = empty(&s, vec![b * kv, nb, rc, block], dtype);
         let lse = empty(&s, vec![rows], acc);
         let threads = threads_for(keys);
         let dtypes = [s.dtype.into(), dtype.into(), acc.into(), limit.dtype.into()];
@@ -95,8 +109,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ChunkedAtt
         limit: CubeTensor<R>,
         scale: f64,
         dtype: DType,
+        block: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let [rows, keys] = s.shape().dims::<2>();
+        let [b, kv, rc, keys] = s.shape().dims::<4>();
+        let rows = b * kv * rc;
         if !attention_kernels_enabled()
             || rows * keys == 0
             || dp.dtype != s.dtype
@@ -110,16 +126,18 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ChunkedAtt
                 burn::tensor::Tensor::from_primitive(limit),
                 scale,
                 dtype,
+                block,
             );
             return (prim(p), prim(ds));
         }
-        let s = into_contiguous(s);
-        let dp = into_contiguous(dp);
+        let s = unit_stride(s);
+        let dp = unit_stride(dp);
         let lse = into_contiguous(lse);
         let delta = into_contiguous(delta);
         let limit = into_contiguous(limit);
-        let p = empty(&s, vec![rows, keys], dtype);
-        let ds = empty(&s, vec![rows, keys], dtype);
+        let nb = keys.div_ceil(block).max(1);
+        let p = empty(&s, vec![b * kv, nb, rc, block], dtype);
+        let ds = empty(&s, vec![b * kv, nb, rc, block], dtype);
         let threads = threads_for(keys);
         let dtypes = [
             s.dtype.into(),

@@ -2,6 +2,10 @@
 //! the scores' gradient (backward). One cube per score row; the causal mask comes from the
 //! row's last visible key (`limit`), never from a mask tensor, and each kernel is a single
 //! launch where the plain ops take six to eight passes over the `rows × keys` scores.
+//!
+//! The scores are read through their strides (a matmul's output may come pitched), and the
+//! results are written in key blocks `[b·kv, nb, rc, bs]`, so that the products with the
+//! values and keys run as `nb` independent matmuls (see `mod.rs`).
 
 use cubecl::prelude::*;
 
@@ -17,11 +21,25 @@ fn visible<I: Numeric>(limit: &Tensor<I>, row: usize, keys: usize) -> usize {
     n
 }
 
-/// Row `r` of `s` `[rows, keys]`: `lse[r] = log Σ_{j<n} exp(scale·s[r, j])` and
-/// `p[r, j] = exp(scale·s[r, j] − lse[r])` for `j < n`, 0 for the masked keys `j >= n`
-/// (`n` = [`visible`]). Each unit keeps a running (max, sum) over its columns (the online
-/// softmax), the cube combines them in a tree, then each unit writes its columns: two reads
-/// and one write of the row. Arithmetic in f32.
+/// Offset of row `row`'s first score in `s` `[b, kv, rc, keys]` (any strides): rows are
+/// numbered over `(b, kv, rc)`.
+#[cube]
+fn row_offset<F: Float>(s: &Tensor<F>, row: usize) -> usize {
+    let kv = s.shape(1);
+    let rc = s.shape(2);
+    let bi = row / (kv * rc);
+    let ki = (row / rc) % kv;
+    let r = row % rc;
+    bi * s.stride(0) + ki * s.stride(1) + r * s.stride(2)
+}
+
+/// Row `r` of the scores `s` `[b, kv, rc, keys]` (rows over `(b, kv, rc)`, any strides):
+/// `lse[r] = log Σ_{j<n} exp(scale·s[r, j])`, and the probabilities `exp(scale·s[r, j] −
+/// lse[r])` for `j < n`, 0 for the masked and padded keys (`n` = [`visible`]), written in key
+/// blocks: `p` `[b·kv, nb, rc, bs]`, key `j` of row r at `[r / rc, j / bs, r % rc, j % bs]`.
+/// Each unit keeps a running (max, sum) over its columns (the online softmax), the cube
+/// combines them in a tree, then each unit writes its columns: two reads of the row and one
+/// write. Arithmetic in f32.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn causal_softmax_kernel<F: Float, P: Float, L: Float, I: Numeric>(
@@ -37,11 +55,12 @@ pub fn causal_softmax_kernel<F: Float, P: Float, L: Float, I: Numeric>(
     if row >= lse.shape(0) {
         terminate!();
     }
-    let keys = s.shape(1);
+    let keys = s.shape(3);
+    let sj = s.stride(3);
     let nt = comptime!(threads as usize);
     let tid = UNIT_POS_X as usize;
     let n = visible::<I>(limit, row, keys);
-    let base = row * keys;
+    let base = row_offset::<F>(s, row);
 
     // A finite stand-in for −∞: exp(low − x) is 0 and never ∞ − ∞.
     let low = f32::new(-3.0e38);
@@ -49,7 +68,7 @@ pub fn causal_softmax_kernel<F: Float, P: Float, L: Float, I: Numeric>(
     let mut l = f32::new(0.0);
     let mut j = tid;
     while j < n {
-        let x = f32::cast_from(s[base + j]) * scale;
+        let x = f32::cast_from(s[base + j * sj]) * scale;
         if x > m {
             l = l * f32::exp(m - x) + f32::new(1.0);
             m = x;
@@ -84,20 +103,30 @@ pub fn causal_softmax_kernel<F: Float, P: Float, L: Float, I: Numeric>(
         lse[row] = L::cast_from(z);
     }
 
-    let mut j = tid;
-    while j < keys {
-        let mut v = f32::new(0.0);
-        if j < n {
-            v = f32::exp(f32::cast_from(s[base + j]) * scale - z);
+    let nb = p.shape(1);
+    let rc = p.shape(2);
+    let bs = p.shape(3);
+    let pbase = (row / rc) * nb * rc * bs + (row % rc) * bs;
+    for blk in 0..nb {
+        let out = pbase + blk * rc * bs;
+        let mut o = tid;
+        while o < bs {
+            let j = blk * bs + o;
+            let mut v = f32::new(0.0);
+            if j < n {
+                v = f32::exp(f32::cast_from(s[base + j * sj]) * scale - z);
+            }
+            p[out + o] = P::cast_from(v);
+            o += nt;
         }
-        p[base + j] = P::cast_from(v);
-        j += nt;
     }
 }
 
 /// Row `r` of the backward: the recomputed probabilities `p[r, j] = exp(scale·s[r, j] −
 /// lse[r])` and the scores' gradient `ds[r, j] = p[r, j] · (dp[r, j] − delta[r]) · scale`
-/// for `j < n`, both 0 on the masked keys. One read of `s` and `dp`, one write of `p` and `ds`.
+/// for `j < n`, both 0 on the masked and padded keys. `s`, `dp` `[b, kv, rc, keys]` (any
+/// strides); `p`, `ds` in key blocks `[b·kv, nb, rc, bs]` as in [`causal_softmax_kernel`].
+/// One read of `s` and `dp`, one write of `p` and `ds`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn causal_softmax_grad_kernel<F: Float, P: Float, L: Float, I: Numeric>(
@@ -116,23 +145,34 @@ pub fn causal_softmax_grad_kernel<F: Float, P: Float, L: Float, I: Numeric>(
     if row >= lse.shape(0) {
         terminate!();
     }
-    let keys = s.shape(1);
+    let keys = s.shape(3);
+    let sj = s.stride(3);
+    let dj = dp.stride(3);
     let nt = comptime!(threads as usize);
     let tid = UNIT_POS_X as usize;
     let n = visible::<I>(limit, row, keys);
-    let base = row * keys;
+    let sbase = row_offset::<F>(s, row);
+    let dbase = row_offset::<F>(dp, row);
     let z = f32::cast_from(lse[row]);
     let d = f32::cast_from(delta[row]);
-    let mut j = tid;
-    while j < keys {
-        let mut pv = f32::new(0.0);
-        let mut dv = f32::new(0.0);
-        if j < n {
-            pv = f32::exp(f32::cast_from(s[base + j]) * scale - z);
-            dv = pv * (f32::cast_from(dp[base + j]) - d) * scale;
+    let nb = p.shape(1);
+    let rc = p.shape(2);
+    let bs = p.shape(3);
+    let pbase = (row / rc) * nb * rc * bs + (row % rc) * bs;
+    for blk in 0..nb {
+        let out = pbase + blk * rc * bs;
+        let mut o = tid;
+        while o < bs {
+            let j = blk * bs + o;
+            let mut pv = f32::new(0.0);
+            let mut dv = f32::new(0.0);
+            if j < n {
+                pv = f32::exp(f32::cast_from(s[sbase + j * sj]) * scale - z);
+                dv = pv * (f32::cast_from(dp[dbase + j * dj]) - d) * scale;
+            }
+            p[out + o] = P::cast_from(pv);
+            ds[out + o] = P::cast_from(dv);
+            o += nt;
         }
-        p[base + j] = P::cast_from(pv);
-        ds[base + j] = P::cast_from(dv);
-        j += nt;
     }
 }

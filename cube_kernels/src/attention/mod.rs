@@ -174,12 +174,17 @@ fn forward_masked<B: ChunkedAttentionBackend>(
         let kc = k.clone().slice([0..b, 0..g.kv, 0..end, 0..hd]);
         let vc = v.clone().slice([0..b, 0..g.kv, 0..end, 0..hd]);
         let s = qc.matmul(kc.swap_dims(2, 3));
-        let shape = s.dims();
+        let [_, _, rc, _] = s.dims();
+        let block = key_block(end);
         let limit = g.limits(causal, b, c0, c1, &device).into_primitive();
-        let (p, lse) = B::causal_softmax(prim(rows(s)), limit, scale, dtype);
-        let p = float::<B, 2>(p).reshape(shape);
-        let [_, _, rc, _] = shape;
-        outs.push(g.ungroup(p.matmul(vc)));
+        let (p, lse) = B::causal_softmax(prim(s), limit, scale, dtype, block);
+        // One matmul per key block, summed in f32: nb times the parallelism of one
+        // `[rc, end] · [end, head_dim]` product, whose few output tiles leave most of the GPU idle.
+        let o = f32_of(float::<B, 4>(p).matmul(in_blocks(vc, block)))
+            .sum_dim(1)
+            .reshape([b, g.kv, rc, hd])
+            .cast(dtype);
+        outs.push(g.ungroup(o));
         lses.push(g.ungroup(float::<B, 1>(lse).reshape([b, g.kv, rc, 1])));
     }
     (Tensor::cat(outs, 2), Tensor::cat(lses, 2))
@@ -246,10 +251,35 @@ impl Groups {
     }
 }
 
-/// `[b, kv, r, w]` → `[b · kv · r, w]`.
-fn rows<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 2> {
-    let [b, kv, r, w] = x.dims();
-    x.reshape([b * kv * r, w])
+/// Keys per block for a chunk seeing `keys` keys: at most `MEFT_ATTN_KEY_BLOCK` (default
+/// 1 024), blocks of equal size (a multiple of 16 when there are several), so a chunk's
+/// products with the values and keys run as `keys / block` independent matmuls.
+pub fn key_block(keys: usize) -> usize {
+    let most = std::env::var("MEFT_ATTN_KEY_BLOCK")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1024)
+        .max(16);
+    let nb = keys.div_ceil(most).max(1);
+    if nb == 1 {
+        keys.max(1)
+    } else {
+        keys.div_ceil(nb).div_ceil(16) * 16
+    }
+}
+
+/// Keys or values `[b, kv, keys, head_dim]` → `[b·kv, nb, block, head_dim]`, padded with zero
+/// rows to `nb · block`.
+fn in_blocks<B: Backend>(x: Tensor<B, 4>, block: usize) -> Tensor<B, 4> {
+    let [b, kv, keys, hd] = x.dims();
+    let nb = keys.div_ceil(block).max(1);
+    let x = if nb * block > keys {
+        let pad = Tensor::zeros([b, kv, nb * block - keys, hd], (&x.device(), x.dtype()));
+        Tensor::cat(vec![x, pad], 2)
+    } else {
+        x
+    };
+    x.reshape([b * kv, nb, block, hd])
 }
 
 /// Gradients `(dq, dk, dv)` of [`forward`] for output gradient `dout`, recomputing each
@@ -299,25 +329,41 @@ fn backward_masked<B: ChunkedAttentionBackend>(
         let vc = v.clone().slice(seen.clone());
         let doc = g.group(dout.clone().slice(mine));
         let s = qc.clone().matmul(kc.clone().swap_dims(2, 3));
-        let shape = s.dims();
         let dp = doc.clone().matmul(vc.swap_dims(2, 3));
+        let [_, _, rc, _] = s.dims();
+        let n = b * g.kv * rc;
+        let block = key_block(end);
         let lse_c = g.group(lse.clone().slice([0..b, 0..h, c0..c1, 0..1]));
         let delta_c = g.group(delta.clone().slice([0..b, 0..h, c0..c1, 0..1]));
-        let n = shape[0] * shape[1] * shape[2];
         let (p, ds) = B::causal_softmax_grad(
-            prim(rows(s)),
-            prim(rows(dp)),
+            prim(s),
+            prim(dp),
             prim(lse_c.reshape([n])),
             prim(delta_c.reshape([n])),
             g.limits(causal, b, c0, c1, &device).into_primitive(),
             scale,
             dtype,
+            block,
         );
-        let p = float::<B, 2>(p).reshape(shape);
-        let ds = float::<B, 2>(ds).reshape(shape);
-        let dv_c = f32_of(p.swap_dims(2, 3).matmul(doc));
-        dq.push(g.ungroup(ds.clone().matmul(kc)));
-        let dk_c = f32_of(ds.swap_dims(2, 3).matmul(qc));
+        let (p, ds) = (float::<B, 4>(p), float::<B, 4>(ds));
+        let nb = p.dims()[1];
+        // dq: one matmul per key block, summed; dk, dv: each block's keys from its own matmul.
+        let dq_c = f32_of(ds.clone().matmul(in_blocks(kc, block)))
+            .sum_dim(1)
+            .reshape([b, g.kv, rc, hd])
+            .cast(dtype);
+        dq.push(g.ungroup(dq_c));
+        let per_block = |x: Tensor<B, 4>| {
+            x.reshape([b * g.kv, 1, rc, hd])
+                .expand([b * g.kv, nb, rc, hd])
+        };
+        let of_blocks = |x: Tensor<B, 4>| {
+            f32_of(x)
+                .reshape([b, g.kv, nb * block, hd])
+                .slice([0..b, 0..g.kv, 0..end, 0..hd])
+        };
+        let dv_c = of_blocks(p.swap_dims(2, 3).matmul(per_block(doc)));
+        let dk_c = of_blocks(ds.swap_dims(2, 3).matmul(per_block(qc)));
         dk = dk
             .clone()
             .slice_assign(seen.clone(), dk.slice(seen.clone()) + dk_c);
@@ -328,27 +374,32 @@ fn backward_masked<B: ChunkedAttentionBackend>(
 
 /// burn backend extension: memory-efficient causal attention (see the module docs).
 pub trait ChunkedAttentionBackend: Backend {
-    /// Causal softmax of a chunk's scores `s` `[rows, keys]` (unscaled `q·kᵀ`) times `scale`,
-    /// row r seeing keys `0..=limit[r]` (`limit` `[rows]`): the probabilities as `dtype`
-    /// (masked keys 0) and the per-row log-sum-exp `[rows]` (f32; f64 for f64 scores).
+    /// Causal softmax of a chunk's scores `s` `[b, kv, rc, keys]` (unscaled `q·kᵀ`, any
+    /// strides) times `scale`, row r (over `(b, kv, rc)`) seeing keys `0..=limit[r]` (`limit`
+    /// `[rows]`): the probabilities as `dtype` (masked keys 0) in key blocks of `block`,
+    /// `[b·kv, nb, rc, block]` (keys padded with zeros to `nb · block`), and the per-row
+    /// log-sum-exp `[rows]` (f32; f64 for f64 scores).
     fn causal_softmax(
         s: FloatTensor<Self>,
         limit: IntTensor<Self>,
         scale: f64,
         dtype: DType,
+        block: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (p, lse) = reference::causal_softmax::<Self>(
             float(s),
             Tensor::from_primitive(limit),
             scale,
             dtype,
+            block,
         );
         (prim(p), prim(lse))
     }
 
     /// The backward of [`Self::causal_softmax`] for one chunk: the recomputed probabilities
     /// `p = exp(scale·s − lse)` and the scores' gradient `p ⊙ (dp − delta) · scale` (`dp` =
-    /// `dO·Vᵀ`, `delta` = rowsum(dO ⊙ O) `[rows]`), both as `dtype`, masked keys 0.
+    /// `dO·Vᵀ` `[b, kv, rc, keys]`, `delta` = rowsum(dO ⊙ O) `[rows]`), both as `dtype` in key
+    /// blocks of `block` as in [`Self::causal_softmax`], masked keys 0.
     #[allow(clippy::too_many_arguments)]
     fn causal_softmax_grad(
         s: FloatTensor<Self>,
@@ -358,6 +409,7 @@ pub trait ChunkedAttentionBackend: Backend {
         limit: IntTensor<Self>,
         scale: f64,
         dtype: DType,
+        block: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (p, ds) = reference::causal_softmax_grad::<Self>(
             float(s),
@@ -367,6 +419,7 @@ pub trait ChunkedAttentionBackend: Backend {
             Tensor::from_primitive(limit),
             scale,
             dtype,
+            block,
         );
         (prim(p), prim(ds))
     }
