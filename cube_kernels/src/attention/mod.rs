@@ -112,9 +112,13 @@ impl<B: Backend> Causal<B> {
     /// `[batch, c1 - c0]`: the last key each of the query rows `c0..c1` may see.
     fn limits(&self, b: usize, c0: usize, c1: usize, device: &B::Device) -> Tensor<B, 2, Int> {
         match self {
-            Causal::Square => Tensor::<B, 1, Int>::arange(c0 as i64..c1 as i64, device)
-                .reshape([1, c1 - c0])
-                .expand([b, c1 - c0]),
+            // Copies by `cat`, not a broadcast view: with a broadcast view reshaped again,
+            // burn's fusion backend gave wrong rows at batch 2 (seen in tests/lemo_kernels.rs).
+            Causal::Square => {
+                let row =
+                    Tensor::<B, 1, Int>::arange(c0 as i64..c1 as i64, device).reshape([1, c1 - c0]);
+                Tensor::cat(vec![row; b], 0)
+            }
             Causal::At(p) => p.pos.clone().slice([0..b, c0..c1]),
         }
     }
@@ -243,11 +247,8 @@ impl Groups {
         device: &B::Device,
     ) -> Tensor<B, 1, Int> {
         let c = c1 - c0;
-        causal
-            .limits(b, c0, c1, device)
-            .reshape([b, 1, c])
-            .expand([b, self.kv * self.rep, c])
-            .reshape([b * self.kv * self.rep * c])
+        let per_head = causal.limits(b, c0, c1, device).reshape([b, 1, c]);
+        Tensor::cat(vec![per_head; self.kv * self.rep], 1).reshape([b * self.kv * self.rep * c])
     }
 }
 
