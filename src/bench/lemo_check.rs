@@ -399,12 +399,7 @@ impl LemoCheck {
                 .sum()
                 .backward();
             let tol = tol::<AB>(1e-3);
-            // Half precision takes the plain path (`ops::token_nll`).
-            let what = if half::<AB>() {
-                "loss (plain, half)"
-            } else {
-                "fused loss"
-            };
+            let what = "fused loss";
             out.push(row(
                 &format!("{what} nll"),
                 case.clone(),

@@ -14,7 +14,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Int, Tensor};
+use burn::tensor::{Int, Tensor};
 use cube_kernels::attention::{chunked_attention, chunked_attention_at, QueryPositions};
 use cube_kernels::loss::chunked_token_nll;
 use cube_kernels::tokens::{kept_per_input, reference, segment_select, TokenPattern};
@@ -187,10 +187,7 @@ pub fn token_nll<B: Backend>(
     weight: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
 ) -> (Tensor<B, 1>, Tensor<B, 1, Int>) {
-    // bf16/f16 take the plain path: on CUDA bf16 the fused backward's gradients were wrong
-    // (`meft bench lemo-check --dtype bf16`, 2026-12-04; BENCHMARKS.md) — not yet found why.
-    let half = matches!(hidden.dtype(), DType::BF16 | DType::F16);
-    if chunked_loss_enabled() && !half {
+    if chunked_loss_enabled() {
         let id = TypeId::of::<B>();
         macro_rules! run {
             ($t:ty) => {
