@@ -2,10 +2,9 @@
 //! launches. `MEFT_ATTN_KERNELS=0` runs the plain ops instead (for A/B measurements).
 
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Shape, TensorMetadata};
+use burn::tensor::{DType, TensorMetadata};
 use burn_cubecl::element::BoolElement;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::CubeDim;
@@ -13,6 +12,7 @@ use cubecl::CubeDim;
 use super::kernel::{causal_softmax_grad_kernel, causal_softmax_kernel};
 use super::{float, prim, reference, ChunkedAttentionBackend};
 use crate::launch::grid;
+use crate::tokens::forward::empty;
 
 /// False when `MEFT_ATTN_KERNELS=0` (or `false`) asks for the plain ops.
 pub fn attention_kernels_enabled() -> bool {
@@ -44,15 +44,6 @@ fn unit_stride<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
     } else {
         into_contiguous(x)
     }
-}
-
-fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
-    empty_device_contiguous_dtype(
-        like.client.clone(),
-        like.device.clone(),
-        Shape::from(shape),
-        dtype,
-    )
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ChunkedAttentionBackend

@@ -12,7 +12,12 @@ use super::kernel::{segment_select_kernel, token_merge_kernel};
 use super::{kept_per_input, TokenSparsityBackend};
 use crate::launch::{grid, LaunchShape};
 
-fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
+/// An uninitialised contiguous tensor of `shape` and `dtype` on `like`'s device.
+pub(crate) fn empty<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    shape: Vec<usize>,
+    dtype: DType,
+) -> CubeTensor<R> {
     empty_device_contiguous_dtype(
         like.client.clone(),
         like.device.clone(),

@@ -19,7 +19,7 @@
 //! passes are the same two operations the other way round (see `backward.rs`).
 
 mod backward;
-mod forward;
+pub(crate) mod forward;
 mod fusion;
 pub mod kernel;
 pub mod reference;
