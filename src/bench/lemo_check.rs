@@ -395,9 +395,11 @@ impl LemoCheck {
             );
             let tk = Tensor::<AB, 1, Int>::from_data(TensorData::new(t.clone(), [n]), device);
             let (nll, best) = ops::token_nll(hk.clone(), wk.clone(), tk);
-            let gk = (nll.clone() * on::<AB, 1>(&c, [n], device))
-                .sum()
-                .backward();
+            // The loss is f32 on half-precision backends: the weights must be too (burn's
+            // binary ops do not convert between float types; a bf16 operand would be read
+            // as f32).
+            let ck = on::<AB, 1>(&c, [n], device).cast(nll.dtype());
+            let gk = (nll.clone() * ck).sum().backward();
             let tol = tol::<AB>(1e-3);
             let what = "fused loss";
             out.push(row(

@@ -445,46 +445,55 @@ pub fn eliminate_from_backward<B: Backend>(
     scale: Option<Tensor<B, 1>>,
     kv_graph: bool,
 ) -> Tensor<B, 3> {
-    // Every token's keys and values, and the eliminated tokens' outputs: a graph-free copy of
-    // the block (parameters not tracked, inputs detached), so nothing of them is recorded.
+    // The eliminated tokens run through a graph-free copy of the block (parameters not
+    // tracked, inputs detached), so nothing of them is recorded; the kept tokens run with the
+    // graph. Each token's keys and values are projected once, on its own side, and placed in
+    // sequence order (the kept ones last: a ragged segment's `rest` may hold kept tokens).
     let frozen = block.clone().no_grad();
-    let xd = x.clone().detach();
-    let xn = frozen.attn_norm.forward(xd.clone());
-    let k_all = frozen.attn.wk.forward(xn.clone());
-    let v_all = frozen.attn.wv.forward(xn.clone());
-    let delta = {
-        let pos = kept_positions(rest);
-        let att = frozen.attn.attend_at(
-            gather(xn, rest),
-            k_all.clone(),
-            v_all.clone(),
-            rope,
-            pos,
-            rest_bound,
-        );
-        let xr = gather(xd, rest);
-        let hr = xr.clone() + att;
-        let yr = hr.clone() + frozen.ffn.forward(frozen.ffn_norm.forward(hr));
-        (yr - xr).detach()
-    };
-    let base = merge(x.clone(), gather(x.clone(), rest) + delta, rest);
-    // The kept tokens, with the graph; their own keys and values replace the constants
-    // (or, with `kv_graph`, every token's keys and values are projected with the graph).
+    let xr = gather(x.clone().detach(), rest);
+    let xnr = frozen.attn_norm.forward(xr.clone());
     let xc = gather(x.clone(), p);
     let (xnc, k, v) = if kv_graph {
-        let xn = block.attn_norm.forward(x);
+        let xn = block.attn_norm.forward(x.clone());
         let k = block.attn.wk.forward(xn.clone());
         let v = block.attn.wv.forward(xn.clone());
         (gather(xn, p), k, v)
     } else {
         let xnc = block.attn_norm.forward(xc.clone());
-        let k = merge(k_all, block.attn.wk.forward(xnc.clone()), p);
-        let v = merge(v_all, block.attn.wv.forward(xnc.clone()), p);
+        let place = |eliminated: Tensor<B, 3>, kept: Tensor<B, 3>| {
+            let [b, _, w] = kept.dims();
+            let empty = Tensor::<B, 3>::zeros([b, p.seq, w], (&kept.device(), kept.dtype()));
+            merge(merge(empty, eliminated, rest), kept, p)
+        };
+        let k = place(
+            frozen.attn.wk.forward(xnr.clone()),
+            block.attn.wk.forward(xnc.clone()),
+        );
+        let v = place(
+            frozen.attn.wv.forward(xnr.clone()),
+            block.attn.wv.forward(xnc.clone()),
+        );
         (xnc, k, v)
     };
+    // Keys rotated once for both query sets; the eliminated queries read them as constants.
+    let (k, v) = block.attn.key_heads(k, v, rope);
+    let delta = {
+        let att = frozen.attn.attend_heads_at(
+            xnr,
+            k.clone().detach(),
+            v.clone().detach(),
+            rope,
+            kept_positions(rest),
+            rest_bound,
+        );
+        let hr = xr.clone() + att;
+        let yr = hr.clone() + frozen.ffn.forward(frozen.ffn_norm.forward(hr));
+        (yr - xr).detach()
+    };
+    let base = merge(x.clone(), gather(x, rest) + delta, rest);
     let att = block
         .attn
-        .attend_at(xnc, k, v, rope, kept_positions(p), bound);
+        .attend_heads_at(xnc, k, v, rope, kept_positions(p), bound);
     let hc = xc.clone() + att;
     let yc = hc.clone() + block.ffn.forward(block.ffn_norm.forward(hc));
     let yc = match scale {

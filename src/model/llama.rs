@@ -403,15 +403,43 @@ impl<B: Backend> Attention<B> {
         positions: Tensor<B, 2, Int>,
         bound: Arc<Vec<usize>>,
     ) -> Tensor<B, 3> {
+        let (k, v) = self.key_heads(k, v, rope);
+        self.attend_heads_at(xq, k, v, rope, positions, bound)
+    }
+
+    /// The projected keys and values `[batch, seq, kv_dim]` as the attention reads them:
+    /// `[batch, kv_heads, seq, head_dim]`, keys rotated to their positions `0..seq`.
+    pub fn key_heads(
+        &self,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+        rope: &RotaryEmbedding<B>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, t, kv_dim] = k.dims();
+        let hd = kv_dim / self.n_kv_heads;
+        let heads = |y: Tensor<B, 3>| y.reshape([b, t, self.n_kv_heads, hd]).swap_dims(1, 2);
+        (rope.apply(heads(k), 0), heads(v))
+    }
+
+    /// [`Attention::attend_at`] on keys and values already in [`Attention::key_heads`] form
+    /// (so several query sets can share one rotation of the keys).
+    pub fn attend_heads_at(
+        &self,
+        xq: Tensor<B, 3>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        rope: &RotaryEmbedding<B>,
+        positions: Tensor<B, 2, Int>,
+        bound: Arc<Vec<usize>>,
+    ) -> Tensor<B, 3> {
         let [b, n, d] = xq.dims();
-        let t = k.dims()[1];
         let hd = d / self.n_heads;
-        let heads = |y: Tensor<B, 3>, m: usize, h: usize| y.reshape([b, m, h, hd]).swap_dims(1, 2);
-        let q = heads(self.wq.forward(xq), n, self.n_heads);
-        let k = heads(k, t, self.n_kv_heads);
-        let v = heads(v, t, self.n_kv_heads);
+        let q = self
+            .wq
+            .forward(xq)
+            .reshape([b, n, self.n_heads, hd])
+            .swap_dims(1, 2);
         let q = rope.apply_at(q, positions.clone());
-        let k = rope.apply(k, 0);
         let at = QueryPositions {
             pos: positions,
             bound,
