@@ -46,12 +46,14 @@ fn max_rel(a: &[f64], b: &[f64]) -> f64 {
     worst / scale
 }
 
-/// (rows, d, vocab, chunk sizes)
-const CASES: [(usize, usize, usize, &[usize]); 4] = [
+/// (rows, d, vocab, chunk sizes); the last vocabulary spans several columns per unit of the
+/// row kernels (256 units), ragged.
+const CASES: [(usize, usize, usize, &[usize]); 5] = [
     (37, 8, 50, &[1, 16, 37, 64]),
     (64, 16, 97, &[16, 48]),
     (1, 4, 7, &[16]),
     (100, 12, 300, &[32, 7]),
+    (20, 8, 2049, &[16, 7]),
 ];
 
 /// Reference: per-row NLL, argmax, and the gradients of `Σ c · nll` in f64.

@@ -36,6 +36,10 @@ pub enum LemoBenchMode {
     /// LeMo with the predicted pattern as `[lemo]` says (by default eliminated tokens leave
     /// the backward only and kept tokens attend to all keys).
     Lemo,
+    /// LeMo as `[lemo]` says with random patterns instead of the predictors
+    /// (`pattern = "random"`: no predictor forward; with backward elimination the same
+    /// perplexity as predicted patterns, BENCHMARKS.md).
+    LemoRandom,
     /// LeMo as `[lemo]` says with the eliminated tokens' keys and values in the graph
     /// (`kv_gradient = true`).
     LemoKvGradient,
@@ -62,6 +66,9 @@ pub enum LemoBenchMode {
     FullPlainSoftmax,
     /// LeMo as `[lemo]` says, with the plain-op softmax (`MEFT_ATTN_KERNELS=0`).
     LemoPlainSoftmax,
+    /// Full with the fused loss's per-chunk rows (log-sum-exp, likelihood, argmax; softmax
+    /// gradient) in plain burn ops (`MEFT_LOSS_KERNELS=0`: before the loss row kernels).
+    FullPlainLossRows,
 }
 
 /// What to measure.
@@ -154,6 +161,7 @@ impl LemoBench {
         let (model, _) = wrap(model, &lora, &Layers::All)?;
         let mut lemo_cfg = self.lemo.clone();
         match mode {
+            LemoBenchMode::LemoRandom => lemo_cfg.pattern = PatternSource::Random,
             LemoBenchMode::LemoKvGradient => {
                 lemo_cfg.eliminate = Elimination::Backward;
                 lemo_cfg.kv_gradient = true;
@@ -171,6 +179,7 @@ impl LemoBench {
         let lemo = Lemo::new(&lemo_cfg, &model, device)?;
         let lemo_mode = match mode {
             LemoBenchMode::Lemo
+            | LemoBenchMode::LemoRandom
             | LemoBenchMode::LemoPlainSoftmax
             | LemoBenchMode::LemoKvGradient
             | LemoBenchMode::LemoLayer
@@ -316,6 +325,10 @@ impl BackendTask for LemoBench {
                 if loss_switch {
                     std::env::set_var("MEFT_LOSS", "dense");
                 }
+                let rows_switch = mode == LemoBenchMode::FullPlainLossRows;
+                if rows_switch {
+                    std::env::set_var("MEFT_LOSS_KERNELS", "0");
+                }
                 let softmax_switch = matches!(
                     mode,
                     LemoBenchMode::FullPlainSoftmax | LemoBenchMode::LemoPlainSoftmax
@@ -334,6 +347,9 @@ impl BackendTask for LemoBench {
                 }
                 if loss_switch {
                     std::env::remove_var("MEFT_LOSS");
+                }
+                if rows_switch {
+                    std::env::remove_var("MEFT_LOSS_KERNELS");
                 }
                 if softmax_switch {
                     std::env::remove_var("MEFT_ATTN_KERNELS");

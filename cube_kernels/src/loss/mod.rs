@@ -21,9 +21,14 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{IndexingUpdateOp, Int, Tensor};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor};
 
 use crate::attention::{f32_of, float, prim};
+
+mod cube;
+pub mod kernel;
+
+pub use cube::loss_kernels_enabled;
 
 /// Bytes of f32 logits one chunk may hold: `MEFT_LOSS_CHUNK_MB` (default 256 MiB).
 pub fn chunk_budget_bytes() -> usize {
@@ -41,6 +46,21 @@ pub fn chunk_rows(vocab: usize, budget: usize) -> usize {
     (budget / per_row).max(16) / 16 * 16
 }
 
+/// Rows per chunk when `n` rows are cut into chunks of at most `chunk`: the same number of
+/// chunks, of even size (a multiple of 16 where that stays within `chunk`), so the last one is
+/// never a sliver — a chunk of a few rows costs a vocabulary-long product all the same (its
+/// `dH = G Wᵀ` has a small output and a long inner dimension, which the matmul runs on few
+/// cubes).
+pub fn balanced_chunk(n: usize, chunk: usize) -> usize {
+    let chunk = chunk.max(1);
+    let chunks = n.div_ceil(chunk).max(1);
+    let even = n.div_ceil(chunks);
+    even.div_ceil(16)
+        .saturating_mul(16)
+        .min(chunk)
+        .max(even.min(chunk))
+}
+
 /// What the forward returns: per-row negative log-likelihood (f32 or f64), the per-row
 /// log-sum-exp the backward needs, and the per-row argmax of the logits.
 pub struct LossForward<B: Backend> {
@@ -52,9 +72,10 @@ pub struct LossForward<B: Backend> {
     pub best: Tensor<B, 1, Int>,
 }
 
-/// The chunked forward in plain ops: `hidden` `[rows, d]`, `weight` `[d, vocab]` (the LM
-/// head's `[d_in, d_out]` layout), `targets` `[rows]` in `0..vocab`.
-pub fn forward<B: Backend>(
+/// The chunked forward: `hidden` `[rows, d]`, `weight` `[d, vocab]` (the LM head's
+/// `[d_in, d_out]` layout), `targets` `[rows]` in `0..vocab`. Each chunk's logits are one
+/// matmul; their log-sum-exp, likelihood and argmax are [`ChunkedLossBackend::loss_rows`].
+pub fn forward<B: ChunkedLossBackend>(
     hidden: Tensor<B, 2>,
     weight: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
@@ -62,25 +83,19 @@ pub fn forward<B: Backend>(
 ) -> LossForward<B> {
     let [n, d] = hidden.dims();
     let (mut nll, mut lse, mut best) = (Vec::new(), Vec::new(), Vec::new());
+    let chunk = balanced_chunk(n, chunk);
     let mut start = 0;
     while start < n {
-        let end = (start + chunk.max(1)).min(n);
-        let logits = f32_of(
-            hidden
-                .clone()
-                .slice([start..end, 0..d])
-                .matmul(weight.clone()),
-        );
-        let max = logits.clone().detach().max_dim(1);
-        let l = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
-        let t = targets
+        let end = (start + chunk).min(n);
+        let logits = hidden
             .clone()
-            .narrow(0, start, end - start)
-            .unsqueeze_dim::<2>(1);
-        let picked = logits.clone().gather(1, t);
-        best.push(logits.argmax(1).squeeze_dim::<1>(1));
-        nll.push((l.clone() - picked).squeeze_dim::<1>(1));
-        lse.push(l.squeeze_dim::<1>(1));
+            .slice([start..end, 0..d])
+            .matmul(weight.clone());
+        let t = targets.clone().narrow(0, start, end - start);
+        let (l, z, b) = B::loss_rows(prim(logits), t.into_primitive());
+        nll.push(float::<B, 1>(l));
+        lse.push(float::<B, 1>(z));
+        best.push(Tensor::<B, 1, Int>::from_primitive(b));
         start = end;
     }
     if n == 0 {
@@ -99,9 +114,46 @@ pub fn forward<B: Backend>(
     }
 }
 
+/// One chunk's rows in plain ops (the trait's default and the kernels' reference): `logits`
+/// `[rows, vocab]` (any float type; computed in at least f32) and `targets` `[rows]` →
+/// (`nll`, `lse`, `best`), each `[rows]`.
+pub fn plain_rows<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1, Int>) {
+    let logits = f32_of(logits);
+    let max = logits.clone().detach().max_dim(1);
+    let l = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
+    let picked = logits.clone().gather(1, targets.unsqueeze_dim::<2>(1));
+    let best = logits.argmax(1).squeeze_dim::<1>(1);
+    let nll = (l.clone() - picked).squeeze_dim::<1>(1);
+    (nll, l.squeeze_dim::<1>(1), best)
+}
+
+/// One chunk's softmax gradient in plain ops (the trait's default and the kernels'
+/// reference): `(exp(logits − lse) − onehot(targets)) · dnll` as `dtype`; `lse`, `dnll`
+/// `[rows]` in f32 (or f64).
+pub fn plain_rows_grad<B: Backend>(
+    logits: Tensor<B, 2>,
+    lse: Tensor<B, 1>,
+    dnll: Tensor<B, 1>,
+    targets: Tensor<B, 1, Int>,
+    dtype: DType,
+) -> Tensor<B, 2> {
+    let g = dnll.unsqueeze_dim::<2>(1);
+    let grad = (f32_of(logits) - lse.unsqueeze_dim::<2>(1)).exp() * g.clone();
+    grad.scatter(
+        1,
+        targets.unsqueeze_dim::<2>(1),
+        g.neg(),
+        IndexingUpdateOp::Add,
+    )
+    .cast(dtype)
+}
+
 /// The recomputing backward: gradients of `Σ dnll · nll` with respect to `hidden` and (when
 /// `want_weight`) `weight`, in their storage types.
-pub fn backward<B: Backend>(
+pub fn backward<B: ChunkedLossBackend>(
     hidden: Tensor<B, 2>,
     weight: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
@@ -116,26 +168,22 @@ pub fn backward<B: Backend>(
     let wt = weight.clone().transpose();
     let mut dh = Vec::new();
     let mut dw: Option<Tensor<B, 2>> = None;
+    let chunk = balanced_chunk(n, chunk);
     let mut start = 0;
     while start < n {
-        let end = (start + chunk.max(1)).min(n);
+        let end = (start + chunk).min(n);
         let h = hidden.clone().slice([start..end, 0..d]);
-        let logits = f32_of(h.clone().matmul(weight.clone()));
-        let l = lse
-            .clone()
-            .narrow(0, start, end - start)
-            .unsqueeze_dim::<2>(1);
-        let g = dnll
-            .clone()
-            .narrow(0, start, end - start)
-            .unsqueeze_dim::<2>(1);
-        let t = targets
-            .clone()
-            .narrow(0, start, end - start)
-            .unsqueeze_dim::<2>(1);
-        let grad = (logits - l).exp() * g.clone();
-        let grad = grad.scatter(1, t, g.neg(), IndexingUpdateOp::Add);
-        let grad = grad.cast(hdtype);
+        let logits = h.clone().matmul(weight.clone());
+        let grad = float::<B, 2>(B::loss_rows_grad(
+            prim(logits),
+            prim(lse.clone().narrow(0, start, end - start)),
+            prim(dnll.clone().narrow(0, start, end - start)),
+            targets
+                .clone()
+                .narrow(0, start, end - start)
+                .into_primitive(),
+            hdtype,
+        ));
         dh.push(grad.clone().matmul(wt.clone()));
         if want_weight {
             let part = f32_of(h.transpose().matmul(grad));
@@ -177,18 +225,39 @@ pub trait ChunkedLossBackend: Backend {
         );
         (prim(f.nll), f.best.into_primitive())
     }
+
+    /// One chunk's per-row `(nll, lse, best)` from its `logits` `[rows, vocab]` (the head's
+    /// storage type; the results are f32, or f64 for f64 logits) and `targets` `[rows]`
+    /// ([`plain_rows`] by default; one row kernel on the cubecl backends).
+    fn loss_rows(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, IntTensor<Self>) {
+        let (nll, lse, best) = plain_rows::<Self>(float(logits), Tensor::from_primitive(targets));
+        (prim(nll), prim(lse), best.into_primitive())
+    }
+
+    /// One chunk's softmax gradient `(exp(logits − lse) − onehot(targets)) · dnll` as `dtype`
+    /// ([`plain_rows_grad`] by default; one row kernel on the cubecl backends).
+    fn loss_rows_grad(
+        logits: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dnll: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        dtype: DType,
+    ) -> FloatTensor<Self> {
+        prim(plain_rows_grad::<Self>(
+            float(logits),
+            float(lse),
+            float(dnll),
+            Tensor::from_primitive(targets),
+            dtype,
+        ))
+    }
 }
 
 impl ChunkedLossBackend for burn::backend::NdArray<f32> {}
 impl ChunkedLossBackend for burn::backend::NdArray<f64> {}
-impl<
-        R: burn_cubecl::CubeRuntime,
-        F: burn_cubecl::FloatElement,
-        I: burn_cubecl::IntElement,
-        BT: burn_cubecl::element::BoolElement,
-    > ChunkedLossBackend for burn_cubecl::CubeBackend<R, F, I, BT>
-{
-}
 impl<B: burn_fusion::FusionBackend> ChunkedLossBackend for burn_fusion::Fusion<B> {}
 
 #[derive(Debug, Clone)]
@@ -203,7 +272,7 @@ struct Saved<B: Backend> {
 #[derive(Debug)]
 struct LossBackward;
 
-impl<B: Backend> Backward<B, 2> for LossBackward {
+impl<B: ChunkedLossBackend> Backward<B, 2> for LossBackward {
     type State = Saved<B>;
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
