@@ -12,7 +12,9 @@
 //!   the tokens that used it, in a fixed order (deterministic, no float atomics).
 //!
 //! [`sparse_adapter`] and [`gather_rows`] are the tensor-level entry points. LeMo's token
-//! elimination kernels (segment selection, gather, merge) are in [`tokens`].
+//! elimination kernels (segment selection, gather, merge) are in [`tokens`]; the chunked causal
+//! attention with its row kernels in [`attention`]; the fused LM head + cross-entropy with its
+//! row kernels in [`loss`].
 
 pub mod attention;
 mod backward;

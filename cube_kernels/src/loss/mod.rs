@@ -11,7 +11,11 @@
 //! `G = (exp(L − lse) − onehot(target)) · dnll`, `dH = G Wᵀ`, `dW = Hᵀ G`. Logits and
 //! softmax are computed in f32 whatever the storage type.
 //!
-//! [`ChunkedLossBackend`]'s default method is the forward in plain burn ops (any backend);
+//! Per chunk, the rows' log-sum-exp, likelihood and argmax ([`ChunkedLossBackend::loss_rows`])
+//! and the softmax gradient ([`ChunkedLossBackend::loss_rows_grad`]) are plain burn ops by
+//! default ([`plain_rows`], [`plain_rows_grad`]: ndarray, burn's fusion backend, the tests'
+//! reference) and one row kernel each on the cubecl backends (`kernel.rs`, launched from
+//! `cube.rs`). [`ChunkedLossBackend::chunked_token_nll`]'s default method is the whole forward;
 //! `Autodiff<B>` registers the recomputing backward.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
