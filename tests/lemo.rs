@@ -22,7 +22,7 @@ use cube_kernels::tokens::{
 };
 use meft::lemo::{
     eliminate, eliminate_from_backward, eliminated, random_scores, Elimination, KeyScope, Lemo,
-    LemoConfig, LemoMode, LemoPlan,
+    LemoConfig, LemoMode, LemoPlan, PatternSource,
 };
 use meft::model::{ops, Llama};
 
@@ -441,6 +441,7 @@ fn eliminating_from_the_backward_leaves_the_model_outputs_unchanged() {
         LemoMode::Exact,
         LemoMode::Random(1),
         LemoMode::Random(2),
+        LemoMode::RandomShared(3),
     ] {
         for l in [&lemo, &rescaled] {
             let (h, _) = l.forward_hidden(&m, toks.clone(), mode);
@@ -464,6 +465,53 @@ fn eliminating_from_the_backward_leaves_the_model_outputs_unchanged() {
     .unwrap();
     let (h, _) = skip.forward_hidden(&m, toks, LemoMode::Predicted);
     assert!(max_abs(h, plain) > 1e-6 * scale);
+}
+
+/// `random-shared` draws one pattern per step for every layer: with eliminated tokens
+/// skipping the layer, exactly the tokens eliminated in one layer pass every layer untouched
+/// (their final hidden state is their normalised embedding), where per-layer draws leave
+/// fewer tokens untouched in all layers.
+#[test]
+fn shared_random_patterns_eliminate_the_same_tokens_in_every_layer() {
+    let (batch, seq) = (2, 40);
+    let m = model(3, seq);
+    let cfg = LemoConfig {
+        keep_ratio: 0.5,
+        segment: 16,
+        sink: 1,
+        recent: 4,
+        eliminate: Elimination::Layer,
+        keys: KeyScope::All,
+        layers: Some(meft::adapter::Layers::All),
+        ..LemoConfig::default()
+    };
+    let lemo = Lemo::new(&cfg, &m, &Default::default()).unwrap();
+    let toks = tokens::<B64>(batch, seq, 40, 5);
+    let untouched = m.norm.forward(m.embed.forward(toks.clone()));
+    let count = |mode| {
+        let (h, _) = lemo.forward_hidden(&m, toks.clone(), mode);
+        let diff: Vec<f64> = (h - untouched.clone())
+            .abs()
+            .max_dim(2)
+            .into_data()
+            .convert::<f64>()
+            .into_vec()
+            .unwrap();
+        diff.iter().filter(|&&d| d == 0.0).count()
+    };
+    // Segments of 16, 16 and 8 tokens keeping 8 each: 24 kept, 16 eliminated per input.
+    assert_eq!(count(LemoMode::RandomShared(7)), batch * 16);
+    assert!(count(LemoMode::Random(7)) < batch * 16);
+    let parsed: LemoConfig = toml::from_str("pattern = \"random-shared\"").unwrap();
+    assert_eq!(parsed.pattern, PatternSource::RandomShared);
+    assert_eq!(
+        LemoMode::eliminating(PatternSource::RandomShared, 9, 4),
+        LemoMode::eliminating(PatternSource::RandomShared, 9, 4)
+    );
+    assert_ne!(
+        LemoMode::eliminating(PatternSource::RandomShared, 9, 4),
+        LemoMode::eliminating(PatternSource::RandomShared, 9, 5)
+    );
 }
 
 #[test]

@@ -185,6 +185,7 @@ impl LemoBench {
             | LemoBenchMode::LemoLayer
             | LemoBenchMode::LemoKept => match lemo_cfg.pattern {
                 PatternSource::Random => LemoMode::Random(lemo_cfg.seed),
+                PatternSource::RandomShared => LemoMode::RandomShared(lemo_cfg.seed),
                 _ => LemoMode::Predicted,
             },
             LemoBenchMode::LemoExact => LemoMode::Exact,

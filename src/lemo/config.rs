@@ -22,6 +22,13 @@ pub enum PatternSource {
     /// eliminated tokens' keys and values, which stay constants).
     /// Warm-up steps run the plain model (there is nothing to calibrate).
     Random,
+    /// Like `Random`, but one draw per step is shared by every eliminating layer: a token is
+    /// kept in all of them or eliminated from all of them. With [`Elimination::Backward`] a
+    /// kept token's gradient then crosses every layer through the layer's Jacobian and an
+    /// eliminated token's through none, instead of a mix of the two (measured against
+    /// per-layer draws in BENCHMARKS.md).
+    #[serde(rename = "random-shared")]
+    RandomShared,
 }
 
 /// Which keys a kept token attends to in an eliminating layer.

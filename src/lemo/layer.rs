@@ -29,6 +29,8 @@ pub enum LemoMode {
     Predicted,
     /// Eliminate with a random pattern drawn from this seed (mixed with the layer index).
     Random(u64),
+    /// Eliminate with one random pattern drawn from this seed for every layer.
+    RandomShared(u64),
 }
 
 impl LemoMode {
@@ -39,6 +41,7 @@ impl LemoMode {
             PatternSource::Predicted => LemoMode::Predicted,
             PatternSource::Exact => LemoMode::Exact,
             PatternSource::Random => LemoMode::Random(mix(seed, step as u64)),
+            PatternSource::RandomShared => LemoMode::RandomShared(mix(seed, step as u64)),
         }
     }
 }
@@ -271,9 +274,14 @@ impl<B: Backend> Lemo<B> {
                     let p = self.pattern(slot, logits, bias);
                     self.eliminate_at(slot, block, x, &model.rope, &p)
                 }
-                LemoMode::Random(seed) => {
+                LemoMode::Random(_) | LemoMode::RandomShared(_) => {
+                    let layer_seed = match mode {
+                        LemoMode::Random(seed) => mix(seed, i as u64),
+                        LemoMode::RandomShared(seed) => seed,
+                        _ => unreachable!("random modes only"),
+                    };
                     let batch = x.dims()[0];
-                    let v = random_scores(mix(seed, i as u64), batch * seq);
+                    let v = random_scores(layer_seed, batch * seq);
                     let scores =
                         Tensor::<B, 2>::from_data(TensorData::new(v, [batch, seq]), &device)
                             .cast(DType::F32);
