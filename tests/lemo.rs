@@ -504,6 +504,14 @@ fn shared_random_patterns_eliminate_the_same_tokens_in_every_layer() {
     assert!(count(LemoMode::Random(7)) < batch * 16);
     let parsed: LemoConfig = toml::from_str("pattern = \"random-shared\"").unwrap();
     assert_eq!(parsed.pattern, PatternSource::RandomShared);
+    // The default resolves by elimination kind.
+    assert_eq!(cfg.pattern, PatternSource::Auto);
+    assert_eq!(cfg.pattern_source(), PatternSource::Predicted);
+    let backward = LemoConfig {
+        eliminate: Elimination::Backward,
+        ..cfg.clone()
+    };
+    assert_eq!(backward.pattern_source(), PatternSource::RandomShared);
     assert_eq!(
         LemoMode::eliminating(PatternSource::RandomShared, 9, 4),
         LemoMode::eliminating(PatternSource::RandomShared, 9, 4)

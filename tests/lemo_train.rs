@@ -73,6 +73,7 @@ sink = 1
 recent = 4
 predictor_hidden = 8
 warmup_steps = 3
+pattern = "predicted"
 "#,
         common::tinycoder().display(),
         dir.join("run").display(),

@@ -33,8 +33,8 @@ pub enum LemoBenchMode {
     Full,
     /// Full, under burn's balanced activation checkpointing.
     Checkpoint,
-    /// LeMo with the predicted pattern as `[lemo]` says (by default eliminated tokens leave
-    /// the backward only and kept tokens attend to all keys).
+    /// LeMo as `[lemo]` says (by default eliminated tokens leave the backward only, kept
+    /// tokens attend to all keys, and one random pattern per step is shared by every layer).
     Lemo,
     /// LeMo as `[lemo]` says with random patterns instead of the predictors
     /// (`pattern = "random"`: no predictor forward; with backward elimination the same
@@ -183,7 +183,7 @@ impl LemoBench {
             | LemoBenchMode::LemoPlainSoftmax
             | LemoBenchMode::LemoKvGradient
             | LemoBenchMode::LemoLayer
-            | LemoBenchMode::LemoKept => match lemo_cfg.pattern {
+            | LemoBenchMode::LemoKept => match lemo_cfg.pattern_source() {
                 PatternSource::Random => LemoMode::Random(lemo_cfg.seed),
                 PatternSource::RandomShared => LemoMode::RandomShared(lemo_cfg.seed),
                 _ => LemoMode::Predicted,

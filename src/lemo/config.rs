@@ -9,8 +9,14 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum PatternSource {
-    /// The layer's trained predictor (cheap; the default).
+    /// The default: `random-shared` with [`Elimination::Backward`], `predicted` with
+    /// [`Elimination::Layer`] ([`LemoConfig::pattern_source`]). Backward elimination keeps the
+    /// forward exact, so the pattern only routes the gradient, and one shared random draw per
+    /// step gave the best perplexity of the sources measured (BENCHMARKS.md, issue 6); where
+    /// eliminated tokens skip the layer, the predicted informativeness decides the outputs.
     #[default]
+    Auto,
+    /// The layer's trained predictor (cheap).
     Predicted,
     /// The exact informativeness scores (attention received; costly, for reference runs).
     Exact,
@@ -121,7 +127,7 @@ impl Default for LemoConfig {
             recent: 64,
             predictor_hidden: 64,
             warmup_steps: 20,
-            pattern: PatternSource::Predicted,
+            pattern: PatternSource::Auto,
             keys: KeyScope::All,
             eliminate: Elimination::Backward,
             rescale_gradient: false,
@@ -133,6 +139,15 @@ impl Default for LemoConfig {
 }
 
 impl LemoConfig {
+    /// The pattern source in effect: `pattern`, with `auto` resolved for `eliminate`.
+    pub fn pattern_source(&self) -> PatternSource {
+        match (self.pattern, self.eliminate) {
+            (PatternSource::Auto, Elimination::Backward) => PatternSource::RandomShared,
+            (PatternSource::Auto, Elimination::Layer) => PatternSource::Predicted,
+            (p, _) => p,
+        }
+    }
+
     /// The layers that eliminate tokens in a model of `n` layers.
     pub fn layer_indices(&self, n: usize) -> Result<Vec<usize>> {
         match &self.layers {

@@ -36,12 +36,16 @@ pub enum LemoMode {
 impl LemoMode {
     /// The eliminating mode for `source` at training step `step` (random patterns are drawn
     /// from `seed` and `step`, so a resumed run draws the same ones).
+    /// `source` as [`LemoConfig::pattern_source`] resolves it (`auto` is taken as
+    /// `random-shared`, its value under the default backward elimination).
     pub fn eliminating(source: PatternSource, seed: u64, step: usize) -> Self {
         match source {
             PatternSource::Predicted => LemoMode::Predicted,
             PatternSource::Exact => LemoMode::Exact,
             PatternSource::Random => LemoMode::Random(mix(seed, step as u64)),
-            PatternSource::RandomShared => LemoMode::RandomShared(mix(seed, step as u64)),
+            PatternSource::RandomShared | PatternSource::Auto => {
+                LemoMode::RandomShared(mix(seed, step as u64))
+            }
         }
     }
 }

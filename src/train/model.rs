@@ -104,7 +104,9 @@ impl LemoSchedule {
         let step = self.steps.fetch_add(1, Ordering::SeqCst);
         match (step < self.warmup_steps, self.source) {
             // Random patterns have no predictor to calibrate: warm-up runs the plain model.
-            (true, PatternSource::Random | PatternSource::RandomShared) => LemoMode::Off,
+            (true, PatternSource::Random | PatternSource::RandomShared | PatternSource::Auto) => {
+                LemoMode::Off
+            }
             (true, _) => LemoMode::Calibrate,
             (false, source) => LemoMode::eliminating(source, self.seed, step),
         }

@@ -302,8 +302,8 @@ impl BackendTask for TrainTask {
             model.lemo = Some(Lemo::new(lc, &model, &device)?);
             let plan = &model.lemo.as_ref().expect("just attached").plan;
             eprintln!(
-                "lemo: layers {:?} keep {:?} of {} tokens per segment; {} calibration steps, then {:?} patterns",
-                plan.layers, plan.keep, plan.segment, lc.warmup_steps, lc.pattern
+                "lemo: layers {:?} keep {:?} of {} tokens per segment; {} warm-up steps, then {:?} patterns",
+                plan.layers, plan.keep, plan.segment, lc.warmup_steps, lc.pattern_source()
             );
         }
         let model = params::stable_ids(model);
@@ -321,7 +321,7 @@ impl BackendTask for TrainTask {
         let mut lm = AdaptedLm::new(model, adapters);
         lm.lemo = c.lemo.as_ref().map(|lc| LemoSchedule {
             warmup_steps: lc.warmup_steps,
-            source: lc.pattern,
+            source: lc.pattern_source(),
             steps: Default::default(),
             seed: lc.seed,
         });
