@@ -36,6 +36,7 @@ pub enum LemoMode {
 impl LemoMode {
     /// The eliminating mode for `source` at training step `step` (random patterns are drawn
     /// from `seed` and `step`, so a resumed run draws the same ones).
+    ///
     /// `source` as [`LemoConfig::pattern_source`] resolves it (`auto` is taken as
     /// `random-shared`, its value under the default backward elimination).
     pub fn eliminating(source: PatternSource, seed: u64, step: usize) -> Self {
@@ -474,8 +475,8 @@ pub fn eliminate_from_backward<B: Backend>(
         let xnc = block.attn_norm.forward(xc.clone());
         let place = |eliminated: Tensor<B, 3>, kept: Tensor<B, 3>| {
             let [b, _, w] = kept.dims();
-            let empty = Tensor::<B, 3>::zeros([b, p.seq, w], (&kept.device(), kept.dtype()));
-            merge(merge(empty, eliminated, rest), kept, p)
+            let zeros = Tensor::<B, 3>::zeros([b, p.seq, w], (&kept.device(), kept.dtype()));
+            merge(merge(zeros, eliminated, rest), kept, p)
         };
         let k = place(
             frozen.attn.wk.forward(xnr.clone()),
