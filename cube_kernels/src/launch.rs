@@ -82,6 +82,21 @@ pub fn grid(n: usize) -> cubecl::CubeCount {
     cubecl::CubeCount::Static(x, y, 1)
 }
 
+/// Units per cube of the row kernels (attention softmax, loss rows): enough to stream a row of
+/// `len` elements with a few loads each, a power of two in 32 … 256.
+pub fn row_threads(len: usize) -> u32 {
+    (len / 4).next_power_of_two().clamp(32, 256) as u32
+}
+
+/// The type the row kernels accumulate and return per-row results in: f64 for f64 inputs,
+/// else f32.
+pub fn row_acc(dtype: burn::tensor::DType) -> burn::tensor::DType {
+    match dtype {
+        burn::tensor::DType::F64 => burn::tensor::DType::F64,
+        _ => burn::tensor::DType::F32,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

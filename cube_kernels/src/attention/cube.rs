@@ -11,7 +11,7 @@ use cubecl::CubeDim;
 
 use super::kernel::{causal_softmax_grad_kernel, causal_softmax_kernel};
 use super::{float, prim, reference, ChunkedAttentionBackend};
-use crate::launch::grid;
+use crate::launch::{grid, row_acc, row_threads};
 use crate::tokens::forward::empty;
 
 /// False when `MEFT_ATTN_KERNELS=0` (or `false`) asks for the plain ops.
@@ -20,20 +20,6 @@ pub fn attention_kernels_enabled() -> bool {
         std::env::var("MEFT_ATTN_KERNELS").as_deref(),
         Ok("0") | Ok("false")
     )
-}
-
-/// Units per row: enough to stream a row of `keys` with a few loads each, 32 … 256.
-fn threads_for(keys: usize) -> u32 {
-    (keys / 4).next_power_of_two().clamp(32, 256) as u32
-}
-
-/// The log-sum-exp's type: f64 for f64 scores, else f32.
-fn acc_of(dtype: DType) -> DType {
-    if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
 }
 
 /// `x` as is when its keys (last dim) are adjacent in memory — any other strides are read as
@@ -70,11 +56,11 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ChunkedAtt
         }
         let s = unit_stride(s);
         let limit = into_contiguous(limit);
-        let acc = acc_of(s.dtype);
+        let acc = row_acc(s.dtype);
         let nb = keys.div_ceil(block).max(1);
         let p = empty(&s, vec![b * kv, nb, rc, block], dtype);
         let lse = empty(&s, vec![rows], acc);
-        let threads = threads_for(keys);
+        let threads = row_threads(keys);
         let dtypes = [s.dtype.into(), dtype.into(), acc.into(), limit.dtype.into()];
         causal_softmax_kernel::launch::<R>(
             &s.client.clone(),
@@ -129,7 +115,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ChunkedAtt
         let nb = keys.div_ceil(block).max(1);
         let p = empty(&s, vec![b * kv, nb, rc, block], dtype);
         let ds = empty(&s, vec![b * kv, nb, rc, block], dtype);
-        let threads = threads_for(keys);
+        let threads = row_threads(keys);
         let dtypes = [
             s.dtype.into(),
             dtype.into(),

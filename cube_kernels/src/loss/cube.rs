@@ -11,7 +11,7 @@ use cubecl::CubeDim;
 use super::kernel::{loss_rows_grad_kernel, loss_rows_kernel};
 use super::{plain_rows, plain_rows_grad, ChunkedLossBackend};
 use crate::attention::{float, prim};
-use crate::launch::grid;
+use crate::launch::{grid, row_acc, row_threads};
 use crate::tokens::forward::empty;
 
 /// False when `MEFT_LOSS_KERNELS=0` (or `false`) asks for the plain ops.
@@ -20,21 +20,6 @@ pub fn loss_kernels_enabled() -> bool {
         std::env::var("MEFT_LOSS_KERNELS").as_deref(),
         Ok("0") | Ok("false")
     )
-}
-
-/// Units per row: 256 (a vocabulary row is tens of thousands of columns), fewer for tiny
-/// vocabularies.
-fn threads_for(vocab: usize) -> u32 {
-    (vocab / 4).next_power_of_two().clamp(32, 256) as u32
-}
-
-/// The per-row results' type: f64 for f64 logits, else f32.
-fn acc_of(dtype: DType) -> DType {
-    if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ChunkedLossBackend
@@ -51,11 +36,11 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ChunkedLos
             return (prim(nll), prim(lse), best.into_primitive());
         }
         let targets = into_contiguous(targets);
-        let acc = acc_of(logits.dtype);
+        let acc = row_acc(logits.dtype);
         let nll = empty(&logits, vec![rows], acc);
         let lse = empty(&logits, vec![rows], acc);
         let best = empty(&targets, vec![rows], targets.dtype);
-        let threads = threads_for(vocab);
+        let threads = row_threads(vocab);
         let dtypes = [logits.dtype.into(), acc.into(), targets.dtype.into()];
         loss_rows_kernel::launch::<R>(
             &logits.client.clone(),
@@ -93,7 +78,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ChunkedLos
         let dnll = into_contiguous(dnll);
         let targets = into_contiguous(targets);
         let grad = empty(&logits, vec![rows, vocab], dtype);
-        let threads = threads_for(vocab);
+        let threads = row_threads(vocab);
         let dtypes = [
             logits.dtype.into(),
             dtype.into(),
