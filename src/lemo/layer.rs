@@ -60,6 +60,17 @@ fn mix(a: u64, b: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Random scores `[batch, seq]` (f32) from `seed`, on `device`.
+fn random_score_tensor<B: Backend>(
+    seed: u64,
+    batch: usize,
+    seq: usize,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let v = random_scores(seed, batch * seq);
+    Tensor::<B, 2>::from_data(TensorData::new(v, [batch, seq]), device).cast(DType::F32)
+}
+
 /// `n` scores uniform in [0, 1), a pure function of `seed`.
 pub fn random_scores(seed: u64, n: usize) -> Vec<f32> {
     (0..n as u64)
@@ -237,6 +248,8 @@ impl<B: Backend> Lemo<B> {
             overlap: Vec::new(),
         };
         let bias = (mode != LemoMode::Off).then(|| self.forced_bias(seq, &device));
+        // `RandomShared`: the pattern of the last budget drawn (every layer shares the draw).
+        let mut shared: Option<(usize, TokenPattern<B>)> = None;
         let mut x = model.embed.forward(tokens);
         for (i, block) in model.blocks.iter().enumerate() {
             let slot = self.plan.layers.iter().position(|&l| l == i);
@@ -279,18 +292,24 @@ impl<B: Backend> Lemo<B> {
                     let p = self.pattern(slot, logits, bias);
                     self.eliminate_at(slot, block, x, &model.rope, &p)
                 }
-                LemoMode::Random(_) | LemoMode::RandomShared(_) => {
-                    let layer_seed = match mode {
-                        LemoMode::Random(seed) => mix(seed, i as u64),
-                        LemoMode::RandomShared(seed) => seed,
-                        _ => unreachable!("random modes only"),
-                    };
-                    let batch = x.dims()[0];
-                    let v = random_scores(layer_seed, batch * seq);
+                LemoMode::Random(seed) => {
                     let scores =
-                        Tensor::<B, 2>::from_data(TensorData::new(v, [batch, seq]), &device)
-                            .cast(DType::F32);
+                        random_score_tensor(mix(seed, i as u64), x.dims()[0], seq, &device);
                     let p = self.pattern(slot, scores, bias);
+                    self.eliminate_at(slot, block, x, &model.rope, &p)
+                }
+                LemoMode::RandomShared(seed) => {
+                    // One draw for every layer: select once per keep budget, reuse after.
+                    let keep = self.plan.keep[slot];
+                    let p = match &shared {
+                        Some((k, p)) if *k == keep => p.clone(),
+                        _ => {
+                            let scores = random_score_tensor(seed, x.dims()[0], seq, &device);
+                            let p = self.pattern(slot, scores, bias);
+                            shared = Some((keep, p.clone()));
+                            p
+                        }
+                    };
                     self.eliminate_at(slot, block, x, &model.rope, &p)
                 }
             };

@@ -59,10 +59,7 @@ pub fn balanced_chunk(n: usize, chunk: usize) -> usize {
     let chunk = chunk.max(1);
     let chunks = n.div_ceil(chunk).max(1);
     let even = n.div_ceil(chunks);
-    even.div_ceil(16)
-        .saturating_mul(16)
-        .min(chunk)
-        .max(even.min(chunk))
+    even.div_ceil(16).saturating_mul(16).min(chunk)
 }
 
 /// What the forward returns: per-row negative log-likelihood (f32 or f64), the per-row
