@@ -522,6 +522,63 @@ fn shared_random_patterns_eliminate_the_same_tokens_in_every_layer() {
     );
 }
 
+/// `difficulty` patterns are chosen on the host and given to every layer: with eliminated
+/// tokens skipping the layer, exactly the low-score tokens (forced ones aside) pass every
+/// layer untouched.
+#[test]
+fn given_patterns_eliminate_the_lowest_scores_in_every_layer() {
+    let (batch, seq) = (2, 40);
+    let m = model(3, seq);
+    let cfg = LemoConfig {
+        keep_ratio: 0.5,
+        segment: 16,
+        sink: 1,
+        recent: 4,
+        eliminate: Elimination::Layer,
+        keys: KeyScope::All,
+        layers: Some(meft::adapter::Layers::All),
+        ..LemoConfig::default()
+    };
+    let lemo = Lemo::new(&cfg, &m, &Default::default()).unwrap();
+    let toks = tokens::<B64>(batch, seq, 40, 5);
+    let untouched = m.norm.forward(m.embed.forward(toks.clone()));
+    // Scores falling then rising within each segment: the middle of a segment is eliminated.
+    let scores: Vec<f32> = (0..batch * seq)
+        .map(|r| ((r % seq) % 16) as f32 - 7.5)
+        .map(|v| v.abs())
+        .collect();
+    let (given, inv) = lemo.patterns_from_scores(&scores, batch, seq, &Default::default());
+    assert_eq!(given.len(), 1);
+    let (h, _) = lemo.forward_hidden_given(&m, toks.clone(), LemoMode::Given, &given);
+    let diff: Vec<f64> = (h - untouched)
+        .abs()
+        .max_dim(2)
+        .into_data()
+        .convert::<f64>()
+        .into_vec()
+        .unwrap();
+    let sentinel = (batch * 24) as i32;
+    for (r, d) in diff.iter().enumerate() {
+        let j = r % seq;
+        let forced = j < 1 || j + 4 >= seq;
+        // Segments of 16 keep their 8 highest |j mod 16 − 7.5|: offsets 0–3 and 12–15.
+        let in_segment = j % 16;
+        let expect_kept = forced || !(4..12).contains(&in_segment) || j >= 32;
+        assert_eq!(inv[r] < sentinel, expect_kept, "row {r}");
+        assert_eq!(*d == 0.0, !expect_kept, "row {r}: {d}");
+    }
+    // Without patterns the given mode is the plain model.
+    let (plain, _) = lemo.forward_hidden(&m, toks.clone(), LemoMode::Given);
+    let (reference, _) = lemo.forward_hidden(&m, toks, LemoMode::Off);
+    assert_eq!(max_abs(plain, reference), 0.0);
+    assert_eq!(
+        LemoMode::eliminating(PatternSource::Difficulty, 9, 4),
+        LemoMode::Given
+    );
+    let parsed: LemoConfig = toml::from_str("pattern = \"difficulty\"").unwrap();
+    assert_eq!(parsed.pattern, PatternSource::Difficulty);
+}
+
 #[test]
 fn chunked_attention_equals_burn_attention_with_gradients() {
     let dev = Default::default();

@@ -5,6 +5,8 @@
 //! Batches are right-padded. No attention mask is needed: attention is causal, so a real token
 //! never attends to a padding token after it, and padding positions are out of the loss.
 
+use std::sync::Arc;
+
 use burn::data::dataloader::batcher::Batcher;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -93,6 +95,20 @@ pub struct QaBatch<B: Backend> {
     pub tokens: usize,
     /// Targets in the loss (answer tokens).
     pub targets: usize,
+    /// The same ids on the host (empty where the batch was made on the device).
+    pub host: Arc<HostIds>,
+}
+
+/// A batch's ids on the host, for choices made there before the forward (LeMo's
+/// `pattern = "difficulty"`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostIds {
+    /// Inputs `[batch, seq]`, row-major.
+    pub inputs: Vec<i64>,
+    /// Next-token targets `[batch, seq]`, row-major.
+    pub targets: Vec<i64>,
+    /// Whether each position's target is in the loss, `[batch, seq]`.
+    pub in_loss: Vec<bool>,
 }
 
 /// Right-pads tokenized examples into [`QaBatch`]es.
@@ -131,6 +147,11 @@ impl<B: Backend> Batcher<B, TokenizedExample, QaBatch<B>> for QaBatcher {
                 }
             }
         }
+        let host = Arc::new(HostIds {
+            inputs: inputs.clone(),
+            targets: targets.clone(),
+            in_loss: mask.iter().map(|&m| m > 0.0).collect(),
+        });
         let int = |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, t]), device);
         let flat = |v: Vec<i64>| {
             let n = v.len();
@@ -146,6 +167,7 @@ impl<B: Backend> Batcher<B, TokenizedExample, QaBatch<B>> for QaBatcher {
             },
             tokens,
             targets: counted,
+            host,
         }
     }
 }

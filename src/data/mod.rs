@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use batch::{tokenize, QaBatch, QaBatcher, TokenizedExample};
+pub use batch::{tokenize, HostIds, QaBatch, QaBatcher, TokenizedExample};
 
 /// Why data could not be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -35,6 +35,13 @@ pub enum PatternSource {
     /// per-layer draws in BENCHMARKS.md).
     #[serde(rename = "random-shared")]
     RandomShared,
+    /// Shared by every eliminating layer like `RandomShared`, but chosen: each segment keeps
+    /// the tokens whose targets the model has recently missed most (running `1 − p(target)`
+    /// per previous-token/target pair, from the losses of the steps before; see
+    /// [`super::difficulty`]), i.e. the tokens whose loss gradient is largest. Needs
+    /// [`Elimination::Backward`] (the pattern routes the gradient; the forward stays exact).
+    /// Warm-up steps run the plain model and fill the table.
+    Difficulty,
 }
 
 /// Which keys a kept token attends to in an eliminating layer.
@@ -203,6 +210,14 @@ impl LemoConfig {
                 "kv_gradient",
                 "applies to eliminated tokens computed in the forward: it needs \
                  eliminate = \"backward\""
+                    .into(),
+            ));
+        }
+        if self.pattern == PatternSource::Difficulty && self.eliminate != Elimination::Backward {
+            return Err(bad(
+                "pattern",
+                "\"difficulty\" chooses which tokens' gradient to keep and needs a forward \
+                 that stays exact: use it with eliminate = \"backward\""
                     .into(),
             ));
         }

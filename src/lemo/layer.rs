@@ -31,6 +31,9 @@ pub enum LemoMode {
     Random(u64),
     /// Eliminate with one random pattern drawn from this seed for every layer.
     RandomShared(u64),
+    /// Eliminate with patterns the caller chose (one per keep budget, shared by every layer
+    /// with that budget; [`Lemo::forward_hidden_given`]).
+    Given,
 }
 
 impl LemoMode {
@@ -47,6 +50,7 @@ impl LemoMode {
             PatternSource::RandomShared | PatternSource::Auto => {
                 LemoMode::RandomShared(mix(seed, step as u64))
             }
+            PatternSource::Difficulty => LemoMode::Given,
         }
     }
 }
@@ -234,12 +238,56 @@ impl<B: Backend> Lemo<B> {
     }
 
     /// Final hidden states `[batch, seq, d]` of `model` for `tokens`, with the LeMo layers
-    /// treated as `mode` says.
+    /// treated as `mode` says ([`LemoMode::Given`] has no patterns here and runs the plain
+    /// model).
     pub fn forward_hidden(
         &self,
         model: &Llama<B>,
         tokens: Tensor<B, 2, Int>,
         mode: LemoMode,
+    ) -> (Tensor<B, 3>, LemoAux<B>) {
+        self.forward_hidden_given(model, tokens, mode, &[])
+    }
+
+    /// The patterns of `kept` for this plan: `scores` `[batch, seq]` (row-major, host), each
+    /// segment keeping its highest-scoring tokens (forced ones first), one pattern per
+    /// distinct keep budget, as [`LemoMode::Given`] takes them. Also returns the first
+    /// budget's `inv` (compact slot per row, `batch · kept` where eliminated).
+    pub fn patterns_from_scores(
+        &self,
+        scores: &[f32],
+        batch: usize,
+        seq: usize,
+        device: &B::Device,
+    ) -> (Vec<(usize, TokenPattern<B>)>, Vec<i32>) {
+        let mut out: Vec<(usize, TokenPattern<B>)> = Vec::new();
+        let mut first = Vec::new();
+        for &keep in &self.plan.keep {
+            if out.iter().any(|(k, _)| *k == keep) {
+                continue;
+            }
+            let p = &self.plan;
+            let (idx, inv) = super::difficulty::select_kept(
+                scores, batch, seq, p.segment, keep, p.sink, p.recent,
+            );
+            if out.is_empty() {
+                first = inv.clone();
+            }
+            let pattern = TokenPattern::from_host(&idx, &inv, batch, seq, device);
+            out.push((keep, pattern));
+        }
+        (out, first)
+    }
+
+    /// [`Lemo::forward_hidden`] where [`LemoMode::Given`] eliminates with `given` (keep
+    /// budget, pattern): a layer uses the pattern of its budget, and runs the plain layer if
+    /// none is given for it.
+    pub fn forward_hidden_given(
+        &self,
+        model: &Llama<B>,
+        tokens: Tensor<B, 2, Int>,
+        mode: LemoMode,
+        given: &[(usize, TokenPattern<B>)],
     ) -> (Tensor<B, 3>, LemoAux<B>) {
         let [_, seq] = tokens.dims();
         let device = tokens.device();
@@ -311,6 +359,13 @@ impl<B: Backend> Lemo<B> {
                         }
                     };
                     self.eliminate_at(slot, block, x, &model.rope, &p)
+                }
+                LemoMode::Given => {
+                    let keep = self.plan.keep[slot];
+                    match given.iter().find(|(k, _)| *k == keep) {
+                        Some((_, p)) => self.eliminate_at(slot, block, x, &model.rope, p),
+                        None => block.forward(x, &model.rope, None),
+                    }
                 }
             };
         }

@@ -12,6 +12,8 @@
 //! - [`config`]: the budget and where it applies ([`LemoConfig`]).
 //! - [`score`]: exact informativeness (attention received).
 //! - [`predictor`]: the per-layer pattern predictors and their loss.
+//! - [`difficulty`]: the running per-token misses that choose which tokens' gradient to keep
+//!   (`pattern = "difficulty"`).
 //! - [`layer`]: the forward with elimination ([`Lemo`], [`LemoMode`]).
 //!
 //! Selection, gather and merge are `cube_kernels::tokens` (segment-based and
@@ -19,11 +21,13 @@
 //! (`cube_kernels::attention`) with or without elimination.
 
 pub mod config;
+pub mod difficulty;
 pub mod layer;
 pub mod predictor;
 pub mod score;
 
 pub use config::{Elimination, KeyScope, LemoConfig, PatternSource};
+pub use difficulty::TokenDifficulty;
 pub use layer::{
     eliminate, eliminate_from_backward, eliminated, kept_mask, random_scores, Lemo, LemoAux,
     LemoMode, LemoPlan,

@@ -698,14 +698,18 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Final hidden states with the attached LeMo layers treated as `mode` says (the plain
-    /// [`Llama::forward_hidden`] when no LeMo is attached or `mode` is off).
+    /// [`Llama::forward_hidden`] when no LeMo is attached or `mode` is off); `given`: the
+    /// patterns of [`LemoMode::Given`] ([`crate::lemo::Lemo::forward_hidden_given`]).
     pub fn forward_hidden_lemo(
         &self,
         tokens: Tensor<B, 2, Int>,
         mode: LemoMode,
+        given: &[(usize, TokenPattern<B>)],
     ) -> (Tensor<B, 3>, LemoAux<B>) {
         match (&self.lemo, mode) {
-            (Some(lemo), m) if m != LemoMode::Off => lemo.forward_hidden(self, tokens, m),
+            (Some(lemo), m) if m != LemoMode::Off => {
+                lemo.forward_hidden_given(self, tokens, m, given)
+            }
             _ => (
                 self.forward_hidden(tokens, None),
                 LemoAux {
@@ -723,12 +727,24 @@ impl<B: Backend> Llama<B> {
         positions: Tensor<B, 1, Int>,
         targets: Tensor<B, 1, Int>,
     ) -> (Tensor<B, 1>, Tensor<B, 1>) {
+        let (nll, correct) = self.selected_nll_on_hidden(hidden, positions, targets);
+        let n = nll.dims()[0].max(1) as f64;
+        (nll.sum() / n, correct)
+    }
+
+    /// The per-target negative log-likelihoods `[positions]` behind
+    /// [`Llama::selected_loss_on_hidden`] (its loss is their mean) and the correct count.
+    pub fn selected_nll_on_hidden(
+        &self,
+        hidden: Tensor<B, 3>,
+        positions: Tensor<B, 1, Int>,
+        targets: Tensor<B, 1, Int>,
+    ) -> (Tensor<B, 1>, Tensor<B, 1>) {
         let [b, t, d] = hidden.dims();
         let picked_hidden = hidden.reshape([b * t, d]).select(0, positions);
         let (nll, best) = self.token_nll(picked_hidden, targets.clone());
         let correct = best.equal(targets).float().sum().cast(nll.dtype());
-        let n = nll.dims()[0].max(1) as f64;
-        (nll.sum() / n, correct)
+        (nll, correct)
     }
 
     /// Errors if `total` positions would exceed the model's context.

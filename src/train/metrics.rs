@@ -26,6 +26,9 @@ pub enum StepQuantity {
     DeviceMemory,
     /// LeMo calibration: share of the exact pattern the predictors match, percent.
     PredictorOverlap,
+    /// LeMo: share of the step's miss (`Σ 1 − p(target)`) at the tokens kept in the
+    /// backward, percent.
+    KeptMissShare,
 }
 
 impl StepQuantity {
@@ -37,6 +40,7 @@ impl StepQuantity {
             Self::NeuronsTouched => ("Neurons touched", "%", false),
             Self::DeviceMemory => ("GPU memory", "GiB", false),
             Self::PredictorOverlap => ("Pattern overlap", "%", true),
+            Self::KeptMissShare => ("Kept miss share", "%", true),
         }
     }
 
@@ -50,6 +54,7 @@ impl StepQuantity {
             Self::NeuronsTouched => (100.0 * s.touched_share, 1.0),
             Self::DeviceMemory => (s.device_bytes.unwrap_or(0.0) / (1u64 << 30) as f64, 1.0),
             Self::PredictorOverlap => o.predictor_overlap.map_or((0.0, 0.0), |v| (100.0 * v, 1.0)),
+            Self::KeptMissShare => o.kept_miss_share.map_or((0.0, 0.0), |v| (100.0 * v, 1.0)),
         }
     }
 }

@@ -112,6 +112,10 @@ pub struct TrainOutcome {
     pub tokens_per_sec: f64,
     /// Highest device memory in use after a step, bytes (CUDA).
     pub peak_device_bytes: Option<f64>,
+    /// LeMo with `random-shared` or `difficulty` patterns: the mean over this process's
+    /// eliminating steps of the share of the step's miss (`Σ 1 − p(target)`) at the tokens
+    /// kept in the backward.
+    pub kept_miss_share: Option<f64>,
     /// Examples in the train and eval splits (text: training and validation windows).
     pub split_sizes: (usize, usize),
     /// The adapter export.
@@ -319,12 +323,10 @@ impl BackendTask for TrainTask {
             .sum();
         eprintln!("adapter: {trainable} trainable parameters on the device, {host} in host stores");
         let mut lm = AdaptedLm::new(model, adapters);
-        lm.lemo = c.lemo.as_ref().map(|lc| LemoSchedule {
-            warmup_steps: lc.warmup_steps,
-            source: lc.pattern_source(),
-            steps: Default::default(),
-            seed: lc.seed,
-        });
+        lm.lemo = c
+            .lemo
+            .as_ref()
+            .map(|lc| LemoSchedule::new(lc.warmup_steps, lc.pattern_source(), lc.seed));
         // Before the first step: a run whose checkpoints cannot fit on the disk stops now,
         // not at its first checkpoint hours later.
         checkpoint::check_disk(&ckpt_dir, &lm)?;
@@ -471,8 +473,9 @@ impl BackendTask for TrainTask {
             training = training.metric_train_numeric(StepMetric::new(StepQuantity::DeviceMemory));
         }
         if c.lemo.is_some() {
-            training =
-                training.metric_train_numeric(StepMetric::new(StepQuantity::PredictorOverlap));
+            training = training
+                .metric_train_numeric(StepMetric::new(StepQuantity::PredictorOverlap))
+                .metric_train_numeric(StepMetric::new(StepQuantity::KeptMissShare));
         }
         let plain = match c.display {
             Display::Plain => true,
@@ -524,6 +527,10 @@ impl BackendTask for TrainTask {
                 0.0
             },
             peak_device_bytes: report.peak_device_bytes,
+            kept_miss_share: match report.kept_miss_shares.len() {
+                0 => None,
+                n => Some(report.kept_miss_shares.iter().sum::<f64>() / n as f64),
+            },
             perplexity_before: ppl_before,
             perplexity_after: ppl_after,
             split_sizes: data

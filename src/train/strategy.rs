@@ -49,6 +49,9 @@ pub struct LoopReport {
     pub error: Option<Error>,
     /// Steps skipped for a non-finite loss or gradient.
     pub skipped: Vec<usize>,
+    /// LeMo: the share of each step's miss kept in the backward, for the steps of this
+    /// process that measured it.
+    pub kept_miss_shares: Vec<f64>,
 }
 
 /// Settings of a [`StepLoop`].
@@ -241,6 +244,7 @@ impl<B: AutodiffBackend> StepLoop<B> {
                     r.steps_done = step;
                     r.tokens += out.item.tokens;
                     r.secs += secs;
+                    r.kept_miss_shares.extend(out.item.kept_miss_share);
                     if let Some(b) = device_bytes {
                         r.peak_device_bytes =
                             Some(r.peak_device_bytes.map_or(b, |p: f64| p.max(b)));

@@ -330,6 +330,7 @@ fn lm_batch<B: Backend>(
         positions,
         tokens: n,
         targets: n,
+        host: Default::default(),
     }
 }
 
@@ -433,7 +434,7 @@ fn activation_bytes<B: AutodiffBackend>(
     let before = pool.used();
     let (hidden, _) = lm
         .model
-        .forward_hidden_lemo(batch.lm.inputs.clone(), LemoMode::Off);
+        .forward_hidden_lemo(batch.lm.inputs.clone(), LemoMode::Off, &[]);
     let (loss, _) = lm.model.selected_loss_on_hidden(
         hidden,
         batch.positions.clone(),
