@@ -21,8 +21,8 @@ use cube_kernels::tokens::{
     TokenPattern,
 };
 use meft::lemo::{
-    eliminate, eliminate_from_backward, eliminated, random_scores, Elimination, KeyScope, Lemo,
-    LemoConfig, LemoMode, LemoPlan, PatternSource,
+    eliminate, eliminate_from_backward, eliminated, random_run_scores, random_scores, Elimination,
+    KeyScope, Lemo, LemoConfig, LemoMode, LemoPlan, PatternSource,
 };
 use meft::model::{ops, Llama};
 
@@ -549,7 +549,7 @@ fn given_patterns_eliminate_the_lowest_scores_in_every_layer() {
         .collect();
     let (given, inv) = lemo.patterns_from_scores(&scores, batch, seq, &Default::default());
     assert_eq!(given.len(), 1);
-    let (h, _) = lemo.forward_hidden_given(&m, toks.clone(), LemoMode::Given, &given);
+    let (h, _) = lemo.forward_hidden_given(&m, toks.clone(), LemoMode::Given(0), &given);
     let diff: Vec<f64> = (h - untouched)
         .abs()
         .max_dim(2)
@@ -568,15 +568,55 @@ fn given_patterns_eliminate_the_lowest_scores_in_every_layer() {
         assert_eq!(*d == 0.0, !expect_kept, "row {r}: {d}");
     }
     // Without patterns the given mode is the plain model.
-    let (plain, _) = lemo.forward_hidden(&m, toks.clone(), LemoMode::Given);
+    let (plain, _) = lemo.forward_hidden(&m, toks.clone(), LemoMode::Given(0));
     let (reference, _) = lemo.forward_hidden(&m, toks, LemoMode::Off);
     assert_eq!(max_abs(plain, reference), 0.0);
-    assert_eq!(
-        LemoMode::eliminating(PatternSource::Difficulty, 9, 4),
-        LemoMode::Given
-    );
+    for source in [PatternSource::Difficulty, PatternSource::RandomRuns] {
+        let at = |step| LemoMode::eliminating(source, 9, step);
+        assert!(matches!(at(4), LemoMode::Given(_)));
+        assert_ne!(at(4), at(5));
+    }
     let parsed: LemoConfig = toml::from_str("pattern = \"difficulty\"").unwrap();
     assert_eq!(parsed.pattern, PatternSource::Difficulty);
+    let parsed: LemoConfig = toml::from_str("pattern = \"random-runs\"").unwrap();
+    assert_eq!(parsed.pattern, PatternSource::RandomRuns);
+}
+
+/// `random-runs` scores make each segment keep one contiguous run (wrapping at the
+/// segment's end) of any length, from an offset that varies with the seed, input and segment.
+#[test]
+fn random_run_scores_keep_one_run_per_segment() {
+    let (batch, seq, segment) = (3, 70, 16);
+    let mut offsets = std::collections::BTreeSet::new();
+    for seed in 0..4 {
+        let s = random_run_scores(seed, batch, seq, segment);
+        for keep in [1, 5, 8, 15, 16] {
+            let (_, inv) = select_segments_host(&s, batch, seq, segment, keep);
+            let sentinel =
+                (batch * cube_kernels::tokens::kept_per_input(seq, segment, keep)) as i32;
+            for b in 0..batch {
+                for start in (0..seq).step_by(segment) {
+                    let n = segment.min(seq - start);
+                    let kept: Vec<bool> = (0..n)
+                        .map(|j| inv[b * seq + start + j] < sentinel)
+                        .collect();
+                    assert_eq!(kept.iter().filter(|&&k| k).count(), keep.min(n));
+                    // One run, cyclically: at most one kept position follows an eliminated one.
+                    let starts = (0..n)
+                        .filter(|&j| kept[j] && !kept[(j + n - 1) % n])
+                        .count();
+                    assert!(
+                        starts <= 1,
+                        "seed {seed} keep {keep} input {b} at {start}: {kept:?}"
+                    );
+                    if keep == 1 {
+                        offsets.insert(kept.iter().position(|&k| k).unwrap());
+                    }
+                }
+            }
+        }
+    }
+    assert!(offsets.len() > 4, "offsets {offsets:?}");
 }
 
 #[test]

@@ -235,3 +235,53 @@ fn difficulty_patterns_train_and_report_the_kept_miss() {
     let out = train(config(&dir, &data, 4), false, None);
     assert_eq!(out.kept_miss_share, None);
 }
+
+/// The difficulty table is part of the checkpoint: a run stopped and resumed chooses the
+/// same patterns (losses equal the straight run's).
+#[test]
+fn difficulty_lemo_resumes_exactly() {
+    let cfg = |dir: &Path, data: &Path| {
+        let mut cfg = config(dir, data, 8);
+        cfg.lemo.as_mut().unwrap().pattern = meft::lemo::PatternSource::Difficulty;
+        cfg
+    };
+    let dir = workdir("difficulty-straight");
+    let data = text_file(&dir);
+    let straight = train(cfg(&dir, &data), false, None);
+    let dir2 = workdir("difficulty-resumed");
+    train(cfg(&dir2, &data), false, Some(4));
+    let saved = std::fs::read_dir(dir2.join("run/checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| e.path().join("lemo-difficulty.json").exists());
+    assert!(saved, "no checkpoint holds the difficulty table");
+    let rest = train(cfg(&dir2, &data), true, None);
+    assert_eq!(rest.resumed_from, 4);
+    assert_eq!(rest.losses.len(), straight.losses.len());
+    for (i, (a, b)) in rest.losses.iter().zip(&straight.losses).enumerate() {
+        assert!((a - b).abs() <= 1e-6 * b.abs(), "step {i}: {a} vs {b}");
+    }
+}
+
+#[test]
+fn lemo_composes_with_a_meft_adapter() {
+    let dir = workdir("meft");
+    let data = text_file(&dir);
+    let mut cfg = config(&dir, &data, 6);
+    cfg.adapter = serde_json::from_value(serde_json::json!({
+        "kind": "meft", "neurons": 256, "top_k": 8, "experts_per_token": 4
+    }))
+    .unwrap();
+    let out = TrainTask {
+        config: cfg,
+        resume: false,
+        stop_after: None,
+        skip_eval: false,
+    }
+    .run::<NdArray>(NdArrayDevice::Cpu)
+    .unwrap();
+    // 3 calibration steps, then 3 with the MEFT FFN running on the kept tokens only.
+    assert_eq!(out.steps, 6);
+    assert!(out.losses.iter().all(|l| l.is_finite()), "{:?}", out.losses);
+    assert!(out.perplexity_after.is_some());
+}

@@ -42,6 +42,12 @@ pub enum PatternSource {
     /// [`Elimination::Backward`] (the pattern routes the gradient; the forward stays exact).
     /// Warm-up steps run the plain model and fill the table.
     Difficulty,
+    /// Shared by every eliminating layer like `RandomShared`, but each segment keeps one
+    /// contiguous run of tokens (from a random offset, wrapping at the segment's end) instead
+    /// of scattered ones: a kept token's neighbours, which its attention weighs most, are
+    /// then mostly kept too, so less of its attention gradient meets constant keys and values.
+    #[serde(rename = "random-runs")]
+    RandomRuns,
 }
 
 /// Which keys a kept token attends to in an eliminating layer.

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 
 use cube_kernels::tokens::select_segments_host;
+use serde::{Deserialize, Serialize};
 
 /// A running mean over the first `horizon` observations, an exponential average after.
 #[derive(Debug, Clone, Copy, Default)]
@@ -83,6 +84,47 @@ impl TokenDifficulty {
         self.all.n
     }
 
+    /// The table as plain lists (sorted, so equal tables serialise equally), for checkpoints.
+    pub fn to_saved(&self) -> SavedDifficulty {
+        let mut pairs: Vec<_> = self
+            .pairs
+            .iter()
+            .map(|(&(p, t), r)| (p, t, r.mean, r.n))
+            .collect();
+        pairs.sort_by_key(|e| (e.0, e.1));
+        let mut targets: Vec<_> = self
+            .targets
+            .iter()
+            .map(|(&t, r)| (t, r.mean, r.n))
+            .collect();
+        targets.sort_by_key(|e| e.0);
+        SavedDifficulty {
+            horizon: self.horizon,
+            all: (self.all.mean, self.all.n),
+            pairs,
+            targets,
+        }
+    }
+
+    /// The table [`TokenDifficulty::to_saved`] saved.
+    pub fn from_saved(s: SavedDifficulty) -> Self {
+        let run = |mean, n| Running { mean, n };
+        Self {
+            pairs: s
+                .pairs
+                .into_iter()
+                .map(|(p, t, m, n)| ((p, t), run(m, n)))
+                .collect(),
+            targets: s
+                .targets
+                .into_iter()
+                .map(|(t, m, n)| (t, run(m, n)))
+                .collect(),
+            all: run(s.all.0, s.all.1),
+            horizon: s.horizon.max(1),
+        }
+    }
+
     /// Per position of a `[batch, seq]` input (row-major `inputs`, `targets`), the expected
     /// miss; positions out of the loss (`in_loss` false) get the overall average. `tie` adds a
     /// tiny pseudo-random tie-break from this seed, so equal scores do not always favour the
@@ -104,6 +146,20 @@ impl TokenDifficulty {
             })
             .collect()
     }
+}
+
+/// [`TokenDifficulty`] as plain lists: `(previous, target, mean, count)` per pair,
+/// `(target, mean, count)` per target, `(mean, count)` over all.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedDifficulty {
+    /// Time constant of the averages, in observations.
+    pub horizon: u64,
+    /// The average over everything.
+    pub all: (f64, u64),
+    /// Per (previous token, target) pair.
+    pub pairs: Vec<(u32, u32, f64, u64)>,
+    /// Per target.
+    pub targets: Vec<(u32, f64, u64)>,
 }
 
 /// The positions of a `[batch, seq]` input kept when each `segment`-token segment keeps its
@@ -165,6 +221,20 @@ mod tests {
         assert!((d.expected_miss(7, 8) - 0.5).abs() < 1e-12);
         d.observe(1, 2, f64::NAN);
         assert_eq!(d.observed(), 3);
+    }
+
+    #[test]
+    fn saves_and_restores_exactly() {
+        let mut d = TokenDifficulty::new(5);
+        for i in 0..50u32 {
+            d.observe(i % 7, i % 3, (i as f64 * 0.37).sin().abs());
+        }
+        let json = serde_json::to_string(&d.to_saved()).unwrap();
+        let back = TokenDifficulty::from_saved(serde_json::from_str(&json).unwrap());
+        assert_eq!(back.to_saved(), d.to_saved());
+        for (p, t) in [(0, 0), (3, 1), (9, 2), (9, 9)] {
+            assert_eq!(back.expected_miss(p, t), d.expected_miss(p, t));
+        }
     }
 
     #[test]

@@ -32,8 +32,9 @@ pub enum LemoMode {
     /// Eliminate with one random pattern drawn from this seed for every layer.
     RandomShared(u64),
     /// Eliminate with patterns the caller chose (one per keep budget, shared by every layer
-    /// with that budget; [`Lemo::forward_hidden_given`]).
-    Given,
+    /// with that budget; [`Lemo::forward_hidden_given`]); the caller's choice is drawn from
+    /// this seed where it is random.
+    Given(u64),
 }
 
 impl LemoMode {
@@ -50,7 +51,9 @@ impl LemoMode {
             PatternSource::RandomShared | PatternSource::Auto => {
                 LemoMode::RandomShared(mix(seed, step as u64))
             }
-            PatternSource::Difficulty => LemoMode::Given,
+            PatternSource::Difficulty | PatternSource::RandomRuns => {
+                LemoMode::Given(mix(seed, step as u64))
+            }
         }
     }
 }
@@ -80,6 +83,26 @@ pub fn random_scores(seed: u64, n: usize) -> Vec<f32> {
     (0..n as u64)
         .map(|i| (mix(seed, i) >> 40) as f32 / (1u64 << 24) as f32)
         .collect()
+}
+
+/// Scores `[batch, seq]` (row-major) under which each `segment`-token segment keeps one
+/// contiguous run: the segment's tokens score highest at a random offset (drawn from `seed`
+/// per input and segment) and lower with each position after it, wrapping at the segment's
+/// end — so the `k` best of a segment are the `k` positions from the offset on, for any `k`.
+pub fn random_run_scores(seed: u64, batch: usize, seq: usize, segment: usize) -> Vec<f32> {
+    let segment = segment.max(1);
+    let per_input = seq.div_ceil(segment);
+    let mut out = vec![0.0f32; batch * seq];
+    for b in 0..batch {
+        for (s, start) in (0..seq).step_by(segment).enumerate() {
+            let n = segment.min(seq - start);
+            let o = (mix(seed, (b * per_input + s) as u64) % n as u64) as usize;
+            for j in 0..n {
+                out[b * seq + start + j] = -(((j + n - o) % n) as f32);
+            }
+        }
+    }
+    out
 }
 
 /// Where and how much LeMo eliminates (plain values derived from [`LemoConfig`]).
@@ -360,7 +383,7 @@ impl<B: Backend> Lemo<B> {
                     };
                     self.eliminate_at(slot, block, x, &model.rope, &p)
                 }
-                LemoMode::Given => {
+                LemoMode::Given(_) => {
                     let keep = self.plan.keep[slot];
                     match given.iter().find(|(k, _)| *k == keep) {
                         Some((_, p)) => self.eliminate_at(slot, block, x, &model.rope, p),

@@ -29,7 +29,7 @@ pub mod score;
 pub use config::{Elimination, KeyScope, LemoConfig, PatternSource};
 pub use difficulty::TokenDifficulty;
 pub use layer::{
-    eliminate, eliminate_from_backward, eliminated, kept_mask, random_scores, Lemo, LemoAux,
-    LemoMode, LemoPlan,
+    eliminate, eliminate_from_backward, eliminated, kept_mask, random_run_scores, random_scores,
+    Lemo, LemoAux, LemoMode, LemoPlan,
 };
 pub use predictor::{bce_with_logits, PatternPredictor};

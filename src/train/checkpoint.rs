@@ -205,9 +205,19 @@ fn write_files<B: AutodiffBackend>(
     tensors_file::sync_file(&tmp.join("optimizer.bin"))?;
 
     write_stores(&tmp.join("meft.safetensors"), lm)?;
+    if let Some(table) = lm.lemo.as_ref().and_then(|l| l.difficulty.as_ref()) {
+        let saved = table.lock().unwrap_or_else(|p| p.into_inner()).to_saved();
+        let json = serde_json::to_vec(&saved).map_err(|e| Error::Other(e.to_string()))?;
+        let path = tmp.join(DIFFICULTY_FILE);
+        std::fs::write(&path, json).map_err(|e| io("writing", &path, e))?;
+        tensors_file::sync_file(&path)?;
+    }
     sync_dir(tmp)?;
     Ok(())
 }
+
+/// LeMo's difficulty table in a checkpoint (`pattern = "difficulty"` and `random-shared`).
+const DIFFICULTY_FILE: &str = "lemo-difficulty.json";
 
 /// Writes trainable parameters (by path) to a safetensors file.
 pub fn write_trainable(
@@ -430,6 +440,18 @@ pub fn restore<B: AutodiffBackend>(
     if let Some(l) = &lemo {
         let step = read_state_step(path)?;
         l.steps.store(step, std::sync::atomic::Ordering::SeqCst);
+        if let Some(table) = &l.difficulty {
+            // Checkpoints from before the table existed have none: it refills from the next
+            // steps' losses.
+            let file = path.join(DIFFICULTY_FILE);
+            if file.exists() {
+                let bytes = std::fs::read(&file).map_err(|e| io("reading", &file, e))?;
+                let saved = serde_json::from_slice(&bytes)
+                    .map_err(|e| Error::Other(format!("checkpoint {}: {e}", file.display())))?;
+                *table.lock().unwrap_or_else(|p| p.into_inner()) =
+                    crate::lemo::TokenDifficulty::from_saved(saved);
+            }
+        }
     }
     Ok(AdaptedLm {
         model,

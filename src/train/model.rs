@@ -22,7 +22,9 @@ use crate::adapter::meft::RowGrad;
 use crate::adapter::Adapters;
 use crate::data::{HostIds, QaBatch};
 use crate::lemo::difficulty::kept_share;
-use crate::lemo::{random_scores, Lemo, LemoMode, PatternSource, TokenDifficulty};
+use crate::lemo::{
+    random_run_scores, random_scores, Lemo, LemoMode, PatternSource, TokenDifficulty,
+};
 use crate::model::Llama;
 use crate::{Error, Result};
 
@@ -99,8 +101,8 @@ pub struct LemoSchedule {
     /// Seed of random patterns (`lemo.seed`).
     pub seed: u64,
     /// Running per-token misses: what `difficulty` patterns choose by, and what the kept
-    /// share of the step's miss reports for `random-shared` and `difficulty` (None for other
-    /// sources).
+    /// share of the step's miss reports for `random-shared`, `random-runs` and `difficulty`
+    /// (None for other sources).
     pub difficulty: Option<Arc<Mutex<TokenDifficulty>>>,
 }
 
@@ -122,7 +124,10 @@ impl LemoSchedule {
     pub fn new(warmup_steps: usize, source: PatternSource, seed: u64) -> Self {
         let tracked = matches!(
             source,
-            PatternSource::Difficulty | PatternSource::RandomShared | PatternSource::Auto
+            PatternSource::Difficulty
+                | PatternSource::RandomShared
+                | PatternSource::RandomRuns
+                | PatternSource::Auto
         );
         Self {
             warmup_steps,
@@ -145,7 +150,8 @@ impl LemoSchedule {
                 PatternSource::Random
                 | PatternSource::RandomShared
                 | PatternSource::Auto
-                | PatternSource::Difficulty,
+                | PatternSource::Difficulty
+                | PatternSource::RandomRuns,
             ) => LemoMode::Off,
             (true, _) => LemoMode::Calibrate,
             (false, source) => LemoMode::eliminating(source, self.seed, step),
@@ -153,8 +159,8 @@ impl LemoSchedule {
     }
 
     /// The patterns of a step in `mode` chosen on the host: `difficulty`'s from the table,
-    /// and `random-shared`'s replica (the device draws the same one) for the report. None
-    /// for other modes or a batch without host ids.
+    /// `random-runs`' from the step's draw, and `random-shared`'s replica (the device draws
+    /// the same one) for the report. None for other modes or a batch without host ids.
     fn host_pattern<B: Backend>(
         &self,
         lemo: &Lemo<B>,
@@ -169,10 +175,12 @@ impl LemoSchedule {
             return None;
         }
         let scores = match mode {
-            LemoMode::Given => {
+            LemoMode::Given(seed) if self.source == PatternSource::RandomRuns => {
+                random_run_scores(seed, batch, seq, lemo.plan.segment)
+            }
+            LemoMode::Given(seed) => {
                 let t = table.lock().unwrap_or_else(|p| p.into_inner());
-                let tie = self.steps.load(Ordering::SeqCst) as u64 ^ self.seed;
-                t.scores(&host.inputs, &host.targets, &host.in_loss, tie)
+                t.scores(&host.inputs, &host.targets, &host.in_loss, seed)
             }
             LemoMode::RandomShared(seed) => random_scores(seed, batch * seq),
             _ => return None,
@@ -181,7 +189,7 @@ impl LemoSchedule {
         let keep = lemo.plan.keep[0];
         let sentinel = (batch * kept_per_input(seq, lemo.plan.segment, keep)) as i32;
         let given = match mode {
-            LemoMode::Given => given,
+            LemoMode::Given(_) => given,
             _ => Vec::new(),
         };
         Some(StepPattern {
