@@ -511,7 +511,7 @@ fn shared_random_patterns_eliminate_the_same_tokens_in_every_layer() {
         eliminate: Elimination::Backward,
         ..cfg.clone()
     };
-    assert_eq!(backward.pattern_source(), PatternSource::RandomShared);
+    assert_eq!(backward.pattern_source(), PatternSource::RandomRuns);
     assert_eq!(
         LemoMode::eliminating(PatternSource::RandomShared, 9, 4),
         LemoMode::eliminating(PatternSource::RandomShared, 9, 4)

@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 use super::model::{median, sync, Preset};
 use crate::adapter::{wrap, AdapterConfig, Layers, LoraConfig};
 use crate::backend::{cuda_memory, cuda_memory_cleanup, BackendTask};
-use crate::lemo::{Elimination, KeyScope, Lemo, LemoConfig, LemoMode, PatternSource};
+use crate::lemo::{
+    random_run_scores, Elimination, KeyScope, Lemo, LemoConfig, LemoMode, PatternSource,
+};
 use crate::model::{Llama, LlamaConfig};
 use crate::{Error, Result};
 
@@ -36,6 +38,9 @@ pub enum LemoBenchMode {
     /// LeMo as `[lemo]` says (by default eliminated tokens leave the backward only, kept
     /// tokens attend to all keys, and one random pattern per step is shared by every layer).
     Lemo,
+    /// LeMo as `[lemo]` says with one random pattern per step shared by every layer
+    /// (`pattern = "random-shared"`: scattered tokens, where the default keeps runs).
+    LemoShared,
     /// LeMo as `[lemo]` says with random patterns instead of the predictors
     /// (`pattern = "random"`: no predictor forward; with backward elimination the same
     /// perplexity as predicted patterns, BENCHMARKS.md).
@@ -162,6 +167,7 @@ impl LemoBench {
         let mut lemo_cfg = self.lemo.clone();
         match mode {
             LemoBenchMode::LemoRandom => lemo_cfg.pattern = PatternSource::Random,
+            LemoBenchMode::LemoShared => lemo_cfg.pattern = PatternSource::RandomShared,
             LemoBenchMode::LemoKvGradient => {
                 lemo_cfg.eliminate = Elimination::Backward;
                 lemo_cfg.kv_gradient = true;
@@ -180,12 +186,14 @@ impl LemoBench {
         let lemo_mode = match mode {
             LemoBenchMode::Lemo
             | LemoBenchMode::LemoRandom
+            | LemoBenchMode::LemoShared
             | LemoBenchMode::LemoPlainSoftmax
             | LemoBenchMode::LemoKvGradient
             | LemoBenchMode::LemoLayer
             | LemoBenchMode::LemoKept => match lemo_cfg.pattern_source() {
                 PatternSource::Random => LemoMode::Random(lemo_cfg.seed),
                 PatternSource::RandomShared => LemoMode::RandomShared(lemo_cfg.seed),
+                PatternSource::RandomRuns => LemoMode::Given(lemo_cfg.seed),
                 _ => LemoMode::Predicted,
             },
             LemoBenchMode::LemoExact => LemoMode::Exact,
@@ -218,7 +226,16 @@ impl LemoBench {
             }
             let m0 = used();
             let t0 = Instant::now();
-            let (hidden, _) = lemo.forward_hidden(&model, inputs.clone(), lemo_mode);
+            // Host-chosen patterns (`random-runs`) are chosen and uploaded inside the step.
+            let given = match lemo_mode {
+                LemoMode::Given(seed) => {
+                    let scores = random_run_scores(seed, self.batch, seq, lemo.plan.segment);
+                    lemo.patterns_from_scores(&scores, self.batch, seq, device)
+                        .0
+                }
+                _ => Vec::new(),
+            };
+            let (hidden, _) = lemo.forward_hidden_given(&model, inputs.clone(), lemo_mode, &given);
             sync::<AB>(device)?;
             let t1 = Instant::now();
             let m1 = used();

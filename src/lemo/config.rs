@@ -9,11 +9,12 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum PatternSource {
-    /// The default: `random-shared` with [`Elimination::Backward`], `predicted` with
+    /// The default: `random-runs` with [`Elimination::Backward`], `predicted` with
     /// [`Elimination::Layer`] ([`LemoConfig::pattern_source`]). Backward elimination keeps the
-    /// forward exact, so the pattern only routes the gradient, and one shared random draw per
-    /// step gave the best perplexity of the sources measured (BENCHMARKS.md, issue 6); where
-    /// eliminated tokens skip the layer, the predicted informativeness decides the outputs.
+    /// forward exact, so the pattern only routes the gradient, and one shared random draw of
+    /// contiguous runs per step gave the best perplexity of the sources measured
+    /// (BENCHMARKS.md, issue 6); where eliminated tokens skip the layer, the predicted
+    /// informativeness decides the outputs.
     #[default]
     Auto,
     /// The layer's trained predictor (cheap).
@@ -155,7 +156,7 @@ impl LemoConfig {
     /// The pattern source in effect: `pattern`, with `auto` resolved for `eliminate`.
     pub fn pattern_source(&self) -> PatternSource {
         match (self.pattern, self.eliminate) {
-            (PatternSource::Auto, Elimination::Backward) => PatternSource::RandomShared,
+            (PatternSource::Auto, Elimination::Backward) => PatternSource::RandomRuns,
             (PatternSource::Auto, Elimination::Layer) => PatternSource::Predicted,
             (p, _) => p,
         }

@@ -42,16 +42,15 @@ impl LemoMode {
     /// from `seed` and `step`, so a resumed run draws the same ones).
     ///
     /// `source` as [`LemoConfig::pattern_source`] resolves it (`auto` is taken as
-    /// `random-shared`, its value under the default backward elimination).
+    /// `random-runs`, its value under the default backward elimination). Host-chosen sources
+    /// (`difficulty`, `random-runs`) give [`LemoMode::Given`]: the caller builds the patterns.
     pub fn eliminating(source: PatternSource, seed: u64, step: usize) -> Self {
         match source {
             PatternSource::Predicted => LemoMode::Predicted,
             PatternSource::Exact => LemoMode::Exact,
             PatternSource::Random => LemoMode::Random(mix(seed, step as u64)),
-            PatternSource::RandomShared | PatternSource::Auto => {
-                LemoMode::RandomShared(mix(seed, step as u64))
-            }
-            PatternSource::Difficulty | PatternSource::RandomRuns => {
+            PatternSource::RandomShared => LemoMode::RandomShared(mix(seed, step as u64)),
+            PatternSource::Difficulty | PatternSource::RandomRuns | PatternSource::Auto => {
                 LemoMode::Given(mix(seed, step as u64))
             }
         }

@@ -175,7 +175,9 @@ impl LemoSchedule {
             return None;
         }
         let scores = match mode {
-            LemoMode::Given(seed) if self.source == PatternSource::RandomRuns => {
+            LemoMode::Given(seed)
+                if matches!(self.source, PatternSource::RandomRuns | PatternSource::Auto) =>
+            {
                 random_run_scores(seed, batch, seq, lemo.plan.segment)
             }
             LemoMode::Given(seed) => {
