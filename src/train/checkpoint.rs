@@ -216,7 +216,8 @@ fn write_files<B: AutodiffBackend>(
     Ok(())
 }
 
-/// LeMo's difficulty table in a checkpoint (`pattern = "difficulty"` and `random-shared`).
+/// LeMo's difficulty table in a checkpoint (the sources that keep one: `difficulty`, and the
+/// random shared ones for the kept-miss report).
 const DIFFICULTY_FILE: &str = "lemo-difficulty.json";
 
 /// Writes trainable parameters (by path) to a safetensors file.

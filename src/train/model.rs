@@ -379,8 +379,9 @@ pub struct LmStepOutput {
     pub stats: StepStats,
     /// LeMo calibration steps: mean share of the exact pattern the predictors matched.
     pub predictor_overlap: Option<f64>,
-    /// LeMo steps with `random-shared` or `difficulty` patterns: share of the step's miss
-    /// (`Σ 1 − p(target)`) at the tokens kept in the backward.
+    /// LeMo steps with `random-shared`, `random-runs` or `difficulty` patterns: share of the
+    /// step's miss (`Σ 1 − p(target)`) at the tokens the first eliminating layer keeps in the
+    /// backward.
     pub kept_miss_share: Option<f64>,
 }
 

@@ -112,9 +112,9 @@ pub struct TrainOutcome {
     pub tokens_per_sec: f64,
     /// Highest device memory in use after a step, bytes (CUDA).
     pub peak_device_bytes: Option<f64>,
-    /// LeMo with `random-shared` or `difficulty` patterns: the mean over this process's
-    /// eliminating steps of the share of the step's miss (`Σ 1 − p(target)`) at the tokens
-    /// kept in the backward.
+    /// LeMo with `random-shared`, `random-runs` or `difficulty` patterns: the mean over this
+    /// process's eliminating steps of the share of the step's miss (`Σ 1 − p(target)`) at the
+    /// tokens the first eliminating layer keeps in the backward.
     pub kept_miss_share: Option<f64>,
     /// Examples in the train and eval splits (text: training and validation windows).
     pub split_sizes: (usize, usize),
