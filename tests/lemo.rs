@@ -471,10 +471,18 @@ fn eliminating_from_the_backward_leaves_the_model_outputs_unchanged() {
 /// skipping the layer, exactly the tokens eliminated in one layer pass every layer untouched
 /// (their final hidden state is their normalised embedding), where per-layer draws leave
 /// fewer tokens untouched in all layers.
-#[test]
-fn shared_random_patterns_eliminate_the_same_tokens_in_every_layer() {
-    let (batch, seq) = (2, 40);
-    let m = model(3, seq);
+/// A 3-layer model whose every layer keeps 8 of each 16 tokens (1 sink, 4 recent), eliminated
+/// tokens skipping the layer; 2 inputs of 40 tokens; and the final hidden state of a token
+/// that skips every layer (its normalised embedding).
+#[allow(clippy::type_complexity)]
+fn skipping_setup() -> (
+    Llama<B64>,
+    LemoConfig,
+    Lemo<B64>,
+    Tensor<B64, 2, Int>,
+    Tensor<B64, 3>,
+) {
+    let m = model(3, 40);
     let cfg = LemoConfig {
         keep_ratio: 0.5,
         segment: 16,
@@ -486,8 +494,15 @@ fn shared_random_patterns_eliminate_the_same_tokens_in_every_layer() {
         ..LemoConfig::default()
     };
     let lemo = Lemo::new(&cfg, &m, &Default::default()).unwrap();
-    let toks = tokens::<B64>(batch, seq, 40, 5);
+    let toks = tokens::<B64>(2, 40, 40, 5);
     let untouched = m.norm.forward(m.embed.forward(toks.clone()));
+    (m, cfg, lemo, toks, untouched)
+}
+
+#[test]
+fn shared_random_patterns_eliminate_the_same_tokens_in_every_layer() {
+    let batch = 2;
+    let (m, cfg, lemo, toks, untouched) = skipping_setup();
     let count = |mode| {
         let (h, _) = lemo.forward_hidden(&m, toks.clone(), mode);
         let diff: Vec<f64> = (h - untouched.clone())
@@ -528,20 +543,7 @@ fn shared_random_patterns_eliminate_the_same_tokens_in_every_layer() {
 #[test]
 fn given_patterns_eliminate_the_lowest_scores_in_every_layer() {
     let (batch, seq) = (2, 40);
-    let m = model(3, seq);
-    let cfg = LemoConfig {
-        keep_ratio: 0.5,
-        segment: 16,
-        sink: 1,
-        recent: 4,
-        eliminate: Elimination::Layer,
-        keys: KeyScope::All,
-        layers: Some(meft::adapter::Layers::All),
-        ..LemoConfig::default()
-    };
-    let lemo = Lemo::new(&cfg, &m, &Default::default()).unwrap();
-    let toks = tokens::<B64>(batch, seq, 40, 5);
-    let untouched = m.norm.forward(m.embed.forward(toks.clone()));
+    let (m, _, lemo, toks, untouched) = skipping_setup();
     // Scores falling then rising within each segment: the middle of a segment is eliminated.
     let scores: Vec<f32> = (0..batch * seq)
         .map(|r| ((r % seq) % 16) as f32 - 7.5)

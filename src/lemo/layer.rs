@@ -271,10 +271,11 @@ impl<B: Backend> Lemo<B> {
         self.forward_hidden_given(model, tokens, mode, &[])
     }
 
-    /// The patterns of `kept` for this plan: `scores` `[batch, seq]` (row-major, host), each
-    /// segment keeping its highest-scoring tokens (forced ones first), one pattern per
-    /// distinct keep budget, as [`LemoMode::Given`] takes them. Also returns the first
-    /// budget's `inv` (compact slot per row, `batch · kept` where eliminated).
+    /// The patterns this plan's budgets keep under `scores` `[batch, seq]` (row-major, on the
+    /// host): each segment keeps its highest-scoring tokens (forced ones first), one pattern
+    /// per distinct keep budget, uploaded to `device` as [`LemoMode::Given`] takes them. Also
+    /// returns the first budget's `inv` (compact slot per row, `batch · kept` where
+    /// eliminated).
     pub fn patterns_from_scores(
         &self,
         scores: &[f32],

@@ -21,7 +21,7 @@ use cube_kernels::tokens::{kept_per_input, TokenPattern};
 use crate::adapter::meft::RowGrad;
 use crate::adapter::Adapters;
 use crate::data::{HostIds, QaBatch};
-use crate::lemo::difficulty::kept_share;
+use crate::lemo::difficulty::{kept_share, select_kept};
 use crate::lemo::{
     random_run_scores, random_scores, Lemo, LemoMode, PatternSource, TokenDifficulty,
 };
@@ -187,13 +187,17 @@ impl LemoSchedule {
             LemoMode::RandomShared(seed) => random_scores(seed, batch * seq),
             _ => return None,
         };
-        let (given, inv) = lemo.patterns_from_scores(&scores, batch, seq, device);
-        let keep = lemo.plan.keep[0];
-        let sentinel = (batch * kept_per_input(seq, lemo.plan.segment, keep)) as i32;
-        let given = match mode {
-            LemoMode::Given(_) => given,
-            _ => Vec::new(),
+        let p = &lemo.plan;
+        // Only `Given` patterns go to the device; the replica is for the report alone.
+        let (given, inv) = match mode {
+            LemoMode::Given(_) => lemo.patterns_from_scores(&scores, batch, seq, device),
+            _ => {
+                let (_, inv) =
+                    select_kept(&scores, batch, seq, p.segment, p.keep[0], p.sink, p.recent);
+                (Vec::new(), inv)
+            }
         };
+        let sentinel = (batch * kept_per_input(seq, p.segment, p.keep[0])) as i32;
         Some(StepPattern {
             given,
             inv,
