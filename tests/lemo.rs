@@ -499,19 +499,24 @@ fn skipping_setup() -> (
     (m, cfg, lemo, toks, untouched)
 }
 
+/// Per row of `[batch, seq, d]` hidden states, the largest |a − b| over the row.
+fn row_change(a: Tensor<B64, 3>, b: Tensor<B64, 3>) -> Vec<f64> {
+    (a - b)
+        .abs()
+        .max_dim(2)
+        .into_data()
+        .convert::<f64>()
+        .into_vec()
+        .unwrap()
+}
+
 #[test]
 fn shared_random_patterns_eliminate_the_same_tokens_in_every_layer() {
     let batch = 2;
     let (m, cfg, lemo, toks, untouched) = skipping_setup();
     let count = |mode| {
         let (h, _) = lemo.forward_hidden(&m, toks.clone(), mode);
-        let diff: Vec<f64> = (h - untouched.clone())
-            .abs()
-            .max_dim(2)
-            .into_data()
-            .convert::<f64>()
-            .into_vec()
-            .unwrap();
+        let diff = row_change(h, untouched.clone());
         diff.iter().filter(|&&d| d == 0.0).count()
     };
     // Segments of 16, 16 and 8 tokens keeping 8 each: 24 kept, 16 eliminated per input.
@@ -552,13 +557,7 @@ fn given_patterns_eliminate_the_lowest_scores_in_every_layer() {
     let (given, inv) = lemo.patterns_from_scores(&scores, batch, seq, &Default::default());
     assert_eq!(given.len(), 1);
     let (h, _) = lemo.forward_hidden_given(&m, toks.clone(), LemoMode::Given(0), &given);
-    let diff: Vec<f64> = (h - untouched)
-        .abs()
-        .max_dim(2)
-        .into_data()
-        .convert::<f64>()
-        .into_vec()
-        .unwrap();
+    let diff = row_change(h, untouched);
     let sentinel = (batch * 24) as i32;
     for (r, d) in diff.iter().enumerate() {
         let j = r % seq;
