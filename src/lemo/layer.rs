@@ -290,9 +290,8 @@ impl<B: Backend> Lemo<B> {
                 continue;
             }
             let p = &self.plan;
-            let (idx, inv) = super::difficulty::select_kept(
-                scores, batch, seq, p.segment, keep, p.sink, p.recent,
-            );
+            let (idx, inv) =
+                super::select::select_kept(scores, batch, seq, p.segment, keep, p.sink, p.recent);
             if out.is_empty() {
                 first = inv.clone();
             }

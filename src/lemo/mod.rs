@@ -14,6 +14,7 @@
 //! - [`predictor`]: the per-layer pattern predictors and their loss.
 //! - [`difficulty`]: the running per-token misses that choose which tokens' gradient to keep
 //!   (`pattern = "difficulty"`).
+//! - [`select`]: the selection rule on the host, for patterns chosen there.
 //! - [`layer`]: the forward with elimination ([`Lemo`], [`LemoMode`]).
 //!
 //! Selection, gather and merge are `cube_kernels::tokens` (segment-based and
@@ -25,6 +26,7 @@ pub mod difficulty;
 pub mod layer;
 pub mod predictor;
 pub mod score;
+pub mod select;
 
 pub use config::{Elimination, KeyScope, LemoConfig, PatternSource};
 pub use difficulty::TokenDifficulty;

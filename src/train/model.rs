@@ -21,7 +21,7 @@ use cube_kernels::tokens::{kept_per_input, TokenPattern};
 use crate::adapter::meft::RowGrad;
 use crate::adapter::Adapters;
 use crate::data::{HostIds, QaBatch};
-use crate::lemo::difficulty::{kept_share, select_kept};
+use crate::lemo::select::{kept_share, select_kept};
 use crate::lemo::{
     random_run_scores, random_scores, Lemo, LemoMode, PatternSource, TokenDifficulty,
 };
