@@ -206,7 +206,7 @@ impl LemoSchedule {
     }
 
     /// Feeds a step's per-target losses `nll` (in the order of `host`'s in-loss positions)
-    /// to the table; returns the share of the step's miss at the positions `pattern` kept.
+    /// to the table (`difficulty` only); returns the share of the step's miss at the positions `pattern` kept.
     fn observe<B: Backend>(
         &self,
         host: &HostIds,
@@ -216,11 +216,16 @@ impl LemoSchedule {
         let table = self.difficulty.as_ref()?;
         let mut miss = vec![0.0f64; host.inputs.len()];
         let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+        // Only `difficulty` reads the table; the random sources need the misses for the
+        // report alone.
+        let learn = self.source == PatternSource::Difficulty;
         let rows = (0..host.in_loss.len()).filter(|&r| host.in_loss[r]);
         for (r, &l) in rows.zip(nll) {
             let m = 1.0 - (-l).exp();
             miss[r] = m;
-            t.observe(host.inputs[r] as u32, host.targets[r] as u32, m);
+            if learn {
+                t.observe(host.inputs[r] as u32, host.targets[r] as u32, m);
+            }
         }
         pattern.map(|p| kept_share(&p.inv, p.sentinel, &miss))
     }
