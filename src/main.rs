@@ -12,7 +12,7 @@ use meft::adapter::MeftConfig;
 use meft::backend::{run_on, BackendKind, BackendTask, FloatType};
 use meft::bench::{
     AdapterBench, AdapterBenchResult, AdapterMethod, KernelBench, KernelBenchResult, LemoBench,
-    LemoBenchMode, LemoBenchRow, ModelBench, ModelBenchResult, Preset, TrainBench,
+    LemoBenchMode, LemoBenchRow, ModelBench, ModelBenchResult, Preset, SlotPattern, TrainBench,
     TrainBenchResult, TrainBenchRow, TransferBench, TransferBenchResult,
 };
 use meft::generate::{generate, Sampling};
@@ -382,6 +382,17 @@ enum BenchCommand {
         /// Skip the generic path (it needs ~10 M × R buffers of memory).
         #[arg(long)]
         skip_generic: bool,
+        /// Slot patterns to measure, side by side: `random` (uniform over the R rows) and/or
+        /// `routed` (rows among the neurons of each token's probed experts, as MEFT's router
+        /// picks them).
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "random")]
+        slots: Vec<SlotPattern>,
+        /// Experts E of the routed pattern (0: the divisor of R nearest 4·√R, the paper's).
+        #[arg(long, default_value_t = 0)]
+        experts: usize,
+        /// Experts each token probes in the routed pattern.
+        #[arg(long, default_value_t = 8)]
+        probes: usize,
         /// Where to write the JSON results.
         #[arg(long, default_value = "bench-kernels.json")]
         out: PathBuf,
@@ -766,11 +777,17 @@ fn main() -> anyhow::Result<()> {
             warmup,
             iters,
             skip_generic,
+            slots,
+            experts,
+            probes,
             out,
             device,
         }) => {
             let label = format!("{:?} {:?}", device.backend, device.dtype).to_lowercase();
             let bench = KernelBench {
+                patterns: slots,
+                experts,
+                probes,
                 d_model,
                 tokens,
                 neurons,

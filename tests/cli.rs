@@ -94,6 +94,8 @@ fn bench_kernels_writes_every_op() {
         "0",
         "--iters",
         "1",
+        "--slots",
+        "random,routed",
         "--out",
         out.to_str().unwrap(),
     ]);
@@ -104,15 +106,46 @@ fn bench_kernels_writes_every_op() {
     let rows = json.as_array().unwrap();
     assert_eq!(
         rows.len(),
-        8,
-        "gather, forward, backward, both for K = 3 and 8"
+        16,
+        "gather, forward, backward, both for K = 3 and 8, random and routed"
     );
+    // 64 rows: 32 experts of 2 neurons (the divisor nearest 4·√64), 8 probed per token.
+    let slots: Vec<&str> = rows.iter().map(|r| r["slots"].as_str().unwrap()).collect();
+    assert_eq!(slots[..8], ["random"; 8]);
+    assert_eq!(slots[8..], ["routed 32×8"; 8]);
     for r in rows {
         assert!(r["kernel_ms"].as_f64().unwrap() >= 0.0);
+        assert!(r["ceilings"]["read_gbps"].as_f64().unwrap() > 0.0, "{r}");
         // On ndarray both paths are the reference: identical results.
         assert_eq!(r["max_rel_diff"].as_f64(), Some(0.0), "{r}");
     }
     std::fs::remove_file(out).ok();
+    // More slots than the probed experts hold: a clear error.
+    let (ok, _, stderr) = meft(&[
+        "bench",
+        "kernels",
+        "--backend",
+        "cpu",
+        "--d-model",
+        "8",
+        "--tokens",
+        "4",
+        "--neurons",
+        "64",
+        "--top-k",
+        "5",
+        "--slots",
+        "routed",
+        "--experts",
+        "32",
+        "--probes",
+        "2",
+    ]);
+    assert!(
+        !ok && stderr.contains("exceeds the 2 probed experts' 4 neurons"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]

@@ -323,6 +323,43 @@ fn tensor_api_and_gather_match_reference() {
     assert_eq!(to_vec(gather_rows(u, i)), want);
 }
 
+/// The bench's read probe: every element read `sweeps` times, through the fused and un-fused
+/// backends, the kernel itself (per-unit partials) and the fallback for a length it does not
+/// take (not a power of two). Values are multiples of 1/4, so every sum is exact in f32.
+#[cfg(feature = "wgpu")]
+#[test]
+fn read_probe_reads_every_element_sweeps_times() {
+    type Plain = CubeBackend<WgpuRuntime, f32, i32, u32>;
+    let device = Default::default();
+    for (n, sweeps) in [(8192usize, 1usize), (8192, 3), (1 << 15, 5), (1000, 2)] {
+        let src: Vec<f32> = (0..n)
+            .map(|i| (i % 7) as f32 - 3.0 + (i % 3) as f32 * 0.25)
+            .collect();
+        let want = sweeps as f64 * src.iter().map(|&v| v as f64).sum::<f64>();
+        let data = || TensorData::new(src.clone(), [n]);
+        let fused = Tensor::<Wgpu<f32>, 1>::from_data(data(), &device);
+        let got = Tensor::<Wgpu<f32>, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(
+            Wgpu::<f32>::read_probe(fused.into_primitive().tensor(), sweeps),
+        ));
+        assert_eq!(to_vec(got), vec![want], "fused, n {n}, sweeps {sweeps}");
+        let plain = Tensor::<Plain, 1>::from_data(data(), &device);
+        let prim = plain.into_primitive().tensor();
+        let got = Tensor::<Plain, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(
+            Plain::read_probe(prim.clone(), sweeps),
+        ));
+        assert_eq!(to_vec(got), vec![want], "un-fused, n {n}, sweeps {sweeps}");
+        let partials = cube_kernels::probe::read_probe(prim, sweeps);
+        assert_eq!(partials.is_some(), n.is_power_of_two(), "n {n}");
+        if let Some(p) = partials {
+            let p = to_vec(Tensor::<Plain, 1>::from_primitive(
+                burn::tensor::TensorPrimitive::Float(p),
+            ));
+            assert_eq!(p.len() % 256, 0);
+            assert_eq!(p.iter().sum::<f64>(), want, "kernel partials, n {n}");
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;

@@ -58,6 +58,8 @@ fn inner<B: SparseAdapterBackend, C: CheckpointStrategy>(
         order: index.order.clone(),
         token_ranges: index.token_ranges.clone(),
         user_ranges: index.user_ranges.clone(),
+        visits: index.visits.clone(),
+        visit_offsets: index.visit_offsets.clone(),
         token_passes: index.token_passes,
         row_passes: index.row_passes,
         rows: index.rows,
@@ -126,5 +128,10 @@ impl<B: SparseAdapterBackend, C: CheckpointStrategy> SparseAdapterBackend for Au
             rows: Self::from_inner(g.rows),
             gate: Self::from_inner(g.gate),
         }
+    }
+
+    fn read_probe(src: FloatTensor<Self>, sweeps: usize) -> FloatTensor<Self> {
+        use burn::tensor::backend::AutodiffBackend;
+        Self::from_inner(B::read_probe(src.primitive, sweeps))
     }
 }

@@ -28,6 +28,19 @@ fn dims2<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 2] {
     t.shape().dims::<2>()
 }
 
+/// The cubes of token-kernel pass `pass`: (first entry in `visits`, count); without passes
+/// (0, M), one cube per token.
+fn pass_visits<B: burn::tensor::backend::Backend>(
+    index: &ActiveIndex<B>,
+    pass: usize,
+    m: usize,
+) -> (usize, usize) {
+    match index.visit_offsets.get(pass..pass + 2) {
+        Some(&[a, b]) if index.token_passes.is_some() => (a, b - a),
+        _ => (0, m),
+    }
+}
+
 /// Checks the shapes shared by forward and backward; returns (M, d, K).
 fn check<R: CubeRuntime>(
     x: &CubeTensor<R>,
@@ -101,10 +114,15 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
         let ranges = into_contiguous(index.token_ranges.clone());
         let client = x.client.clone();
         let blocked = index.token_passes.is_some();
+        let visits = into_contiguous(index.visits.clone());
         for pass in 0..index.token_passes.unwrap_or(1) {
+            let (start, count) = pass_visits(index, pass, m);
+            if count == 0 {
+                continue;
+            }
             sparse_forward_kernel::launch::<R>(
                 &client,
-                grid(m),
+                grid(count),
                 CubeDim::new_1d(shape.threads),
                 shape.vector,
                 x.clone().into_tensor_arg(),
@@ -113,9 +131,12 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
                 gate.clone().into_tensor_arg(),
                 order.clone().into_tensor_arg(),
                 ranges.clone().into_tensor_arg(),
+                visits.clone().into_tensor_arg(),
                 y.clone().into_tensor_arg(),
                 z.clone().into_tensor_arg(),
                 pass as u32,
+                start as u32,
+                count as u32,
                 k as u32,
                 shape.threads,
                 shape.cols,
@@ -158,10 +179,15 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
             let order = into_contiguous(index.order.clone());
             let ranges = into_contiguous(index.token_ranges.clone());
             let blocked = index.token_passes.is_some();
+            let visits = into_contiguous(index.visits.clone());
             for pass in 0..index.token_passes.unwrap_or(1) {
+                let (start, count) = pass_visits(index, pass, m);
+                if count == 0 {
+                    continue;
+                }
                 sparse_backward_tokens_kernel::launch::<R>(
                     &client,
-                    grid(m),
+                    grid(count),
                     CubeDim::new_1d(shape.threads),
                     shape.vector,
                     dy.clone().into_tensor_arg(),
@@ -171,10 +197,13 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
                     z.clone().into_tensor_arg(),
                     order.clone().into_tensor_arg(),
                     ranges.clone().into_tensor_arg(),
+                    visits.clone().into_tensor_arg(),
                     dx.clone().into_tensor_arg(),
                     dz.clone().into_tensor_arg(),
                     dgate.clone().into_tensor_arg(),
                     pass as u32,
+                    start as u32,
+                    count as u32,
                     k as u32,
                     shape.threads,
                     shape.cols,
@@ -215,6 +244,18 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
             x: dx,
             rows: drows,
             gate: dgate,
+        }
+    }
+
+    fn read_probe(src: CubeTensor<R>, sweeps: usize) -> CubeTensor<R> {
+        match crate::probe::read_probe(src.clone(), sweeps) {
+            Some(partials) => {
+                let p = burn::tensor::Tensor::<Self, 1>::from_primitive(
+                    burn::tensor::TensorPrimitive::Float(partials),
+                );
+                p.sum().into_primitive().tensor()
+            }
+            None => crate::reference::read_probe::<Self>(src, sweeps),
         }
     }
 }

@@ -24,6 +24,8 @@ fn inner_index<B: FusionBackend>(
         order: handles.get_int_tensor::<B>(&ir[3]),
         token_ranges: handles.get_int_tensor::<B>(&ir[4]),
         user_ranges: handles.get_int_tensor::<B>(&ir[5]),
+        visits: handles.get_int_tensor::<B>(&ir[6]),
+        visit_offsets: shape.visit_offsets.clone(),
         token_passes: shape.token_passes,
         row_passes: shape.row_passes,
         rows: shape.rows,
@@ -36,19 +38,21 @@ struct IndexShape {
     rows: usize,
     token_passes: Option<usize>,
     row_passes: Option<usize>,
+    visit_offsets: Vec<usize>,
 }
 
 impl IndexShape {
     fn of<B: FusionBackend>(index: &ActiveIndex<Fusion<B>>) -> Self {
         Self {
             rows: index.rows,
+            visit_offsets: index.visit_offsets.clone(),
             token_passes: index.token_passes,
             row_passes: index.row_passes,
         }
     }
 }
 
-const INDEX_TENSORS: usize = 6;
+const INDEX_TENSORS: usize = 7;
 
 fn index_tensors<B: FusionBackend>(
     index: &ActiveIndex<Fusion<B>>,
@@ -60,6 +64,7 @@ fn index_tensors<B: FusionBackend>(
         &index.order,
         &index.token_ranges,
         &index.user_ranges,
+        &index.visits,
     ]
 }
 
@@ -83,6 +88,21 @@ impl<B: FusionBackend + SparseAdapterBackend> Operation<B::FusionRuntime> for Ga
         let src = handles.get_float_tensor::<B>(src);
         let idx = handles.get_int_tensor::<B>(idx);
         handles.register_float_tensor::<B>(&out.id, B::gather_rows(src, idx));
+    }
+}
+
+#[derive(Debug)]
+struct ProbeOp<B> {
+    desc: CustomOpIr,
+    sweeps: usize,
+    _b: PhantomData<B>,
+}
+
+impl<B: FusionBackend + SparseAdapterBackend> Operation<B::FusionRuntime> for ProbeOp<B> {
+    fn execute(&self, handles: &mut HandleContainer<B::Handle>) {
+        let ([src], [out]) = self.desc.as_fixed::<1, 1>();
+        let src = handles.get_float_tensor::<B>(src);
+        handles.register_float_tensor::<B>(&out.id, B::read_probe(src, self.sweeps));
     }
 }
 
@@ -146,6 +166,24 @@ impl<B: FusionBackend + SparseAdapterBackend> SparseAdapterBackend for Fusion<B>
         );
         let op = GatherOp::<B> {
             desc: desc.clone(),
+            _b: PhantomData,
+        };
+        client
+            .register(streams, OperationIr::Custom(desc), op)
+            .remove(0)
+    }
+
+    fn read_probe(
+        src: FusionTensor<B::FusionRuntime>,
+        sweeps: usize,
+    ) -> FusionTensor<B::FusionRuntime> {
+        let client = src.client.clone();
+        let streams = OperationStreams::with_inputs([&src]);
+        let o = TensorIr::uninit(client.create_empty_handle(), Shape::new([1]), src.dtype);
+        let desc = CustomOpIr::new("meft_read_probe", &[src.into_ir()], &[o]);
+        let op = ProbeOp::<B> {
+            desc: desc.clone(),
+            sweeps,
             _b: PhantomData,
         };
         client

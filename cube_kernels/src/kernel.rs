@@ -12,6 +12,8 @@
 //! handling only each token's slots whose rows lie in the p-th block of rows (`order` `[M, K]`
 //! lists a token's slots by row, `token_ranges` `[M, P + 1]` where each pass starts in it), so
 //! the rows of one pass stay in L2 while all tokens read them; outputs accumulate over passes.
+//! A pass launches one cube per token with slots in it (`visits`), and a token's first such
+//! pass writes its outputs, later ones add to them.
 //! The row kernel likewise runs per block of tokens (`user_ranges` `[R, Q + 1]`).
 //!
 //! Every kernel accumulates in f32 whatever the storage type, and every sum runs in a fixed
@@ -84,9 +86,12 @@ pub fn sparse_forward_kernel<F: Float, I: Numeric, N: Size>(
     gate: &Tensor<F>,
     order: &Tensor<I>,
     token_ranges: &Tensor<I>,
+    visits: &Tensor<I>,
     y: &mut Tensor<Vector<F, N>>,
     z: &mut Tensor<F>,
     pass: u32,
+    visit_start: u32,
+    visit_count: u32,
     #[comptime] k: u32,
     #[comptime] threads: u32,
     #[comptime] cols: u32,
@@ -94,9 +99,8 @@ pub fn sparse_forward_kernel<F: Float, I: Numeric, N: Size>(
     #[comptime] blocked: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
-    let t = cube_index();
-    let tokens = x.shape(0);
-    if t >= tokens {
+    let (t, valid) = visited_token(visits, visit_start, visit_count, x.shape(0), blocked);
+    if !valid {
         terminate!();
     }
     let tid = UNIT_POS_X as usize;
@@ -107,7 +111,8 @@ pub fn sparse_forward_kernel<F: Float, I: Numeric, N: Size>(
 
     let (lo, hi) = slot_range(token_ranges, t, pass, kk, blocked);
     let n = hi - lo;
-    let later = pass > 0;
+    // Not the token's first pass: an earlier pass handled its first slots.
+    let later = lo > 0;
     if blocked {
         if later && n == 0 {
             terminate!(); // nothing of this token in this pass: y stays as it is
@@ -315,6 +320,28 @@ fn add_rows<F: Float, N: Size>(
     }
 }
 
+/// This cube's token and whether there is one: the cube index among `tokens`, or with
+/// `blocked` the pass's `cube`-th visited token (`visits[start + cube]`, cube < `count`).
+#[cube]
+fn visited_token<I: Numeric>(
+    visits: &Tensor<I>,
+    start: u32,
+    count: u32,
+    tokens: usize,
+    #[comptime] blocked: bool,
+) -> (usize, bool) {
+    let c = cube_index();
+    let mut t = c;
+    let mut valid = c < tokens;
+    if blocked {
+        valid = c < count as usize;
+        if valid {
+            t = u32::cast_from(visits[start as usize + c]) as usize;
+        }
+    }
+    (t, valid)
+}
+
 /// The slots of token `t` handled in `pass`: positions `lo..hi` of its slot order.
 #[cube]
 fn slot_range<I: Numeric>(
@@ -364,10 +391,13 @@ pub fn sparse_backward_tokens_kernel<F: Float, I: Numeric, N: Size>(
     z: &Tensor<F>,
     order: &Tensor<I>,
     token_ranges: &Tensor<I>,
+    visits: &Tensor<I>,
     dx: &mut Tensor<Vector<F, N>>,
     dz: &mut Tensor<F>,
     dgate: &mut Tensor<F>,
     pass: u32,
+    visit_start: u32,
+    visit_count: u32,
     #[comptime] k: u32,
     #[comptime] threads: u32,
     #[comptime] cols: u32,
@@ -375,9 +405,8 @@ pub fn sparse_backward_tokens_kernel<F: Float, I: Numeric, N: Size>(
     #[comptime] blocked: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
-    let t = cube_index();
-    let tokens = dy.shape(0);
-    if t >= tokens {
+    let (t, valid) = visited_token(visits, visit_start, visit_count, dy.shape(0), blocked);
+    if !valid {
         terminate!();
     }
     let tid = UNIT_POS_X as usize;
@@ -390,7 +419,8 @@ pub fn sparse_backward_tokens_kernel<F: Float, I: Numeric, N: Size>(
 
     let (lo, hi) = slot_range(token_ranges, t, pass, kk, blocked);
     let n = hi - lo;
-    let later = pass > 0;
+    // Not the token's first pass: an earlier pass handled its first slots.
+    let later = lo > 0;
     if blocked {
         if later && n == 0 {
             terminate!();

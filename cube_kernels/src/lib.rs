@@ -23,6 +23,7 @@ mod fusion;
 pub mod kernel;
 pub mod launch;
 pub mod loss;
+pub mod probe;
 pub mod reference;
 pub mod tokens;
 
@@ -90,6 +91,11 @@ pub struct TokenPasses {
     pub order: Vec<i32>,
     /// `[M, P + 1]`: where each pass starts in a token's order.
     pub ranges: Vec<i32>,
+    /// The tokens with slots in each pass, pass by pass (ascending within a pass): a pass
+    /// launches one cube per such token, not one per token.
+    pub visits: Vec<i32>,
+    /// `[P + 1]`: where each pass starts in `visits`.
+    pub visit_offsets: Vec<usize>,
 }
 
 /// The row kernel's passes: pass q sums the entries of tokens
@@ -101,6 +107,11 @@ pub struct RowPasses {
     /// `[R, Q + 1]`: absolute positions in `row_users` where each pass starts, per row.
     pub ranges: Vec<i32>,
 }
+
+/// The token kernels' passes must average at least half of min(M, this) cubes each (about
+/// four waves of 4 cubes on a 132-SM H100/H200): a pass is a launch of its own, and a
+/// launch of a few hundred cubes leaves most of the GPU idle.
+const MIN_PASS_CUBES: usize = 2048;
 
 /// Bytes of rows (or tokens) one pass keeps hot: `MEFT_KERNEL_L2_MB` (default 24 MiB, half the
 /// H100's 50 MB L2, so the streamed hidden states do not evict the block).
@@ -117,8 +128,9 @@ impl HostIndex {
     /// token streams its K rows from memory (`M·K` row reads: optimal when rows are rarely
     /// shared). When many tokens share rows (large K·M/R), passes over L2-sized blocks of rows
     /// read each row from memory about once, at the price of re-reading x and re-writing y per
-    /// pass; a side is blocked only if that moves at most half the bytes. The same trade for
-    /// the row kernel over blocks of tokens. `MEFT_KERNEL_BLOCKING=0` turns it off.
+    /// pass; a side is blocked only if that moves at most half the bytes (and, for the token
+    /// kernels, each pass still fills the GPU: `MIN_PASS_CUBES`). The same trade for the row
+    /// kernel over blocks of tokens. `MEFT_KERNEL_BLOCKING=0` turns it off.
     ///
     /// Passes are planned for 4-byte floats only: outputs accumulate over passes in their own
     /// storage type, and in bf16 that rounds once per pass (measured on the H100: 1.4e-2
@@ -151,19 +163,63 @@ impl HostIndex {
         let rows_per_pass = (budget / row_bytes.max(1)).max(1);
         let p = self.rows.div_ceil(rows_per_pass).max(1);
         let gathered = m * k * row_bytes as f64;
-        let blocked = p as f64 * 3.0 * m * (d * elem) as f64 + r * row_bytes as f64;
-        if p > 1 && (force || 2.0 * blocked <= gathered) {
+        // A pass re-reads x and re-writes y only for the tokens with slots in it (the others
+        // leave at once), plus pass 0 writes every y: with routed slots (experts of
+        // contiguous rows) most tokens sit out most passes.
+        let visits = self.token_pass_visits(rows_per_pass) as f64;
+        let blocked = (3.0 * visits + m) * (d * elem) as f64 + r * row_bytes as f64;
+        // Passes run one after another, so each must fill the GPU: with routed slots at
+        // K = 64 (H200, 8 192 tokens) a pass visits ~750 tokens, about 1.4 waves of cubes,
+        // and the passes lost to one pass (12.3 vs 10.2 ms forward+backward).
+        let filled = visits / p as f64 >= (self.tokens.min(MIN_PASS_CUBES) / 2) as f64;
+        if p > 1 && (force || (2.0 * blocked <= gathered && filled)) {
             self.token_passes = Some(self.token_passes_for(p, rows_per_pass));
         }
         let token_bytes = 2 * d * elem; // x and dy
         let tokens_per_pass = (budget / token_bytes.max(1)).max(1);
         let q = self.tokens.div_ceil(tokens_per_pass).max(1);
         let gathered = m * k * token_bytes as f64;
-        let blocked = q as f64 * 2.0 * r * row_bytes as f64 + m * token_bytes as f64;
+        let visits = self.row_pass_visits(tokens_per_pass) as f64;
+        let blocked = 2.0 * visits * row_bytes as f64 + m * token_bytes as f64;
         if q > 1 && (force || 2.0 * blocked <= gathered) {
             self.row_passes = Some(self.row_passes_for(q, tokens_per_pass));
         }
         self
+    }
+
+    /// Σ over passes of the tokens with at least one slot in the pass's block of rows.
+    fn token_pass_visits(&self, rows_per_pass: usize) -> usize {
+        let mut seen = vec![usize::MAX; self.rows.div_ceil(rows_per_pass).max(1)];
+        let mut visits = 0;
+        for (e, &j) in self.slots.iter().enumerate() {
+            let (t, j) = (e / self.k, j as usize);
+            if j < self.rows && seen[j / rows_per_pass] != t {
+                seen[j / rows_per_pass] = t;
+                visits += 1;
+            }
+        }
+        visits
+    }
+
+    /// Σ over passes of the rows with at least one user in the pass's block of tokens.
+    fn row_pass_visits(&self, tokens_per_pass: usize) -> usize {
+        (0..self.rows)
+            .map(|j| {
+                let users =
+                    &self.row_users[self.row_offsets[j] as usize..self.row_offsets[j + 1] as usize];
+                // Users are ascending, so their token blocks are too.
+                let mut last = usize::MAX;
+                users
+                    .iter()
+                    .filter(|&&e| {
+                        let q = e as usize / self.k / tokens_per_pass;
+                        let new = q != last;
+                        last = q;
+                        new
+                    })
+                    .count()
+            })
+            .sum()
     }
 
     fn token_passes_for(&self, passes: usize, rows_per_pass: usize) -> TokenPasses {
@@ -187,10 +243,25 @@ impl HostIndex {
             }
             rg[passes] = k as i32; // empty slots (row = R) fall in the last pass
         }
+        // `MEFT_KERNEL_VISITS=all`: every token in every pass (the launch before visit lists,
+        // for side-by-side benchmarks; a token without slots in a pass then leaves at once).
+        let all = std::env::var("MEFT_KERNEL_VISITS").is_ok_and(|v| v == "all");
+        let mut visits = Vec::new();
+        let mut visit_offsets = vec![0];
+        for p in 0..passes {
+            visits.extend(
+                (0..self.tokens)
+                    .filter(|&t| all || ranges[t * np + p + 1] > ranges[t * np + p])
+                    .map(|t| t as i32),
+            );
+            visit_offsets.push(visits.len());
+        }
         TokenPasses {
             passes,
             order,
             ranges,
+            visits,
+            visit_offsets,
         }
     }
 
@@ -280,6 +351,11 @@ impl HostIndex {
             Some(p) => (int1(&p.order), int1(&p.ranges), p.passes),
             None => (one(), one(), 1),
         };
+        let (visits, visit_offsets) = match &self.token_passes {
+            Some(p) if !p.visits.is_empty() => (int1(&p.visits), p.visit_offsets.clone()),
+            Some(p) => (one(), p.visit_offsets.clone()),
+            None => (one(), Vec::new()),
+        };
         let (user_ranges, row_passes) = match &self.row_passes {
             Some(p) => (int1(&p.ranges), p.passes),
             None => (one(), 1),
@@ -310,6 +386,8 @@ impl HostIndex {
                 Some(_) => reshape(user_ranges, [self.rows, row_passes + 1]),
                 None => reshape(user_ranges, [1, 1]),
             },
+            visits,
+            visit_offsets,
             token_passes: self.token_passes.as_ref().map(|p| p.passes),
             row_passes: self.row_passes.as_ref().map(|p| p.passes),
             rows: self.rows,
@@ -332,6 +410,10 @@ pub struct ActiveIndex<B: Backend> {
     pub token_ranges: IntTensor<B>,
     /// `[R, Q + 1]` row-kernel pass starts (else `[1, 1]`, unused).
     pub user_ranges: IntTensor<B>,
+    /// The tokens visited by each token-kernel pass, pass by pass (else `[1]`, unused).
+    pub visits: IntTensor<B>,
+    /// `[P + 1]` (host): where each pass starts in `visits` (empty without passes).
+    pub visit_offsets: Vec<usize>,
     /// P, when the token kernels run in passes.
     pub token_passes: Option<usize>,
     /// Q, when the row kernel runs in passes.
@@ -381,6 +463,14 @@ pub trait SparseAdapterBackend: Backend {
         dy: FloatTensor<Self>,
     ) -> SparseAdapterGrads<Self> {
         reference::backward::<Self>(x, rows, index, gate, z, dy)
+    }
+
+    /// Device probe for `meft bench kernels`: reads every element of the flat `src` `sweeps`
+    /// times and returns `[1]` = `sweeps · Σ src`. Cubecl backends stream the reads through
+    /// [`probe::read_probe_kernel`] (16-byte loads) and sum its per-unit partials; the default
+    /// is burn's sum.
+    fn read_probe(src: FloatTensor<Self>, sweeps: usize) -> FloatTensor<Self> {
+        reference::read_probe::<Self>(src, sweeps)
     }
 }
 
@@ -440,6 +530,9 @@ mod tests {
         assert_eq!(&tp.order[..3], &[1, 2, 0]); // token 0: rows 0, 2, 5
         assert_eq!(&tp.ranges[..4], &[0, 1, 2, 3]);
         assert_eq!(&tp.ranges[4..8], &[0, 1, 1, 3]); // token 1: rows 1, 4, empty
+                                                     // Token 2 (rows 3, 3, 0) sits out pass 2, tokens 1 and 3 pass 1 and pass 0.
+        assert_eq!(tp.visits, vec![0, 1, 2, 0, 2, 3, 0, 1, 3]);
+        assert_eq!(tp.visit_offsets, vec![0, 3, 6, 9]);
         let rp = idx.row_passes.clone().unwrap();
         assert_eq!(rp.passes, 2);
         for j in 0..6 {
@@ -452,6 +545,41 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn plan_counts_the_tokens_each_pass_visits() {
+        // 64 tokens, K = 8, 32 rows; d = 1, f32: a row is 8 bytes, a 64-byte budget holds
+        // 8 rows (4 passes). Routed over two blocks: token t has 4 rows in block t % 4 and 4
+        // in block (t + 1) % 4, so each pass re-reads x and y for half the tokens: blocked
+        // moves (3 · 128 + 64) · 4 + 32 · 8 = 2 048 bytes, half of the 4 096 gathered (every
+        // token in every pass would be 3 328).
+        let two: Vec<u32> = (0..64)
+            .flat_map(|t| {
+                let (a, b) = (t % 4 * 8, (t + 1) % 4 * 8 + 4);
+                (0..4).map(move |s| a + s).chain((0..4).map(move |s| b + s))
+            })
+            .map(|j| j as u32)
+            .collect();
+        let idx = HostIndex::new(&two, 64, 8, 32).unwrap();
+        assert_eq!(idx.token_pass_visits(8), 128);
+        let idx = idx.plan_with(1, 4, 64, false);
+        assert_eq!(idx.token_passes.map(|p| p.passes), Some(4));
+        // Routed into one block: the bytes would pay, but a pass visits 16 of 64 tokens,
+        // under half of min(M, MIN_PASS_CUBES): it would not fill the GPU. Forced, it blocks.
+        let one: Vec<u32> = (0..64)
+            .flat_map(|t| (0..8).map(move |s| (t % 4 * 8 + s) as u32))
+            .collect();
+        let idx = HostIndex::new(&one, 64, 8, 32).unwrap();
+        assert_eq!(idx.token_pass_visits(8), 64);
+        assert!(idx
+            .clone()
+            .plan_with(1, 4, 64, false)
+            .token_passes
+            .is_none());
+        assert!(idx.clone().plan_with(1, 4, 64, true).token_passes.is_some());
+        // Row visits: row j's users in each block of 8 tokens (2 per block, 8 blocks).
+        assert_eq!(idx.row_pass_visits(8), 32 * 8);
     }
 
     #[test]

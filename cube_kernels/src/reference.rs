@@ -24,6 +24,15 @@ pub fn gather_rows<B: Backend>(src: FloatTensor<B>, indices: IntTensor<B>) -> Fl
     prim(float::<B>(src).select(0, idx))
 }
 
+/// `[1]` = `sweeps · Σ src` (the read probe's reference).
+pub fn read_probe<B: Backend>(src: FloatTensor<B>, sweeps: usize) -> FloatTensor<B> {
+    let src = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(src));
+    src.sum()
+        .mul_scalar(sweeps as f64)
+        .into_primitive()
+        .tensor()
+}
+
 /// Per (token, row): the token's gate where the row is one of its slots, else 0 (`[M, R]`).
 /// Empty slots (value R) land in an extra column that is cut off.
 fn dense_gates<B: Backend>(

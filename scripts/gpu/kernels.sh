@@ -5,7 +5,7 @@
 # ceilings measured in the same process), then the MEFT training step over LLaMA-7B FFN layers
 # with the kernels and with MEFT_KERNELS=0 (the plain-op path), one process each.
 #
-# usage: [TOPK=64,256,1024] [SHAPES='4x256'] [LAYERS=4] [STEP= (empty: no step runs)] \
+# usage: [TOPK=64,256,1024] [SLOTS=random,routed] [SHAPES='4x256'] [LAYERS=4] [STEP= (empty: no step runs)] \
 #        scripts/gpu/kernels.sh /path/to/meft /path/to/kernels-test-binary|- OUT_DIR
 set -euo pipefail
 BIN=$1
@@ -21,7 +21,7 @@ if [ "$TEST" != "-" ]; then
   { echo "## device test: tests/kernels.rs with --features cuda"; timeout 300 "$TEST" 2>&1 | grep -v XDG_RUNTIME | tail -25 || true; } | tee -a "$OUT/log.md"
 fi
 { echo "## bench kernels (f32)"; timeout 420 "$BIN" bench kernels --backend cuda --dtype f32 \
-    --top-k "${TOPK:-64,256,1024}" --warmup 2 --iters 5 --out "$OUT/kernels.json" 2>&1 | grep -v XDG_RUNTIME || true; } | tee -a "$OUT/log.md"
+    --top-k "${TOPK:-64,256,1024}" --slots "${SLOTS:-random,routed}" --warmup 2 --iters 5 --out "$OUT/kernels.json" 2>&1 | grep -v XDG_RUNTIME || true; } | tee -a "$OUT/log.md"
 if [ -n "${STEP-1}" ]; then
   for shape in ${SHAPES:-4x256}; do
     for kern in 1 0; do

@@ -8,12 +8,22 @@
 //! the sparse work: 4·M·K·d forward, 8·M·K·d backward. Inputs are positive, so every slot is
 //! active (as after MEFT's selection, which keeps only positive-scoring neurons) and the
 //! kernels cannot skip rows. Each op's kernel result is compared with the generic result.
+//!
+//! Slot patterns: `random` draws each token's K rows uniformly from all R (no structure to
+//! reuse); `routed` draws them as MEFT's router makes them — the rows are E experts of
+//! contiguous neurons (the compact union keeps neuron order), each token probes P experts and
+//! its K rows lie among their neurons — so tokens that share an expert share rows.
+//!
+//! Ceilings: `a + b` (read and write), a streaming read over a buffer far larger than L2
+//! (DRAM read) and over a 16 MiB one (L2 read), with the kernels' 16-byte loads
+//! ([`cube_kernels::probe`]), and burn's f32 matmul.
 
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Distribution, Int, Tensor, TensorData, TensorPrimitive};
+use clap::ValueEnum;
 use cube_kernels::{reference, ActiveIndex, HostIndex, SparseAdapterBackend};
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
@@ -43,8 +53,24 @@ pub struct KernelBench {
     pub iters: usize,
     /// Skip the generic path (its `M × R` matrices need ~10 such buffers of memory).
     pub skip_generic: bool,
+    /// Slot patterns to measure, in order.
+    pub patterns: Vec<SlotPattern>,
+    /// Experts E of the routed pattern (0: the divisor of R nearest 4·√R, the paper's).
+    pub experts: usize,
+    /// Experts each token probes in the routed pattern (the paper's 8).
+    pub probes: usize,
     /// Row label.
     pub label: String,
+}
+
+/// How each token's K slots are drawn (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlotPattern {
+    /// K distinct rows drawn uniformly from all R.
+    Random,
+    /// K distinct rows among the neurons of P distinct random experts (contiguous blocks).
+    Routed,
 }
 
 /// The device's ceilings, measured in the run.
@@ -56,6 +82,10 @@ pub struct Ceilings {
     pub matmul_size: usize,
     /// burn's matmul at that size, TFLOP/s (the device's float throughput as burn reaches it).
     pub matmul_tflops: f64,
+    /// Streaming read of a buffer far larger than L2 (the read probe), GB/s.
+    pub read_gbps: f64,
+    /// Streaming read of a 16 MiB buffer read over and over (L2-resident), GB/s.
+    pub l2_read_gbps: f64,
 }
 
 /// One op at one K.
@@ -63,6 +93,8 @@ pub struct Ceilings {
 pub struct KernelBenchResult {
     /// Row label.
     pub label: String,
+    /// Slot pattern: `random`, or `routed E×P` (experts × probes per token).
+    pub slots: String,
     /// `gather`, `forward`, `backward` or `forward+backward`.
     pub op: String,
     /// Tokens M.
@@ -97,6 +129,10 @@ pub struct KernelBenchResult {
     pub share_of_ceiling: f64,
     /// gathered bytes / bandwidth ceiling / kernel time.
     pub gathered_share_of_bandwidth: f64,
+    /// gathered bytes / DRAM read ceiling / kernel time (1: streamed at DRAM read speed).
+    pub gathered_share_of_read: f64,
+    /// gathered bytes / L2 read ceiling / kernel time (1: streamed at L2 read speed).
+    pub gathered_share_of_l2: f64,
     /// Largest |kernel − generic| / largest |generic| over the op's outputs.
     pub max_rel_diff: Option<f64>,
     /// L2 passes the kernels ran in: token kernels P, row kernel Q (1 = no blocking).
@@ -229,7 +265,7 @@ impl<E: burn::tensor::ElementConversion> ToF64 for E {
 
 /// Ceilings measured at a size that follows the problem's (1 GiB buffers and a 4096³ matmul
 /// at LLaMA-7B geometry; smaller for small runs).
-fn ceilings<K: Backend>(
+fn ceilings<K: SparseAdapterBackend>(
     device: &K::Device,
     elems: usize,
     width: usize,
@@ -247,12 +283,34 @@ fn ceilings<K: Backend>(
     let b = Tensor::<K, 2>::random([s, s], Distribution::Default, device);
     let (ms, _) = time::<K, _>(device, 2, iters, || a.clone().matmul(b.clone()))?;
     let matmul_tflops = 2.0 * (s as f64).powi(3) / (ms * 1e-3) / 1e12;
+    drop((a, b));
+    // Reads: one sweep over a power-of-two buffer as large as the `a + b` operands, and as
+    // many bytes read from a 16 MiB buffer (L2-resident on the H100/H200's 50 MB L2).
+    let big = n.next_power_of_two().max(1 << 13);
+    let read = |len: usize, sweeps: usize| -> Result<f64> {
+        let src = Tensor::<K, 1>::random([len], Distribution::Default, device);
+        let (ms, _) = time::<K, _>(device, 2, iters, || {
+            Tensor::<K, 1>::from_primitive(TensorPrimitive::Float(K::read_probe(
+                src.clone().into_primitive().tensor(),
+                sweeps,
+            )))
+        })?;
+        Ok((len * sweeps) as f64 * elem / (ms * 1e-3) / 1e9)
+    };
+    let read_gbps = read(big, 1)?;
+    let small = (L2_PROBE_BYTES / elem as usize).min(big);
+    let l2_read_gbps = read(small, big / small)?;
     Ok(Ceilings {
         matmul_size: s,
         bandwidth_gbps,
         matmul_tflops,
+        read_gbps,
+        l2_read_gbps,
     })
 }
+
+/// The L2 read probe's buffer.
+const L2_PROBE_BYTES: usize = 16 << 20;
 
 /// K distinct random rows per token, as a host index.
 fn random_index(tokens: usize, rows: usize, k: usize, seed: u64) -> Result<HostIndex> {
@@ -265,6 +323,57 @@ fn random_index(tokens: usize, rows: usize, k: usize, seed: u64) -> Result<HostI
         .collect();
     let slots: Vec<u32> = per_token.concat();
     HostIndex::new(&slots, tokens, k, rows).map_err(|e| Error::Other(e.to_string()))
+}
+
+/// The routed pattern: R rows as `experts` blocks of R / E contiguous rows; each token probes
+/// `probes` distinct random experts and takes K distinct random rows among their neurons.
+fn routed_index(
+    tokens: usize,
+    rows: usize,
+    k: usize,
+    experts: usize,
+    probes: usize,
+    seed: u64,
+) -> Result<HostIndex> {
+    if experts == 0 || !rows.is_multiple_of(experts) || probes == 0 || probes > experts {
+        return Err(Error::Other(format!(
+            "bench kernels: routed slots need 1 <= probes ({probes}) <= experts ({experts}) and \
+             experts dividing the rows ({rows})"
+        )));
+    }
+    let size = rows / experts;
+    if k > probes * size {
+        return Err(Error::Other(format!(
+            "bench kernels: K = {k} exceeds the {probes} probed experts' {} neurons",
+            probes * size
+        )));
+    }
+    let per_token: Vec<Vec<u32>> = (0..tokens)
+        .into_par_iter()
+        .map(|t| {
+            let mut rng = StdRng::seed_from_u64(seed ^ (t as u64).wrapping_mul(0x9E37_79B9));
+            let chosen: Vec<usize> = sample(&mut rng, experts, probes).into_vec();
+            sample(&mut rng, probes * size, k)
+                .iter()
+                .map(|c| (chosen[c / size] * size + c % size) as u32)
+                .collect()
+        })
+        .collect();
+    let slots: Vec<u32> = per_token.concat();
+    HostIndex::new(&slots, tokens, k, rows).map_err(|e| Error::Other(e.to_string()))
+}
+
+/// The divisor of `rows` nearest 4·√rows (the paper's expert count).
+fn default_experts(rows: usize) -> usize {
+    let target = 4.0 * (rows as f64).sqrt();
+    (1..=rows.max(1))
+        .filter(|e| rows.is_multiple_of(*e))
+        .min_by(|a, b| {
+            (*a as f64 - target)
+                .abs()
+                .total_cmp(&(*b as f64 - target).abs())
+        })
+        .unwrap_or(1)
 }
 
 struct Sizes {
@@ -319,9 +428,19 @@ impl KernelTask for KernelBench {
         let (w, it) = (self.warmup, self.iters);
         let ceil = ceilings::<K>(&device, r * 2 * d, d, it.max(3))?;
         eprintln!(
-            "ceilings: {:.0} GB/s (a + b), {:.1} TFLOP/s (matmul {}³)",
-            ceil.bandwidth_gbps, ceil.matmul_tflops, ceil.matmul_size
+            "ceilings: {:.0} GB/s (a + b), {:.0} GB/s (DRAM read), {:.0} GB/s (L2 read), \
+             {:.1} TFLOP/s (matmul {}³)",
+            ceil.bandwidth_gbps,
+            ceil.read_gbps,
+            ceil.l2_read_gbps,
+            ceil.matmul_tflops,
+            ceil.matmul_size
         );
+        let experts = if self.experts == 0 {
+            default_experts(r)
+        } else {
+            self.experts
+        };
         // Positive inputs: every slot active.
         let u = |shape: [usize; 2], lo: f64, hi: f64| {
             Tensor::<K, 2>::random(shape, Distribution::Uniform(lo, hi), &device)
@@ -332,7 +451,8 @@ impl KernelTask for KernelBench {
         let dy = Tensor::<K, 2>::random([m, d], Distribution::Normal(0.0, 1.0), &device);
         let elem = x.dtype().size() as f64;
         let mut out = Vec::new();
-        let mut push = |op: &str,
+        let mut push = |slots: &str,
+                        op: &str,
                         passes: [usize; 2],
                         k: usize,
                         kernel_ms: f64,
@@ -344,6 +464,7 @@ impl KernelTask for KernelBench {
             let secs = kernel_ms * 1e-3;
             let res = KernelBenchResult {
                 label: self.label.clone(),
+                slots: slots.into(),
                 op: op.into(),
                 tokens: m,
                 d_model: d,
@@ -361,19 +482,34 @@ impl KernelTask for KernelBench {
                 binding: if t_bw >= t_fl { "bandwidth" } else { "compute" }.into(),
                 share_of_ceiling: t_bw.max(t_fl) / secs,
                 gathered_share_of_bandwidth: gathered / (ceil.bandwidth_gbps * 1e9) / secs,
+                gathered_share_of_read: gathered / (ceil.read_gbps * 1e9) / secs,
+                gathered_share_of_l2: gathered / (ceil.l2_read_gbps * 1e9) / secs,
                 max_rel_diff: diff,
                 passes,
                 ceilings: ceil,
             };
             eprintln!(
-                "{op} K={k} passes {passes:?}: kernel {kernel_ms:.2} ms, generic {}",
+                "{slots} {op} K={k} passes {passes:?}: kernel {kernel_ms:.2} ms, generic {}",
                 generic_ms.map_or("–".into(), |g| format!("{g:.2} ms"))
             );
             out.push(res);
         };
 
-        for &k in &self.top_k {
-            let host = random_index(m, r, k, 7 + k as u64)?.plan(d, elem as usize);
+        let runs: Vec<(SlotPattern, usize)> = self
+            .patterns
+            .iter()
+            .flat_map(|&p| self.top_k.iter().map(move |&k| (p, k)))
+            .collect();
+        for (pattern, k) in runs {
+            let (host, slots) = match pattern {
+                SlotPattern::Random => (random_index(m, r, k, 7 + k as u64)?, "random".into()),
+                SlotPattern::Routed => (
+                    routed_index(m, r, k, experts, self.probes, 7 + k as u64)?,
+                    format!("routed {experts}×{}", self.probes),
+                ),
+            };
+            let slots: String = slots;
+            let host = host.plan(d, elem as usize);
             let int = std::mem::size_of::<K::IntElem>() as f64;
             let sizes = Sizes {
                 m: m as f64,
@@ -413,7 +549,7 @@ impl KernelTask for KernelBench {
             };
             let nu = n_union as f64;
             let gb = elem * 2.0 * (nu * 2.0 * d as f64) + int * nu;
-            push("gather", [1, 1], k, gk, gg, (gb, gb, 0.0), diff);
+            push(&slots, "gather", [1, 1], k, gk, gg, (gb, gb, 0.0), diff);
 
             let KernelRun {
                 forward_ms: fk,
@@ -451,12 +587,22 @@ impl KernelTask for KernelBench {
             };
             let (fu, fgath, ff) = sizes.forward();
             let (bu, bgath, bf) = sizes.backward();
-            push("forward", passes, k, fk, fg, (fu, fgath, ff), fdiff);
-            push("backward", passes, k, bk, bg, (bu, bgath, bf), bdiff);
+            push(&slots, "forward", passes, k, fk, fg, (fu, fgath, ff), fdiff);
+            push(
+                &slots,
+                "backward",
+                passes,
+                k,
+                bk,
+                bg,
+                (bu, bgath, bf),
+                bdiff,
+            );
             let both_generic = fg.zip(bg).map(|(a, b)| a + b);
             let both_diff = fdiff.zip(bdiff).map(|(a, b)| a.max(b));
             let both = (fu + bu, fgath + bgath, ff + bf);
             push(
+                &slots,
                 "forward+backward",
                 passes,
                 k,
@@ -477,7 +623,7 @@ impl KernelTask for KernelBench {
                 let d1 = rel_diff(&[y1, z1], &[y.clone(), z.clone()]).max(rel_diff(&g1, &gk3));
                 eprintln!("one pass vs passes: max rel diff {d1:.1e}");
                 let op = "forward+backward, one pass";
-                push(op, [1, 1], k, f1 + b1, both_generic, both, Some(d1));
+                push(&slots, op, [1, 1], k, f1 + b1, both_generic, both, Some(d1));
             }
         }
         Ok(out)
@@ -489,12 +635,13 @@ impl KernelBenchResult {
     pub fn table(results: &[KernelBenchResult]) -> String {
         let opt = |v: Option<f64>, p: usize| v.map_or("–".into(), |v| format!("{v:.p$}"));
         let mut s = String::from(
-            "| run | op | K | passes (P, Q) | kernel ms | generic ms | speedup | GB/s (unique) | GB/s (gathered) | TFLOP/s | binds | share of ceiling | gathered share of BW | max rel diff |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+            "| run | slots | op | K | passes (P, Q) | kernel ms | generic ms | speedup | GB/s (unique) | GB/s (gathered) | TFLOP/s | binds | share of ceiling | gathered / a+b | gathered / DRAM read | gathered / L2 read | max rel diff |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for r in results {
             s += &format!(
-                "| {} | {} | {} | {}, {} | {:.2} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {:.2} | {:.2} | {} |\n",
+                "| {} | {} | {} | {} | {}, {} | {:.2} | {} | {} | {:.0} | {:.0} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} |\n",
                 r.label,
+                r.slots,
                 r.op,
                 r.top_k,
                 r.passes[0],
@@ -508,6 +655,8 @@ impl KernelBenchResult {
                 r.binding,
                 r.share_of_ceiling,
                 r.gathered_share_of_bandwidth,
+                r.gathered_share_of_read,
+                r.gathered_share_of_l2,
                 r.max_rel_diff.map_or("–".into(), |v| format!("{v:.1e}")),
             );
         }

@@ -10,7 +10,7 @@ mod train;
 mod transfer;
 
 pub use adapter::{AdapterBench, AdapterBenchResult, AdapterMethod};
-pub use kernels::{Ceilings, KernelBench, KernelBenchResult};
+pub use kernels::{Ceilings, KernelBench, KernelBenchResult, SlotPattern};
 pub use lemo::{LemoBench, LemoBenchMode, LemoBenchRow};
 pub use lemo_check::{CheckRow, LemoCheck};
 pub use model::{ModelBench, ModelBenchResult, Preset};
