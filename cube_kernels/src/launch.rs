@@ -24,7 +24,9 @@
 //! Passes (`HostIndex::plan`): with many tokens per row (large K·M/R) the token kernels run in
 //! passes over blocks of rows of `MEFT_KERNEL_L2_MB` (default 24 MiB, about half the H100's
 //! L2), and the row kernel in passes over blocks of tokens, when that moves at most half the
-//! bytes of one pass; the rule is written at `HostIndex::plan`.
+//! bytes of one pass and (token kernels) each pass still launches enough cubes to fill the
+//! GPU; a pass launches one cube per token with slots in it. The rule is written at
+//! `HostIndex::plan`.
 
 /// Slots scored per pass of the token kernels.
 pub const CHUNK: u32 = 16;

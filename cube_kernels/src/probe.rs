@@ -50,14 +50,22 @@ pub fn read_probe_kernel<F: Float, N: Size>(
     let mask = src.shape(0) / N::value() - 1;
     let block = comptime!(THREADS * UNROLL);
     let mut at = c * block + tid;
-    let mut acc = Vector::<f32, N>::new(f32::new(0.0));
+    // Two accumulators, and unchecked reads (the mask keeps every index in bounds): a
+    // bounds-checked read is a guarded load, which kept the loads of one unit from being in
+    // flight together (2.4-2.7 TB/s from DRAM on the H200, below `a + b`).
+    let mut even = Vector::<f32, N>::new(f32::new(0.0));
+    let mut odd = Vector::<f32, N>::new(f32::new(0.0));
     for _ in 0..steps {
         #[unroll]
-        for i in 0..UNROLL {
-            acc += Vector::<f32, N>::cast_from(src[(at + i * nt) & mask]);
+        for i in 0..comptime!(UNROLL / 2) {
+            let a = (at + 2 * i * nt) & mask;
+            let b = (at + (2 * i + 1) * nt) & mask;
+            even += Vector::<f32, N>::cast_from(unsafe { *src.index_unchecked(a) });
+            odd += Vector::<f32, N>::cast_from(unsafe { *src.index_unchecked(b) });
         }
         at += cubes * block;
     }
+    let acc = even + odd;
     let mut sum = f32::new(0.0);
     #[unroll]
     for e in 0..N::value() {
