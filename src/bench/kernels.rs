@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use super::model::median;
 use crate::adapter::meft::compute::{run_kernel_task, KernelTask};
+use crate::adapter::meft::MeftConfig;
 use crate::backend::BackendTask;
 use crate::{Error, Result};
 
@@ -285,7 +286,8 @@ fn ceilings<K: SparseAdapterBackend>(
     let matmul_tflops = 2.0 * (s as f64).powi(3) / (ms * 1e-3) / 1e12;
     drop((a, b));
     // Reads: one sweep over a power-of-two buffer as large as the `a + b` operands, and as
-    // many bytes read from a 16 MiB buffer (L2-resident on the H100/H200's 50 MB L2).
+    // many bytes read from a 16 MiB buffer (L2-resident: the H100's L2 is 50 MB, the H200's
+    // 60 MB).
     let big = n.next_power_of_two().max(1 << 13);
     let read = |len: usize, sweeps: usize| -> Result<f64> {
         let src = Tensor::<K, 1>::random([len], Distribution::Default, device);
@@ -363,19 +365,6 @@ fn routed_index(
     HostIndex::new(&slots, tokens, k, rows).map_err(|e| Error::Other(e.to_string()))
 }
 
-/// The divisor of `rows` nearest 4·√rows (the paper's expert count).
-fn default_experts(rows: usize) -> usize {
-    let target = 4.0 * (rows as f64).sqrt();
-    (1..=rows.max(1))
-        .filter(|e| rows.is_multiple_of(*e))
-        .min_by(|a, b| {
-            (*a as f64 - target)
-                .abs()
-                .total_cmp(&(*b as f64 - target).abs())
-        })
-        .unwrap_or(1)
-}
-
 struct Sizes {
     m: f64,
     d: f64,
@@ -437,7 +426,7 @@ impl KernelTask for KernelBench {
             ceil.matmul_size
         );
         let experts = if self.experts == 0 {
-            default_experts(r)
+            MeftConfig::new(r).expert_count() // the divisor of R nearest 4·√R
         } else {
             self.experts
         };
