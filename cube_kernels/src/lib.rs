@@ -163,11 +163,11 @@ impl HostIndex {
         let rows_per_pass = (budget / row_bytes.max(1)).max(1);
         let p = self.rows.div_ceil(rows_per_pass).max(1);
         let gathered = m * k * row_bytes as f64;
-        // A pass re-reads x and re-writes y only for the tokens with slots in it (the others
-        // leave at once), plus pass 0 writes every y: with routed slots (experts of
-        // contiguous rows) most tokens sit out most passes.
+        // A pass launches only the tokens with slots in it: each visit reads x and writes y,
+        // and every visit but a token's first also reads y back. With routed slots (experts
+        // of contiguous rows) most tokens sit out most passes.
         let visits = self.token_pass_visits(rows_per_pass) as f64;
-        let blocked = (3.0 * visits + m) * (d * elem) as f64 + r * row_bytes as f64;
+        let blocked = (3.0 * visits - m) * (d * elem) as f64 + r * row_bytes as f64;
         // Passes run one after another, so each must fill the GPU: with routed slots at
         // K = 64 (H200, 8 192 tokens) a pass visits ~750 tokens, about 1.4 waves of cubes,
         // and the passes lost to one pass (12.3 vs 10.2 ms forward+backward).
@@ -530,7 +530,8 @@ mod tests {
         assert_eq!(&tp.order[..3], &[1, 2, 0]); // token 0: rows 0, 2, 5
         assert_eq!(&tp.ranges[..4], &[0, 1, 2, 3]);
         assert_eq!(&tp.ranges[4..8], &[0, 1, 1, 3]); // token 1: rows 1, 4, empty
-                                                     // Token 2 (rows 3, 3, 0) sits out pass 2, tokens 1 and 3 pass 1 and pass 0.
+
+        // Token 2 (rows 3, 3, 0) sits out pass 2, tokens 1 and 3 pass 1 and pass 0.
         assert_eq!(tp.visits, vec![0, 1, 2, 0, 2, 3, 0, 1, 3]);
         assert_eq!(tp.visit_offsets, vec![0, 3, 6, 9]);
         let rp = idx.row_passes.clone().unwrap();
@@ -552,8 +553,8 @@ mod tests {
         // 64 tokens, K = 8, 32 rows; d = 1, f32: a row is 8 bytes, a 64-byte budget holds
         // 8 rows (4 passes). Routed over two blocks: token t has 4 rows in block t % 4 and 4
         // in block (t + 1) % 4, so each pass re-reads x and y for half the tokens: blocked
-        // moves (3 · 128 + 64) · 4 + 32 · 8 = 2 048 bytes, half of the 4 096 gathered (every
-        // token in every pass would be 3 328).
+        // moves (3 · 128 − 64) · 4 + 32 · 8 = 1 536 bytes, under half of the 4 096 gathered
+        // (every token in every pass would be (3 · 256 − 64) · 4 + 256 = 3 072, over half).
         let two: Vec<u32> = (0..64)
             .flat_map(|t| {
                 let (a, b) = (t % 4 * 8, (t + 1) % 4 * 8 + 4);
