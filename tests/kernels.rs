@@ -5,6 +5,8 @@
 //! no active row, and inactive (relu = 0) slots. The reference runs in f64 on ndarray; the
 //! f32 kernels must agree within 1e-5 of each tensor's largest magnitude.
 //!
+//! Each is also run in d-slices (`cube_kernels::slices`) and in L2 passes.
+//!
 //! The reference backward (the trait's default, written out with dense ops) is itself checked
 //! against burn's autodiff of the reference forward.
 //!
@@ -143,6 +145,13 @@ fn in_passes(c: &Case, elem: usize) -> HostIndex {
     idx
 }
 
+/// The index with the kernels in d-slices (`cube_kernels::slices`), no passes.
+fn in_slices(c: &Case) -> HostIndex {
+    let mut idx = c.index.clone().unplanned();
+    idx.sliced = true;
+    idx
+}
+
 /// [`run_trait`] with a given index (e.g. [`in_passes`]).
 fn run_index<B: AutodiffBackend + SparseAdapterBackend>(
     c: &Case,
@@ -257,6 +266,19 @@ fn fused_kernels_match_reference_on_wgpu() {
         );
         let plain = run_trait::<Unfused>(&c, &device, DType::F32);
         assert_all_close(&format!("wgpu {m}x{d} R{r} K{k}"), &plain, &want, 1e-5);
+        for (label, got) in [
+            (
+                "fusion",
+                run_index::<Fused>(&c, &in_slices(&c), &device, DType::F32),
+            ),
+            (
+                "plain",
+                run_index::<Unfused>(&c, &in_slices(&c), &device, DType::F32),
+            ),
+        ] {
+            let label = format!("wgpu {label} d-slices {m}x{d} R{r} K{k}");
+            assert_all_close(&label, &got, &want, 1e-5);
+        }
         let passes = run_index::<Fused>(&c, &in_passes(&c, 4), &device, DType::F32);
         assert_all_close(
             &format!("wgpu passes {m}x{d} R{r} K{k}"),
@@ -275,10 +297,11 @@ fn kernels_are_deterministic() {
     let a = run_trait::<Fused>(&c, &device, DType::F32);
     let b = run_trait::<Fused>(&c, &device, DType::F32);
     assert_eq!(a, b);
-    let idx = in_passes(&c, 4);
-    let a = run_index::<Fused>(&c, &idx, &device, DType::F32);
-    let b = run_index::<Fused>(&c, &idx, &device, DType::F32);
-    assert_eq!(a, b);
+    for idx in [in_passes(&c, 4), in_slices(&c)] {
+        let a = run_index::<Fused>(&c, &idx, &device, DType::F32);
+        let b = run_index::<Fused>(&c, &idx, &device, DType::F32);
+        assert_eq!(a, b);
+    }
 }
 
 #[cfg(feature = "wgpu")]
@@ -393,6 +416,15 @@ mod cuda {
                 &want,
                 1e-5,
             );
+            if k <= cube_kernels::slices::MAX_K {
+                let got = run_index::<Autodiff<Cuda<f32>>>(&c, &in_slices(&c), &device, DType::F32);
+                assert_all_close(
+                    &format!("cuda f32 d-slices {m}x{d} R{r} K{k}"),
+                    &got,
+                    &want,
+                    1e-5,
+                );
+            }
         }
     }
 

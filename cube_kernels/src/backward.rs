@@ -62,6 +62,7 @@ fn inner<B: SparseAdapterBackend, C: CheckpointStrategy>(
         visit_offsets: index.visit_offsets.clone(),
         token_passes: index.token_passes,
         row_passes: index.row_passes,
+        sliced: index.sliced,
         rows: index.rows,
     }
 }

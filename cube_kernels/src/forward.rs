@@ -13,9 +13,14 @@ use crate::kernel::{
     sparse_forward_kernel,
 };
 use crate::launch::{grid, LaunchShape, CHUNK};
+use crate::slices::Sliced;
 use crate::{ActiveIndex, SparseAdapterBackend, SparseAdapterGrads};
 
-fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: [usize; 2], dtype: DType) -> CubeTensor<R> {
+pub(crate) fn empty<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    shape: [usize; 2],
+    dtype: DType,
+) -> CubeTensor<R> {
     empty_device_contiguous_dtype(
         like.client.clone(),
         like.device.clone(),
@@ -110,6 +115,16 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
             return (y, z);
         }
         let shape = LaunchShape::for_width(d);
+        if index.sliced && index.token_passes.is_none() {
+            let sliced = Sliced {
+                rows,
+                slots,
+                gate,
+                dims: (m, d, k),
+                vector: shape.vector,
+            };
+            return sliced.forward(&x);
+        }
         let order = into_contiguous(index.order.clone());
         let ranges = into_contiguous(index.token_ranges.clone());
         let client = x.client.clone();
@@ -175,6 +190,26 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
         let shape = LaunchShape::for_width(d);
         let dtypes = [dtype.into(), slots.dtype.into()];
         let client = x.client.clone();
+        if index.sliced && index.token_passes.is_none() && index.row_passes.is_none() {
+            let sliced = Sliced {
+                rows: rows.clone(),
+                slots: slots.clone(),
+                gate: gate.clone(),
+                dims: (m, d, k),
+                vector: shape.vector,
+            };
+            if m > 0 && d > 0 && k > 0 {
+                let (dx, dz, dgate) = sliced.backward_tokens(&z, &dy);
+                if n > 0 {
+                    sliced.backward_rows(&x, &dy, &z, &dz, &offsets, &users, &drows);
+                }
+                return SparseAdapterGrads {
+                    x: dx,
+                    rows: drows,
+                    gate: dgate,
+                };
+            }
+        }
         if m > 0 && d > 0 && k > 0 {
             let order = into_contiguous(index.order.clone());
             let ranges = into_contiguous(index.token_ranges.clone());

@@ -28,6 +28,7 @@ fn inner_index<B: FusionBackend>(
         visit_offsets: shape.visit_offsets.clone(),
         token_passes: shape.token_passes,
         row_passes: shape.row_passes,
+        sliced: shape.sliced,
         rows: shape.rows,
     }
 }
@@ -38,6 +39,7 @@ struct IndexShape {
     rows: usize,
     token_passes: Option<usize>,
     row_passes: Option<usize>,
+    sliced: bool,
     visit_offsets: Vec<usize>,
 }
 
@@ -48,6 +50,7 @@ impl IndexShape {
             visit_offsets: index.visit_offsets.clone(),
             token_passes: index.token_passes,
             row_passes: index.row_passes,
+            sliced: index.sliced,
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod launch;
 pub mod loss;
 pub mod probe;
 pub mod reference;
+pub mod slices;
 pub mod tokens;
 
 use burn::tensor::backend::Backend;
@@ -79,6 +80,8 @@ pub struct HostIndex {
     pub token_passes: Option<TokenPasses>,
     /// Row kernel in passes over blocks of tokens (see [`HostIndex::plan`]).
     pub row_passes: Option<RowPasses>,
+    /// Run the kernels in d-slices ([`slices`]; see [`HostIndex::plan`]).
+    pub sliced: bool,
 }
 
 /// The token kernels' passes: pass p handles each token's slots whose rows lie in
@@ -146,10 +149,11 @@ impl HostIndex {
         self.plan_with(d, elem, pass_budget_bytes(), false)
     }
 
-    /// The index without passes (every kernel in one pass).
+    /// The index without passes or slices (every kernel in one pass over whole rows).
     pub fn unplanned(mut self) -> Self {
         self.token_passes = None;
         self.row_passes = None;
+        self.sliced = false;
         self
     }
 
@@ -184,6 +188,17 @@ impl HostIndex {
         if q > 1 && (force || 2.0 * blocked <= gathered) {
             self.row_passes = Some(self.row_passes_for(q, tokens_per_pass));
         }
+        // Without passes, the kernels run in d-slices (`slices`): the rows' bytes come from
+        // memory about once and the repeats from L2, for a partial-score array of 1/128 of
+        // the gathered bytes. `MEFT_KERNEL_SLICES=0` keeps whole rows.
+        let slices_off = matches!(
+            std::env::var("MEFT_KERNEL_SLICES").as_deref(),
+            Ok("0") | Ok("false")
+        );
+        self.sliced = !slices_off
+            && self.token_passes.is_none()
+            && self.row_passes.is_none()
+            && slices::supported(elem, self.k);
         self
     }
 
@@ -335,6 +350,7 @@ impl HostIndex {
             row_users,
             token_passes: None,
             row_passes: None,
+            sliced: false,
         })
     }
 
@@ -390,6 +406,7 @@ impl HostIndex {
             visit_offsets,
             token_passes: self.token_passes.as_ref().map(|p| p.passes),
             row_passes: self.row_passes.as_ref().map(|p| p.passes),
+            sliced: self.sliced,
             rows: self.rows,
         }
     }
@@ -418,6 +435,8 @@ pub struct ActiveIndex<B: Backend> {
     pub token_passes: Option<usize>,
     /// Q, when the row kernel runs in passes.
     pub row_passes: Option<usize>,
+    /// Whether the cubecl kernels run in d-slices ([`slices`]).
+    pub sliced: bool,
     /// Active rows R.
     pub rows: usize,
 }

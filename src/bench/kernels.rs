@@ -138,6 +138,9 @@ pub struct KernelBenchResult {
     pub max_rel_diff: Option<f64>,
     /// L2 passes the kernels ran in: token kernels P, row kernel Q (1 = no blocking).
     pub passes: [usize; 2],
+    /// Whether the kernels ran in d-slices (`cube_kernels::slices`).
+    #[serde(default)]
+    pub sliced: bool,
     /// The ceilings measured in this run.
     pub ceilings: Ceilings,
 }
@@ -440,6 +443,8 @@ impl KernelTask for KernelBench {
         let dy = Tensor::<K, 2>::random([m, d], Distribution::Normal(0.0, 1.0), &device);
         let elem = x.dtype().size() as f64;
         let mut out = Vec::new();
+        // Whether the rows pushed next ran in d-slices.
+        let sliced = std::cell::Cell::new(false);
         let mut push = |slots: &str,
                         op: &str,
                         passes: [usize; 2],
@@ -475,6 +480,7 @@ impl KernelTask for KernelBench {
                 gathered_share_of_l2: gathered / (ceil.l2_read_gbps * 1e9) / secs,
                 max_rel_diff: diff,
                 passes,
+                sliced: sliced.get(),
                 ceilings: ceil,
             };
             eprintln!(
@@ -513,6 +519,7 @@ impl KernelTask for KernelBench {
                 host.row_passes.as_ref().map_or(1, |p| p.passes),
             ];
             let idx = host.to_device::<K>(&device);
+            sliced.set(false);
             let gate = u([m, k], 0.5, 1.5);
 
             // Gather: the union of the active rows out of the R staged rows.
@@ -588,6 +595,7 @@ impl KernelTask for KernelBench {
                 bdiff,
             );
             let both_generic = fg.zip(bg).map(|(a, b)| a + b);
+            sliced.set(host.sliced);
             let both_diff = fdiff.zip(bdiff).map(|(a, b)| a.max(b));
             let both = (fu + bu, fgath + bgath, ff + bf);
             push(
@@ -614,6 +622,58 @@ impl KernelTask for KernelBench {
                 let op = "forward+backward, one pass";
                 push(&slots, op, [1, 1], k, f1 + b1, both_generic, both, Some(d1));
             }
+            if passes == [1, 1] && cube_kernels::slices::supported(elem as usize, k) {
+                // Side by side: the same kernels over whole rows / in d-slices, whichever the
+                // plan did not pick.
+                let mut alt = host.clone().unplanned();
+                alt.sliced = !host.sliced;
+                let run = time_kernels(
+                    &device,
+                    w,
+                    it,
+                    &x,
+                    &rows,
+                    &gate,
+                    &dy,
+                    &alt.to_device::<K>(&device),
+                )?;
+                let d1 = rel_diff(&run.forward, &[y.clone(), z.clone()])
+                    .max(rel_diff(&run.backward, &gk3));
+                let name = if alt.sliced { "d-slices" } else { "whole rows" };
+                eprintln!("{name} vs planned: max rel diff {d1:.1e}");
+                sliced.set(alt.sliced);
+                let fgb = run.forward_ms + run.backward_ms;
+                push(
+                    &slots,
+                    &format!("forward, {name}"),
+                    [1, 1],
+                    k,
+                    run.forward_ms,
+                    fg,
+                    (fu, fgath, ff),
+                    Some(d1),
+                );
+                push(
+                    &slots,
+                    &format!("backward, {name}"),
+                    [1, 1],
+                    k,
+                    run.backward_ms,
+                    bg,
+                    (bu, bgath, bf),
+                    Some(d1),
+                );
+                push(
+                    &slots,
+                    &format!("forward+backward, {name}"),
+                    [1, 1],
+                    k,
+                    fgb,
+                    both_generic,
+                    both,
+                    Some(d1),
+                );
+            }
         }
         Ok(out)
     }
@@ -634,7 +694,11 @@ impl KernelBenchResult {
                 r.op,
                 r.top_k,
                 r.passes[0],
-                r.passes[1],
+                if r.sliced {
+                    format!("{} (d-slices)", r.passes[1])
+                } else {
+                    r.passes[1].to_string()
+                },
                 r.kernel_ms,
                 opt(r.generic_ms, 2),
                 opt(r.speedup, 1),

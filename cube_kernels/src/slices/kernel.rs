@@ -1,0 +1,310 @@
+//! The sparse adapter's kernels in d-slices (see the module docs of `slices`).
+//!
+//! A cube holds `tokens` groups of `lanes` units; group g handles one token (or, in the row
+//! kernel, one row) and unit l of it the vector `s · lanes + l` of the hidden width, where s
+//! is the cube's slice. Cubes are numbered slice-major (`s = cube / groups`), so the cubes
+//! running at any moment read the same slice of the rows: a slice of every row is
+//! `R · lanes` vectors (32 MiB at R = 65 536, 128 floats), which L2 holds while all tokens
+//! gather from it.
+//!
+//! Same storage conventions as `crate::kernel`: `rows` `[R, 2d]` = `[k | v]`, slots `>= R`
+//! are empty, f32 accumulation, fixed summation order (no atomics). The partial dot products
+//! are stored in the float type itself, so the host slices 4-byte floats only.
+
+// `!(p <= 0)` is meant: it is true for NaN (a NaN must propagate, not be dropped).
+// Kernel code is cubecl's subset of Rust: `usize::div_ceil` is not in it.
+#![allow(clippy::neg_cmp_op_on_partial_ord, clippy::manual_div_ceil)]
+
+use cubecl::prelude::*;
+
+use crate::kernel::cube_index;
+
+/// The cube's slice and first token (or row) of its group of `per_cube`, over `count` items.
+#[cube]
+fn slice_and_first(count: usize, #[comptime] per_cube: usize) -> (usize, usize) {
+    let groups = (count + per_cube - 1) / per_cube;
+    let c = cube_index();
+    (c / groups, (c % groups) * per_cube)
+}
+
+/// Partial dot products over one slice: `parts[s, t, i] = h_t[slice s] · rows[slot(t, i)]
+/// [half, slice s]` (0 for an empty slot and, with `active_only`, for a slot whose
+/// `gate · z <= 0`). Per group: each unit multiplies its vector, then a shared-memory tree
+/// over the group's `lanes` units, `chunk` slots at a time.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn slice_dots_kernel<F: Float, I: Numeric, N: Size>(
+    h: &Tensor<Vector<F, N>>,
+    rows: &Tensor<Vector<F, N>>,
+    slots: &Tensor<I>,
+    gate: &Tensor<F>,
+    z: &Tensor<F>,
+    parts: &mut Tensor<F>,
+    half: u32,
+    #[comptime] k: u32,
+    #[comptime] lanes: u32,
+    #[comptime] tokens: u32,
+    #[comptime] chunk: u32,
+    #[comptime] active_only: bool,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let kk = comptime!(k as usize);
+    let nl = comptime!(lanes as usize);
+    let ng = comptime!(tokens as usize);
+    let nchunk = comptime!(chunk as usize);
+    let nt = comptime!(lanes as usize * tokens as usize);
+    let m = h.shape(0);
+    let dv = h.shape(1) / N::value();
+    let w = rows.shape(1) / N::value();
+    let n_rows = rows.shape(0);
+    let (s, g0) = slice_and_first(m, ng);
+    let tid = UNIT_POS_X as usize;
+    let (gi, l) = (tid / nl, tid % nl);
+    let t = g0 + gi;
+    let col = s * nl + l;
+
+    let mut row_of = SharedMemory::<u32>::new(comptime!(tokens as usize * k as usize));
+    let mut i = tid;
+    while i < ng * kk {
+        let tt = g0 + i / kk;
+        let mut r = n_rows as u32;
+        if tt < m {
+            let e = tt * kk + i % kk;
+            let rr = u32::cast_from(slots[e]);
+            if (rr as usize) < n_rows {
+                r = rr;
+                if active_only {
+                    let p = f32::cast_from(gate[e]) * f32::cast_from(z[e]);
+                    if p <= f32::new(0.0) {
+                        r = n_rows as u32;
+                    }
+                }
+            }
+        }
+        row_of[i] = r;
+        i += nt;
+    }
+    let mut hr = Vector::<f32, N>::new(f32::new(0.0));
+    if t < m && col < dv {
+        hr = Vector::<f32, N>::cast_from(h[t * dv + col]);
+    }
+    sync_cube();
+
+    let off = half as usize * dv + col;
+    let mut part =
+        SharedMemory::<f32>::new(comptime!(tokens as usize * lanes as usize * chunk as usize));
+    let mut c0 = 0usize.runtime();
+    while c0 < kk {
+        #[unroll]
+        for j in 0..nchunk {
+            let i = c0 + j;
+            let mut acc = f32::new(0.0);
+            if i < kk && col < dv {
+                let r = row_of[gi * kk + i] as usize;
+                if r < n_rows {
+                    let prod = hr * Vector::<f32, N>::cast_from(rows[r * w + off]);
+                    #[unroll]
+                    for e in 0..N::value() {
+                        acc += prod[e];
+                    }
+                }
+            }
+            part[(gi * nchunk + j) * nl + l] = acc;
+        }
+        sync_cube();
+        let mut stride = (nl / 2).runtime();
+        while stride > 0 {
+            if l < stride {
+                #[unroll]
+                for j in 0..nchunk {
+                    let at = (gi * nchunk + j) * nl + l;
+                    part[at] += part[at + stride];
+                }
+            }
+            sync_cube();
+            stride /= 2;
+        }
+        if l < nchunk && t < m {
+            let i = c0 + l;
+            if i < kk {
+                parts[(s * m + t) * kk + i] = F::cast_from(part[(gi * nchunk + l) * nl]);
+            }
+        }
+        sync_cube();
+        c0 += nchunk;
+    }
+}
+
+/// Sums each entry's partial dot products over the `slices` slices, in slice order.
+/// Forward (`!backward`): `out = z`. Backward (the products are `dy_t · v`):
+/// `out = dz = [p > 0] · dot · gate`, `out2 = dgate = [p > 0] · dot · z` with `p = gate · z`
+/// (NaN counts as active, as in the forward's relu). One unit per entry.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn slice_sum_kernel<F: Float, I: Numeric>(
+    parts: &Tensor<F>,
+    slots: &Tensor<I>,
+    gate: &Tensor<F>,
+    z: &Tensor<F>,
+    out: &mut Tensor<F>,
+    out2: &mut Tensor<F>,
+    slices: u32,
+    n_rows: u32,
+    #[comptime] threads: u32,
+    #[comptime] backward: bool,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let n = out.shape(0) * out.shape(1);
+    let e = cube_index() * comptime!(threads as usize) + UNIT_POS_X as usize;
+    if e >= n {
+        terminate!();
+    }
+    let mut sum = f32::new(0.0);
+    for q in 0..slices as usize {
+        sum += f32::cast_from(parts[q * n + e]);
+    }
+    if backward {
+        let mut p = f32::new(0.0);
+        if u32::cast_from(slots[e]) < n_rows {
+            p = f32::cast_from(gate[e]) * f32::cast_from(z[e]);
+        }
+        let mut dz = f32::new(0.0);
+        let mut dg = f32::new(0.0);
+        if !(p <= f32::new(0.0)) {
+            dz = sum * f32::cast_from(gate[e]);
+            dg = sum * f32::cast_from(z[e]);
+        }
+        out[e] = F::cast_from(dz);
+        out2[e] = F::cast_from(dg);
+    } else {
+        out[e] = F::cast_from(sum);
+    }
+}
+
+/// `out_t[slice] = Σ_i c_ti · rows[slot(t, i)][half, slice]` over token t's slots in order,
+/// with `c = relu(gate · coef)` (`relu`, forward: coef = z, rows = values) or `c = coef`
+/// (backward: coef = dz, rows = keys). Rows of zero coefficients are not read.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn slice_rows_kernel<F: Float, I: Numeric, N: Size>(
+    rows: &Tensor<Vector<F, N>>,
+    slots: &Tensor<I>,
+    gate: &Tensor<F>,
+    coef: &Tensor<F>,
+    out: &mut Tensor<Vector<F, N>>,
+    half: u32,
+    #[comptime] k: u32,
+    #[comptime] lanes: u32,
+    #[comptime] tokens: u32,
+    #[comptime] relu: bool,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let kk = comptime!(k as usize);
+    let nl = comptime!(lanes as usize);
+    let ng = comptime!(tokens as usize);
+    let nt = comptime!(lanes as usize * tokens as usize);
+    let m = out.shape(0);
+    let dv = out.shape(1) / N::value();
+    let w = rows.shape(1) / N::value();
+    let n_rows = rows.shape(0);
+    let (s, g0) = slice_and_first(m, ng);
+    let tid = UNIT_POS_X as usize;
+    let (gi, l) = (tid / nl, tid % nl);
+    let t = g0 + gi;
+    let col = s * nl + l;
+
+    let mut row_of = SharedMemory::<u32>::new(comptime!(tokens as usize * k as usize));
+    let mut c_of = SharedMemory::<f32>::new(comptime!(tokens as usize * k as usize));
+    let mut i = tid;
+    while i < ng * kk {
+        let tt = g0 + i / kk;
+        let mut r = n_rows as u32;
+        let mut c = f32::new(0.0);
+        if tt < m {
+            let e = tt * kk + i % kk;
+            let rr = u32::cast_from(slots[e]);
+            if (rr as usize) < n_rows {
+                c = f32::cast_from(coef[e]);
+                if relu {
+                    c *= f32::cast_from(gate[e]);
+                    if c <= f32::new(0.0) {
+                        c = f32::new(0.0);
+                    }
+                }
+                if c != f32::new(0.0) {
+                    r = rr;
+                }
+            }
+        }
+        row_of[i] = r;
+        c_of[i] = c;
+        i += nt;
+    }
+    sync_cube();
+    if t < m && col < dv {
+        let off = half as usize * dv + col;
+        let mut acc = Vector::<f32, N>::new(f32::new(0.0));
+        for i in 0..kk {
+            let r = row_of[gi * kk + i] as usize;
+            if r < n_rows {
+                let cv = Vector::<f32, N>::new(c_of[gi * kk + i]);
+                acc += cv * Vector::<f32, N>::cast_from(rows[r * w + off]);
+            }
+        }
+        out[t * dv + col] = Vector::<F, N>::cast_from(acc);
+    }
+}
+
+/// The row gradients over one slice, one group per row j: `dk_j = Σ dz_e x_t` and
+/// `dv_j = Σ relu(gate_e z_e) dy_t` over the entries e = (t, s) whose slot is j, in
+/// ascending order (the same sums, in the same order, as the one-cube-per-row kernel).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn slice_grad_rows_kernel<F: Float, I: Numeric, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    dy: &Tensor<Vector<F, N>>,
+    gate: &Tensor<F>,
+    z: &Tensor<F>,
+    dz: &Tensor<F>,
+    row_offsets: &Tensor<I>,
+    row_users: &Tensor<I>,
+    drows: &mut Tensor<Vector<F, N>>,
+    #[comptime] k: u32,
+    #[comptime] lanes: u32,
+    #[comptime] per_cube: u32,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let kk = comptime!(k as usize);
+    let nl = comptime!(lanes as usize);
+    let n_rows = drows.shape(0);
+    let dv = x.shape(1) / N::value();
+    let w = drows.shape(1) / N::value();
+    let (s, g0) = slice_and_first(n_rows, comptime!(per_cube as usize));
+    let tid = UNIT_POS_X as usize;
+    let r = g0 + tid / nl;
+    let col = s * nl + tid % nl;
+    if r >= n_rows || col >= dv {
+        terminate!();
+    }
+    let begin = u32::cast_from(row_offsets[r]) as usize;
+    let end = u32::cast_from(row_offsets[r + 1]) as usize;
+    let mut ak = Vector::<f32, N>::new(f32::new(0.0));
+    let mut av = Vector::<f32, N>::new(f32::new(0.0));
+    for p in begin..end {
+        let e = u32::cast_from(row_users[p]) as usize;
+        let t = e / kk;
+        let cz = f32::cast_from(dz[e]);
+        let mut ca = f32::cast_from(gate[e]) * f32::cast_from(z[e]);
+        if ca <= f32::new(0.0) {
+            ca = f32::new(0.0);
+        }
+        if cz != f32::new(0.0) {
+            ak += Vector::<f32, N>::new(cz) * Vector::<f32, N>::cast_from(x[t * dv + col]);
+        }
+        if ca != f32::new(0.0) {
+            av += Vector::<f32, N>::new(ca) * Vector::<f32, N>::cast_from(dy[t * dv + col]);
+        }
+    }
+    drows[r * w + col] = Vector::<F, N>::cast_from(ak);
+    drows[r * w + dv + col] = Vector::<F, N>::cast_from(av);
+}

@@ -1,0 +1,213 @@
+//! The sparse adapter in d-slices: the token and row kernels split the hidden width into
+//! slices of [`LANES`] vectors (128 floats) and run slice by slice, so the rows every token
+//! gathers from come from L2 instead of memory.
+//!
+//! One cube per token (`crate::kernel`) streams each of its K rows whole: at K = 64 and
+//! R = 65 536 that reads 7–8× the rows' bytes from memory (each row serves ~8 tokens, and
+//! 1 GiB of rows does not stay in a 60 MB L2). Here the cubes are numbered slice-major, so at
+//! any moment they gather from one slice of every row (`R · 512` bytes: 32 MiB at
+//! R = 65 536), which L2 keeps: each row slice is read from memory about once and the
+//! repeats are L2 hits. The price: a dot product needs the whole width, so the scores are
+//! summed from per-slice partials (`[S, M, K]`, written once and read once) by a second
+//! kernel. Forward and the backward's token side are the same three launches:
+//!
+//! | step | forward | backward (token side) |
+//! |---|---|---|
+//! | [`kernel::slice_dots_kernel`] | `x_t · k_j` per slice | `dy_t · v_j` per slice, active slots |
+//! | [`kernel::slice_sum_kernel`] | `z` | `dz`, `dgate` |
+//! | [`kernel::slice_rows_kernel`] | `y = Σ relu(gate·z) v_j` | `dx = Σ dz k_j` |
+//!
+//! and the row gradients run as [`kernel::slice_grad_rows_kernel`] (one group per row, the
+//! tokens' x and dy slices hot in L2). Used when `HostIndex::plan` chooses it
+//! (`ActiveIndex::sliced`): 4-byte floats, K ≤ [`MAX_K`] (the staged slot lists fill shared
+//! memory), and no L2 passes.
+
+pub mod kernel;
+
+use burn::tensor::TensorMetadata;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeRuntime;
+use cubecl::CubeDim;
+
+use crate::launch::grid;
+use kernel::{slice_dots_kernel, slice_grad_rows_kernel, slice_rows_kernel, slice_sum_kernel};
+
+/// Vectors per slice (= units per token group): 128 floats with 16-byte vectors.
+pub const LANES: u32 = 32;
+/// Token (or row) groups per cube: 256 units.
+pub const GROUPS: u32 = 8;
+/// Slots scored at once by the dot-product kernel.
+const CHUNK: u32 = 16;
+/// Largest K the sliced kernels take: each cube stages its tokens' K slots in shared memory
+/// (`GROUPS · K` row ids and coefficients: 16 KiB at K = 256).
+pub const MAX_K: usize = 256;
+
+/// Number of slices of a width of `dv` vectors.
+pub fn slice_count(dv: usize) -> usize {
+    dv.div_ceil(LANES as usize).max(1)
+}
+
+/// Tensors of one sliced launch: `rows` `[R, 2d]`, `slots`, `gate` `[M, K]`.
+pub(crate) struct Sliced<R: CubeRuntime> {
+    pub rows: CubeTensor<R>,
+    pub slots: CubeTensor<R>,
+    pub gate: CubeTensor<R>,
+    /// (M, d, K).
+    pub dims: (usize, usize, usize),
+    /// Elements per vector.
+    pub vector: usize,
+}
+
+impl<R: CubeRuntime> Sliced<R> {
+    fn dtypes(&self) -> [cubecl::ir::StorageType; 2] {
+        [self.rows.dtype.into(), self.slots.dtype.into()]
+    }
+
+    fn slices(&self) -> usize {
+        slice_count(self.dims.1 / self.vector)
+    }
+
+    fn token_cubes(&self) -> usize {
+        self.slices() * self.dims.0.div_ceil(GROUPS as usize)
+    }
+
+    /// `[S, M, K]` partial dot products of `h` with the rows' `half` (0 keys, 1 values);
+    /// with `z` (backward), active slots only.
+    fn dots(&self, h: &CubeTensor<R>, half: u32, z: Option<&CubeTensor<R>>) -> CubeTensor<R> {
+        let (m, _, k) = self.dims;
+        let parts = crate::forward::empty(h, [self.slices() * m, k], h.dtype);
+        slice_dots_kernel::launch::<R>(
+            &h.client,
+            grid(self.token_cubes()),
+            CubeDim::new_1d(LANES * GROUPS),
+            self.vector,
+            h.clone().into_tensor_arg(),
+            self.rows.clone().into_tensor_arg(),
+            self.slots.clone().into_tensor_arg(),
+            self.gate.clone().into_tensor_arg(),
+            z.unwrap_or(&self.gate).clone().into_tensor_arg(),
+            parts.clone().into_tensor_arg(),
+            half,
+            k as u32,
+            LANES,
+            GROUPS,
+            CHUNK,
+            z.is_some(),
+            self.dtypes(),
+        );
+        parts
+    }
+
+    /// Sums the partials: `z` (forward), or `(dz, dgate)` given `z` (backward).
+    fn sum(
+        &self,
+        parts: &CubeTensor<R>,
+        z: Option<&CubeTensor<R>>,
+    ) -> (CubeTensor<R>, CubeTensor<R>) {
+        let (m, _, k) = self.dims;
+        let out = crate::forward::empty(parts, [m, k], parts.dtype);
+        let out2 = match z {
+            Some(_) => crate::forward::empty(parts, [m, k], parts.dtype),
+            None => out.clone(),
+        };
+        let threads = 256u32;
+        slice_sum_kernel::launch::<R>(
+            &parts.client,
+            grid((m * k).div_ceil(threads as usize)),
+            CubeDim::new_1d(threads),
+            parts.clone().into_tensor_arg(),
+            self.slots.clone().into_tensor_arg(),
+            self.gate.clone().into_tensor_arg(),
+            z.unwrap_or(&self.gate).clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            out2.clone().into_tensor_arg(),
+            self.slices() as u32,
+            self.rows.shape().dims::<2>()[0] as u32,
+            threads,
+            z.is_some(),
+            self.dtypes(),
+        );
+        (out, out2)
+    }
+
+    /// `Σ_i c_ti rows[slot][half]` into a new `[M, d]`: `c = relu(gate · coef)` with `relu`.
+    fn gather(&self, coef: &CubeTensor<R>, half: u32, relu: bool) -> CubeTensor<R> {
+        let (m, d, k) = self.dims;
+        let out = crate::forward::empty(coef, [m, d], coef.dtype);
+        slice_rows_kernel::launch::<R>(
+            &coef.client,
+            grid(self.token_cubes()),
+            CubeDim::new_1d(LANES * GROUPS),
+            self.vector,
+            self.rows.clone().into_tensor_arg(),
+            self.slots.clone().into_tensor_arg(),
+            self.gate.clone().into_tensor_arg(),
+            coef.clone().into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            half,
+            k as u32,
+            LANES,
+            GROUPS,
+            relu,
+            self.dtypes(),
+        );
+        out
+    }
+
+    /// Forward: `(y, z)`.
+    pub fn forward(&self, x: &CubeTensor<R>) -> (CubeTensor<R>, CubeTensor<R>) {
+        let parts = self.dots(x, 0, None);
+        let (z, _) = self.sum(&parts, None);
+        (self.gather(&z, 1, true), z)
+    }
+
+    /// Backward, token side: `(dx, dz, dgate)`.
+    pub fn backward_tokens(
+        &self,
+        z: &CubeTensor<R>,
+        dy: &CubeTensor<R>,
+    ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+        let parts = self.dots(dy, 1, Some(z));
+        let (dz, dgate) = self.sum(&parts, Some(z));
+        (self.gather(&dz, 0, false), dz, dgate)
+    }
+
+    /// Backward, row side: `drows` `[R, 2d]` from the transposed index.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_rows(
+        &self,
+        x: &CubeTensor<R>,
+        dy: &CubeTensor<R>,
+        z: &CubeTensor<R>,
+        dz: &CubeTensor<R>,
+        offsets: &CubeTensor<R>,
+        users: &CubeTensor<R>,
+        drows: &CubeTensor<R>,
+    ) {
+        let n = drows.shape().dims::<2>()[0];
+        let cubes = self.slices() * n.div_ceil(GROUPS as usize);
+        slice_grad_rows_kernel::launch::<R>(
+            &x.client,
+            grid(cubes),
+            CubeDim::new_1d(LANES * GROUPS),
+            self.vector,
+            x.clone().into_tensor_arg(),
+            dy.clone().into_tensor_arg(),
+            self.gate.clone().into_tensor_arg(),
+            z.clone().into_tensor_arg(),
+            dz.clone().into_tensor_arg(),
+            offsets.clone().into_tensor_arg(),
+            users.clone().into_tensor_arg(),
+            drows.clone().into_tensor_arg(),
+            self.dims.2.max(1) as u32,
+            LANES,
+            GROUPS,
+            [x.dtype.into(), offsets.dtype.into()],
+        );
+    }
+}
+
+/// Whether the kernels may run in slices for element size `elem` and K slots.
+pub fn supported(elem: usize, k: usize) -> bool {
+    elem == 4 && k <= MAX_K
+}
