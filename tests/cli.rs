@@ -106,13 +106,35 @@ fn bench_kernels_writes_every_op() {
     let rows = json.as_array().unwrap();
     assert_eq!(
         rows.len(),
-        16,
-        "gather, forward, backward, both for K = 3 and 8, random and routed"
+        28,
+        "gather, forward, backward, both, and the three over whole rows beside the planned \
+         d-slices, for K = 3 and 8, random and routed"
     );
     // 64 rows: 32 experts of 2 neurons (the divisor nearest 4·√64), 8 probed per token.
     let slots: Vec<&str> = rows.iter().map(|r| r["slots"].as_str().unwrap()).collect();
-    assert_eq!(slots[..8], ["random"; 8]);
-    assert_eq!(slots[8..], ["routed 32×8"; 8]);
+    assert_eq!(slots[..14], ["random"; 14]);
+    assert_eq!(slots[14..], ["routed 32×8"; 14]);
+    let ops: Vec<&str> = rows[..7]
+        .iter()
+        .map(|r| r["op"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            "gather",
+            "forward",
+            "backward",
+            "forward+backward",
+            "forward, whole rows",
+            "backward, whole rows",
+            "forward+backward, whole rows"
+        ]
+    );
+    let sliced: Vec<bool> = rows[..7]
+        .iter()
+        .map(|r| r["sliced"].as_bool().unwrap())
+        .collect();
+    assert_eq!(sliced, [false, true, true, true, false, false, false]);
     for r in rows {
         assert!(r["kernel_ms"].as_f64().unwrap() >= 0.0);
         assert!(r["ceilings"]["read_gbps"].as_f64().unwrap() > 0.0, "{r}");

@@ -27,6 +27,9 @@
 //! bytes of one pass and (token kernels) each pass still launches enough cubes to fill the
 //! GPU; a pass launches one cube per token with slots in it. The rule is written at
 //! `HostIndex::plan`.
+//!
+//! Without passes (K ≤ 256, 4-byte floats) the kernels run in d-slices instead (`slices`):
+//! 8 tokens (or rows) × 32 vectors per cube, cubes numbered slice-major.
 
 /// Slots scored per pass of the token kernels.
 pub const CHUNK: u32 = 16;

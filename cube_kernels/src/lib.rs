@@ -5,7 +5,8 @@
 //! without an `M × R` score matrix. [`SparseAdapterBackend`] is the extension trait:
 //! - its default methods are the plain-op reference ([`reference`]), used by ndarray and by the
 //!   tests as ground truth;
-//! - `CubeBackend` (cuda, wgpu) implements it with the kernels in [`kernel`] (`forward.rs`);
+//! - `CubeBackend` (cuda, wgpu) implements it with the kernels in [`kernel`] (`forward.rs`),
+//!   or the same sums in d-slices ([`slices`]: slice-major cubes, so the rows' repeats are L2 hits);
 //! - `Fusion<B>` forwards to `B` as custom fusion operations (`fusion.rs`);
 //! - `Autodiff<B>` registers the fused backward (`backward.rs`): a token kernel for `dx` and
 //!   the gate gradient, and a row kernel that sums each active row's key/value gradient over
@@ -133,7 +134,9 @@ impl HostIndex {
     /// read each row from memory about once, at the price of re-reading x and re-writing y per
     /// pass; a side is blocked only if that moves at most half the bytes (and, for the token
     /// kernels, each pass still fills the GPU: `MIN_PASS_CUBES`). The same trade for the row
-    /// kernel over blocks of tokens. `MEFT_KERNEL_BLOCKING=0` turns it off.
+    /// kernel over blocks of tokens. `MEFT_KERNEL_BLOCKING=0` turns it off. Without passes the
+    /// kernels run in d-slices ([`slices`]; 4-byte floats, K ≤ [`slices::MAX_K`];
+    /// `MEFT_KERNEL_SLICES=0` keeps whole rows).
     ///
     /// Passes are planned for 4-byte floats only: outputs accumulate over passes in their own
     /// storage type, and in bf16 that rounds once per pass (measured on the H100: 1.4e-2
@@ -600,6 +603,27 @@ mod tests {
         assert!(idx.clone().plan_with(1, 4, 64, true).token_passes.is_some());
         // Row visits: row j's users in each block of 8 tokens (2 per block, 8 blocks).
         assert_eq!(idx.row_pass_visits(8), 32 * 8);
+    }
+
+    #[test]
+    fn plan_runs_in_slices_without_passes() {
+        // 8 tokens, K = 4 over 64 rows at d = 16: no passes with the default budget, so
+        // 4-byte floats run in d-slices; 2-byte floats, K past `MAX_K` and passes do not.
+        let slots: Vec<u32> = (0..32).map(|e| (e * 7 % 64) as u32).collect();
+        let idx = HostIndex::new(&slots, 8, 4, 64).unwrap();
+        assert!(idx.clone().plan_with(16, 4, 1 << 20, false).sliced);
+        assert!(!idx.clone().plan_with(16, 2, 1 << 20, false).sliced);
+        assert!(
+            !idx.clone()
+                .plan_with(16, 4, 1 << 20, false)
+                .unplanned()
+                .sliced
+        );
+        let forced = idx.plan_with(16, 4, 2 * 16 * 4 * 8, true);
+        assert!(forced.token_passes.is_some() && !forced.sliced);
+        let wide = vec![0u32; slices::MAX_K + 1];
+        let idx = HostIndex::new(&wide, 1, slices::MAX_K + 1, 1).unwrap();
+        assert!(!idx.plan_with(16, 4, 1 << 20, false).sliced);
     }
 
     #[test]

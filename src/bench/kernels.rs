@@ -546,6 +546,7 @@ impl KernelTask for KernelBench {
             let nu = n_union as f64;
             let gb = elem * 2.0 * (nu * 2.0 * d as f64) + int * nu;
             push(&slots, "gather", [1, 1], k, gk, gg, (gb, gb, 0.0), diff);
+            sliced.set(host.sliced);
 
             let KernelRun {
                 forward_ms: fk,
@@ -595,7 +596,6 @@ impl KernelTask for KernelBench {
                 bdiff,
             );
             let both_generic = fg.zip(bg).map(|(a, b)| a + b);
-            sliced.set(host.sliced);
             let both_diff = fdiff.zip(bdiff).map(|(a, b)| a.max(b));
             let both = (fu + bu, fgath + bgath, ff + bf);
             push(
@@ -619,6 +619,7 @@ impl KernelTask for KernelBench {
                 } = time_kernels(&device, w, it, &x, &rows, &gate, &dy, &one)?;
                 let d1 = rel_diff(&[y1, z1], &[y.clone(), z.clone()]).max(rel_diff(&g1, &gk3));
                 eprintln!("one pass vs passes: max rel diff {d1:.1e}");
+                sliced.set(false);
                 let op = "forward+backward, one pass";
                 push(&slots, op, [1, 1], k, f1 + b1, both_generic, both, Some(d1));
             }
