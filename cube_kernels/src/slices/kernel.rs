@@ -29,8 +29,9 @@ fn slice_and_first(count: usize, #[comptime] per_cube: usize) -> (usize, usize) 
 
 /// Partial dot products over one slice: `parts[s, t, i] = h_t[slice s] · rows[slot(t, i)]
 /// [half, slice s]` (0 for an empty slot and, with `active_only`, for a slot whose
-/// `gate · z <= 0`). Per group: each unit multiplies its vector, then a shared-memory tree
-/// over the group's `lanes` units, `chunk` slots at a time.
+/// `gate · z <= 0`). Per group: each unit multiplies its vector, then the products are
+/// summed over the group's `lanes` units: with `plane` (the group is one plane of 32 units)
+/// by plane shuffles, 32 slots at a time; else by a shared-memory tree, `chunk` at a time.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn slice_dots_kernel<F: Float, I: Numeric, N: Size>(
@@ -46,6 +47,7 @@ pub fn slice_dots_kernel<F: Float, I: Numeric, N: Size>(
     #[comptime] tokens: u32,
     #[comptime] chunk: u32,
     #[comptime] active_only: bool,
+    #[comptime] plane: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let kk = comptime!(k as usize);
@@ -55,7 +57,6 @@ pub fn slice_dots_kernel<F: Float, I: Numeric, N: Size>(
     let nt = comptime!(lanes as usize * tokens as usize);
     let m = h.shape(0);
     let dv = h.shape(1) / N::value();
-    let w = rows.shape(1) / N::value();
     let n_rows = rows.shape(0);
     let (s, g0) = slice_and_first(m, ng);
     let tid = UNIT_POS_X as usize;
@@ -91,47 +92,106 @@ pub fn slice_dots_kernel<F: Float, I: Numeric, N: Size>(
     sync_cube();
 
     let off = half as usize * dv + col;
-    let mut part =
-        SharedMemory::<f32>::new(comptime!(tokens as usize * lanes as usize * chunk as usize));
-    let mut c0 = 0usize.runtime();
-    while c0 < kk {
-        #[unroll]
-        for j in 0..nchunk {
-            let i = c0 + j;
-            let mut acc = f32::new(0.0);
-            if i < kk && col < dv {
-                let r = row_of[gi * kk + i] as usize;
-                if r < n_rows {
-                    let prod = hr * Vector::<f32, N>::cast_from(rows[r * w + off]);
+    if plane {
+        // One group = one plane of 32 units: `lanes` slots at a time, each unit's products
+        // summed over the plane by a transposed butterfly (31 shuffles for 32 sums, no
+        // shared memory, no barrier), after which unit l holds slot c0 + l's.
+        let mut c0 = 0usize.runtime();
+        while c0 < kk {
+            let mut vals = Array::<f32>::new(nl);
+            #[unroll]
+            for j in 0..nl {
+                vals[j] = slot_product(&hr, rows, &row_of, gi * kk, c0 + j, off, col < dv, kk);
+            }
+            let lane = l as u32;
+            butterfly(&mut vals, lane, 16usize, 16u32);
+            butterfly(&mut vals, lane, 8usize, 8u32);
+            butterfly(&mut vals, lane, 4usize, 4u32);
+            butterfly(&mut vals, lane, 2usize, 2u32);
+            butterfly(&mut vals, lane, 1usize, 1u32);
+            if t < m && c0 + l < kk {
+                parts[(s * m + t) * kk + c0 + l] = F::cast_from(vals[0]);
+            }
+            c0 += nl;
+        }
+    } else {
+        let mut part =
+            SharedMemory::<f32>::new(comptime!(tokens as usize * lanes as usize * chunk as usize));
+        let mut c0 = 0usize.runtime();
+        while c0 < kk {
+            #[unroll]
+            for j in 0..nchunk {
+                part[(gi * nchunk + j) * nl + l] =
+                    slot_product(&hr, rows, &row_of, gi * kk, c0 + j, off, col < dv, kk);
+            }
+            sync_cube();
+            let mut stride = (nl / 2).runtime();
+            while stride > 0 {
+                if l < stride {
                     #[unroll]
-                    for e in 0..N::value() {
-                        acc += prod[e];
+                    for j in 0..nchunk {
+                        let at = (gi * nchunk + j) * nl + l;
+                        part[at] += part[at + stride];
                     }
                 }
+                sync_cube();
+                stride /= 2;
             }
-            part[(gi * nchunk + j) * nl + l] = acc;
-        }
-        sync_cube();
-        let mut stride = (nl / 2).runtime();
-        while stride > 0 {
-            if l < stride {
-                #[unroll]
-                for j in 0..nchunk {
-                    let at = (gi * nchunk + j) * nl + l;
-                    part[at] += part[at + stride];
+            if l < nchunk && t < m {
+                let i = c0 + l;
+                if i < kk {
+                    parts[(s * m + t) * kk + i] = F::cast_from(part[(gi * nchunk + l) * nl]);
                 }
             }
             sync_cube();
-            stride /= 2;
+            c0 += nchunk;
         }
-        if l < nchunk && t < m {
-            let i = c0 + l;
-            if i < kk {
-                parts[(s * m + t) * kk + i] = F::cast_from(part[(gi * nchunk + l) * nl]);
+    }
+}
+
+/// This unit's share of slot `i`'s dot product: `hr · rows[row, off]` summed over the
+/// vector's lanes (0 past K, past the width, or for a row `>= R`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn slot_product<F: Float, N: Size>(
+    hr: &Vector<f32, N>,
+    rows: &Tensor<Vector<F, N>>,
+    row_of: &SharedMemory<u32>,
+    base: usize,
+    i: usize,
+    off: usize,
+    in_width: bool,
+    #[comptime] kk: usize,
+) -> f32 {
+    let w = rows.shape(1) / N::value();
+    let mut acc = f32::new(0.0);
+    if i < kk && in_width {
+        let r = row_of[base + i] as usize;
+        if r < rows.shape(0) {
+            let prod = *hr * Vector::<f32, N>::cast_from(rows[r * w + off]);
+            #[unroll]
+            for e in 0..N::value() {
+                acc += prod[e];
             }
         }
-        sync_cube();
-        c0 += nchunk;
+    }
+    acc
+}
+
+/// One stage of the transposed butterfly over `2n` values per unit: units with bit `mask`
+/// set keep the upper n values, the others the lower n, each adding its partner's copy
+/// (unit `lane ^ mask`). After the stages 16, 8, 4, 2, 1, unit l holds the plane's sum of
+/// value l.
+#[cube]
+fn butterfly(vals: &mut Array<f32>, lane: u32, #[comptime] n: usize, #[comptime] mask: u32) {
+    let upper = (lane & mask) != 0;
+    #[unroll]
+    for i in 0..n {
+        let lo = vals[i];
+        let hi = vals[i + n];
+        let send = select(upper, lo, hi);
+        let keep = select(upper, hi, lo);
+        vals[i] = keep + plane_shuffle_xor(send, mask);
     }
 }
 

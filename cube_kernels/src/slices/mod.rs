@@ -27,6 +27,8 @@ pub mod kernel;
 use burn::tensor::TensorMetadata;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
+use cubecl::features::Plane;
+use cubecl::prelude::ComputeClient;
 use cubecl::CubeDim;
 
 use crate::launch::grid;
@@ -93,6 +95,7 @@ impl<R: CubeRuntime> Sliced<R> {
             GROUPS,
             CHUNK,
             z.is_some(),
+            plane_sums(&h.client),
             self.dtypes(),
         );
         parts
@@ -205,6 +208,20 @@ impl<R: CubeRuntime> Sliced<R> {
             [x.dtype.into(), offsets.dtype.into()],
         );
     }
+}
+
+/// Whether the dot-product kernel sums over planes (`kernel::slice_dots_kernel`'s `plane`):
+/// the runtime has plane operations and every plane is [`LANES`] units wide (CUDA's warps;
+/// not lavapipe, which has none). `MEFT_KERNEL_SLICE_PLANES=0` keeps the shared-memory sums.
+pub fn plane_sums<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
+    let off = matches!(
+        std::env::var("MEFT_KERNEL_SLICE_PLANES").as_deref(),
+        Ok("0") | Ok("false")
+    );
+    let props = client.properties();
+    !off && props.features.plane.contains(Plane::Ops)
+        && props.hardware.plane_size_min == LANES
+        && props.hardware.plane_size_max == LANES
 }
 
 /// Whether the kernels may run in slices for element size `elem` and K slots.
