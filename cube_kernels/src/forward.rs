@@ -115,7 +115,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
             return (y, z);
         }
         let shape = LaunchShape::for_width(d);
-        if index.sliced && index.token_passes.is_none() {
+        // The plan sets `sliced` only where the kernels take it; a hand-set flag on other
+        // input (2-byte floats, K past `MAX_K`) falls back to whole rows.
+        let sliced_ok = crate::slices::supported(dtype.size(), k);
+        if index.sliced && sliced_ok && index.token_passes.is_none() {
             let sliced = Sliced {
                 rows,
                 slots,
@@ -190,7 +193,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
         let shape = LaunchShape::for_width(d);
         let dtypes = [dtype.into(), slots.dtype.into()];
         let client = x.client.clone();
-        if index.sliced && index.token_passes.is_none() && index.row_passes.is_none() {
+        let sliced_ok = crate::slices::supported(dtype.size(), k);
+        if index.sliced && sliced_ok && index.token_passes.is_none() && index.row_passes.is_none() {
             let sliced = Sliced {
                 rows: rows.clone(),
                 slots: slots.clone(),
