@@ -224,7 +224,7 @@ fn store_cols<F: Float, N: Size>(
 
 /// The sum of a vector's lanes.
 #[cube]
-fn lane_sum<N: Size>(v: Vector<f32, N>) -> f32 {
+pub(crate) fn lane_sum<N: Size>(v: Vector<f32, N>) -> f32 {
     let mut sum = f32::new(0.0);
     #[unroll]
     for e in 0..N::value() {

@@ -17,7 +17,7 @@
 
 use cubecl::prelude::*;
 
-use crate::kernel::cube_index;
+use crate::kernel::{cube_index, lane_sum};
 
 /// The cube's slice and first token (or row) of its group of `per_cube`, over `count` items.
 #[cube]
@@ -168,11 +168,7 @@ fn slot_product<F: Float, N: Size>(
     if i < kk && in_width {
         let r = row_of[base + i] as usize;
         if r < rows.shape(0) {
-            let prod = *hr * Vector::<f32, N>::cast_from(rows[r * w + off]);
-            #[unroll]
-            for e in 0..N::value() {
-                acc += prod[e];
-            }
+            acc = lane_sum(*hr * Vector::<f32, N>::cast_from(rows[r * w + off]));
         }
     }
     acc
