@@ -104,22 +104,27 @@ fn bench_kernels_writes_every_op() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let rows = json.as_array().unwrap();
-    assert_eq!(
-        rows.len(),
-        28,
-        "gather, forward, backward, both, and the three over whole rows beside the planned \
-         d-slices, for K = 3 and 8, random and routed"
-    );
+    // Per (slots, K): gather, forward, backward, both, the three over whole rows beside the
+    // planned d-slices, and where the plan took row tiles the three without them.
+    let tiled: Vec<bool> = rows
+        .iter()
+        .filter(|r| r["op"] == "forward")
+        .map(|r| r["tiled"].as_bool().unwrap())
+        .collect();
+    assert_eq!(tiled.len(), 4, "K = 3 and 8, random and routed");
+    // K = 8 random: 8 of 64 rows fall in 2 tiles of 32 rows, ≥ 4 entries per (tile, token).
+    assert!(tiled[1], "random K = 8 runs in row tiles");
+    let group = |i: usize| 7 + 3 * tiled[i] as usize;
+    assert_eq!(rows.len(), (0..4).map(group).sum::<usize>());
     // 64 rows: 32 experts of 2 neurons (the divisor nearest 4·√64), 8 probed per token.
     let slots: Vec<&str> = rows.iter().map(|r| r["slots"].as_str().unwrap()).collect();
-    assert_eq!(slots[..14], ["random"; 14]);
-    assert_eq!(slots[14..], ["routed 32×8"; 14]);
-    let ops: Vec<&str> = rows[..7]
-        .iter()
-        .map(|r| r["op"].as_str().unwrap())
-        .collect();
+    let n_random = group(0) + group(1);
+    assert!(slots[..n_random].iter().all(|&s| s == "random"));
+    assert!(slots[n_random..].iter().all(|&s| s == "routed 32×8"));
+    let first = &rows[..group(0)];
+    let ops: Vec<&str> = first.iter().map(|r| r["op"].as_str().unwrap()).collect();
     assert_eq!(
-        ops,
+        ops[..7],
         [
             "gather",
             "forward",
@@ -130,11 +135,46 @@ fn bench_kernels_writes_every_op() {
             "forward+backward, whole rows"
         ]
     );
-    let sliced: Vec<bool> = rows[..7]
+    let sliced: Vec<bool> = first
         .iter()
         .map(|r| r["sliced"].as_bool().unwrap())
         .collect();
-    assert_eq!(sliced, [false, true, true, true, false, false, false]);
+    assert_eq!(sliced[..7], [false, true, true, true, false, false, false]);
+    let second = &rows[group(0)..][..group(1)];
+    let ops: Vec<&str> = second.iter().map(|r| r["op"].as_str().unwrap()).collect();
+    assert_eq!(
+        ops[7..],
+        [
+            "forward, d-slices without tiles",
+            "backward, d-slices without tiles",
+            "forward+backward, d-slices without tiles"
+        ]
+    );
+    let flags: Vec<(bool, bool)> = second
+        .iter()
+        .map(|r| {
+            (
+                r["sliced"].as_bool().unwrap(),
+                r["tiled"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    let (t, f) = (true, false);
+    assert_eq!(
+        flags,
+        [
+            (f, f),
+            (t, t),
+            (t, t),
+            (t, t),
+            (f, f),
+            (f, f),
+            (f, f),
+            (t, f),
+            (t, f),
+            (t, f)
+        ]
+    );
     for r in rows {
         assert!(r["kernel_ms"].as_f64().unwrap() >= 0.0);
         assert!(r["ceilings"]["read_gbps"].as_f64().unwrap() > 0.0, "{r}");

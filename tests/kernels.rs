@@ -22,6 +22,7 @@ use burn::backend::Wgpu;
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor, TensorData};
+use cube_kernels::slices::tiles::RowTiles;
 #[cfg(feature = "wgpu")]
 use cube_kernels::{gather_rows, sparse_adapter};
 use cube_kernels::{reference, HostIndex, SparseAdapterBackend};
@@ -152,6 +153,13 @@ fn in_slices(c: &Case) -> HostIndex {
     idx
 }
 
+/// The index in d-slices with the partial dots over row tiles (`cube_kernels::slices::tiles`).
+fn in_tiles(c: &Case) -> HostIndex {
+    let mut idx = in_slices(c);
+    idx.tiles = Some(RowTiles::new(&idx.slots, idx.k, idx.rows));
+    idx
+}
+
 /// [`run_trait`] with a given index (e.g. [`in_passes`]).
 fn run_index<B: AutodiffBackend + SparseAdapterBackend>(
     c: &Case,
@@ -275,6 +283,14 @@ fn fused_kernels_match_reference_on_wgpu() {
                 "plain",
                 run_index::<Unfused>(&c, &in_slices(&c), &device, DType::F32),
             ),
+            (
+                "fusion, row tiles",
+                run_index::<Fused>(&c, &in_tiles(&c), &device, DType::F32),
+            ),
+            (
+                "plain, row tiles",
+                run_index::<Unfused>(&c, &in_tiles(&c), &device, DType::F32),
+            ),
         ] {
             let label = format!("wgpu {label} d-slices {m}x{d} R{r} K{k}");
             assert_all_close(&label, &got, &want, 1e-5);
@@ -297,7 +313,7 @@ fn kernels_are_deterministic() {
     let a = run_trait::<Fused>(&c, &device, DType::F32);
     let b = run_trait::<Fused>(&c, &device, DType::F32);
     assert_eq!(a, b);
-    for idx in [in_passes(&c, 4), in_slices(&c)] {
+    for idx in [in_passes(&c, 4), in_slices(&c), in_tiles(&c)] {
         let a = run_index::<Fused>(&c, &idx, &device, DType::F32);
         let b = run_index::<Fused>(&c, &idx, &device, DType::F32);
         assert_eq!(a, b);
@@ -420,6 +436,13 @@ mod cuda {
                 let got = run_index::<Autodiff<Cuda<f32>>>(&c, &in_slices(&c), &device, DType::F32);
                 assert_all_close(
                     &format!("cuda f32 d-slices {m}x{d} R{r} K{k}"),
+                    &got,
+                    &want,
+                    1e-5,
+                );
+                let got = run_index::<Autodiff<Cuda<f32>>>(&c, &in_tiles(&c), &device, DType::F32);
+                assert_all_close(
+                    &format!("cuda f32 row tiles {m}x{d} R{r} K{k}"),
                     &got,
                     &want,
                     1e-5,

@@ -63,6 +63,9 @@ fn inner<B: SparseAdapterBackend, C: CheckpointStrategy>(
         token_passes: index.token_passes,
         row_passes: index.row_passes,
         sliced: index.sliced,
+        tile_offsets: index.tile_offsets.clone(),
+        tile_entries: index.tile_entries.clone(),
+        tiled: index.tiled,
         rows: index.rows,
     }
 }

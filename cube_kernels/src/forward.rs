@@ -125,6 +125,12 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
                 gate,
                 dims: (m, d, k),
                 vector: shape.vector,
+                tiles: index.tiled.then(|| {
+                    (
+                        into_contiguous(index.tile_offsets.clone()),
+                        into_contiguous(index.tile_entries.clone()),
+                    )
+                }),
             };
             return sliced.forward(&x);
         }
@@ -201,6 +207,12 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
                 gate: gate.clone(),
                 dims: (m, d, k),
                 vector: shape.vector,
+                tiles: index.tiled.then(|| {
+                    (
+                        into_contiguous(index.tile_offsets.clone()),
+                        into_contiguous(index.tile_entries.clone()),
+                    )
+                }),
             };
             if m > 0 && d > 0 && k > 0 {
                 let (dx, dz, dgate) = sliced.backward_tokens(&z, &dy);

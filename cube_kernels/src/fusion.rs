@@ -29,6 +29,9 @@ fn inner_index<B: FusionBackend>(
         token_passes: shape.token_passes,
         row_passes: shape.row_passes,
         sliced: shape.sliced,
+        tile_offsets: handles.get_int_tensor::<B>(&ir[7]),
+        tile_entries: handles.get_int_tensor::<B>(&ir[8]),
+        tiled: shape.tiled,
         rows: shape.rows,
     }
 }
@@ -40,6 +43,7 @@ struct IndexShape {
     token_passes: Option<usize>,
     row_passes: Option<usize>,
     sliced: bool,
+    tiled: bool,
     visit_offsets: Vec<usize>,
 }
 
@@ -51,11 +55,12 @@ impl IndexShape {
             token_passes: index.token_passes,
             row_passes: index.row_passes,
             sliced: index.sliced,
+            tiled: index.tiled,
         }
     }
 }
 
-const INDEX_TENSORS: usize = 7;
+const INDEX_TENSORS: usize = 9;
 
 fn index_tensors<B: FusionBackend>(
     index: &ActiveIndex<Fusion<B>>,
@@ -68,6 +73,8 @@ fn index_tensors<B: FusionBackend>(
         &index.token_ranges,
         &index.user_ranges,
         &index.visits,
+        &index.tile_offsets,
+        &index.tile_entries,
     ]
 }
 

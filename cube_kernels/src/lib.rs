@@ -83,6 +83,8 @@ pub struct HostIndex {
     pub row_passes: Option<RowPasses>,
     /// Run the kernels in d-slices ([`slices`]; see [`HostIndex::plan`]).
     pub sliced: bool,
+    /// In d-slices, the partial dots over row tiles ([`slices::tiles`]).
+    pub tiles: Option<slices::tiles::RowTiles>,
 }
 
 /// The token kernels' passes: pass p handles each token's slots whose rows lie in
@@ -136,7 +138,9 @@ impl HostIndex {
     /// kernels, each pass still fills the GPU: `MIN_PASS_CUBES`). The same trade for the row
     /// kernel over blocks of tokens. `MEFT_KERNEL_BLOCKING=0` turns it off. Without passes the
     /// kernels run in d-slices ([`slices`]; 4-byte floats, K ≤ [`slices::MAX_K`];
-    /// `MEFT_KERNEL_SLICES=0` keeps whole rows).
+    /// `MEFT_KERNEL_SLICES=0` keeps whole rows), with the partial dots over row tiles
+    /// ([`slices::tiles`]) where tokens reuse their slice in a tile (`MEFT_KERNEL_TILES=0`
+    /// turns them off).
     ///
     /// Passes are planned for 4-byte floats only: outputs accumulate over passes in their own
     /// storage type, and in bf16 that rounds once per pass (measured on the H100: 1.4e-2
@@ -157,6 +161,7 @@ impl HostIndex {
         self.token_passes = None;
         self.row_passes = None;
         self.sliced = false;
+        self.tiles = None;
         self
     }
 
@@ -202,6 +207,20 @@ impl HostIndex {
             && self.token_passes.is_none()
             && self.row_passes.is_none()
             && slices::supported(elem, self.k);
+        // In d-slices, row tiles where tokens reuse their slice in a tile (MEFT's routed rows:
+        // an expert's tokens take several of its rows each). `MEFT_KERNEL_TILES=0` turns
+        // them off.
+        let tiles_off = matches!(
+            std::env::var("MEFT_KERNEL_TILES").as_deref(),
+            Ok("0") | Ok("false")
+        );
+        self.tiles = None;
+        if self.sliced && !tiles_off {
+            let tiles = slices::tiles::RowTiles::new(&self.slots, self.k, self.rows);
+            if tiles.reuse() >= slices::tiles::MIN_TILE_REUSE {
+                self.tiles = Some(tiles);
+            }
+        }
         self
     }
 
@@ -354,6 +373,7 @@ impl HostIndex {
             token_passes: None,
             row_passes: None,
             sliced: false,
+            tiles: None,
         })
     }
 
@@ -384,6 +404,11 @@ impl HostIndex {
                 .reshape(shape)
                 .into_primitive()
         };
+        let (tile_offsets, tile_entries) = match &self.tiles {
+            Some(t) if !t.entries.is_empty() => (int1(&t.offsets), int1(&t.entries)),
+            Some(t) => (int1(&t.offsets), one()),
+            None => (one(), one()),
+        };
         ActiveIndex {
             slots: Tensor::<B, 2, Int>::from_data(slots, device).into_primitive(),
             row_offsets: int1(&self.row_offsets),
@@ -410,6 +435,9 @@ impl HostIndex {
             token_passes: self.token_passes.as_ref().map(|p| p.passes),
             row_passes: self.row_passes.as_ref().map(|p| p.passes),
             sliced: self.sliced,
+            tile_offsets,
+            tile_entries,
+            tiled: self.tiles.is_some(),
             rows: self.rows,
         }
     }
@@ -440,6 +468,12 @@ pub struct ActiveIndex<B: Backend> {
     pub row_passes: Option<usize>,
     /// Whether the cubecl kernels run in d-slices ([`slices`]).
     pub sliced: bool,
+    /// `[tiles + 1]` row-tile offsets into `tile_entries` (else `[1]`, unused).
+    pub tile_offsets: IntTensor<B>,
+    /// Entries grouped by row tile (else `[1]`, unused).
+    pub tile_entries: IntTensor<B>,
+    /// Whether the sliced partial dots run over row tiles ([`slices::tiles`]).
+    pub tiled: bool,
     /// Active rows R.
     pub rows: usize,
 }
@@ -624,6 +658,35 @@ mod tests {
         let wide = vec![0u32; slices::MAX_K + 1];
         let idx = HostIndex::new(&wide, 1, slices::MAX_K + 1, 1).unwrap();
         assert!(!idx.plan_with(16, 4, 1 << 20, false).sliced);
+    }
+
+    #[test]
+    fn plan_uses_row_tiles_where_tokens_reuse_them() {
+        // 64 tokens × 8 slots over 4 096 rows at d = 16 (no passes, so d-slices).
+        // Routed: each token's 8 rows lie in one tile of 32 rows → 8 entries per pair.
+        let routed: Vec<u32> = (0..64u32)
+            .flat_map(|t| (0..8u32).map(move |s| (t * 64 + s * 3) % 4096))
+            .collect();
+        let idx = HostIndex::new(&routed, 64, 8, 4096).unwrap();
+        let planned = idx.clone().plan_with(16, 4, 1 << 20, false);
+        assert!(planned.sliced);
+        let tiles = planned.tiles.expect("routed rows run in tiles");
+        assert_eq!(tiles.pairs, 64);
+        assert!(planned_unplanned_has_no_tiles(idx));
+        // Spread: token t's slot s at row (t + 97 s) · 5 mod 4 096 → one entry per pair.
+        let spread: Vec<u32> = (0..64u32)
+            .flat_map(|t| (0..8u32).map(move |s| ((t + 97 * s) * 5) % 4096))
+            .collect();
+        let idx = HostIndex::new(&spread, 64, 8, 4096).unwrap();
+        let planned = idx.plan_with(16, 4, 1 << 20, false);
+        assert!(planned.sliced && planned.tiles.is_none());
+    }
+
+    fn planned_unplanned_has_no_tiles(idx: HostIndex) -> bool {
+        idx.plan_with(16, 4, 1 << 20, false)
+            .unplanned()
+            .tiles
+            .is_none()
     }
 
     #[test]

@@ -141,6 +141,9 @@ pub struct KernelBenchResult {
     /// Whether the kernels ran in d-slices (`cube_kernels::slices`).
     #[serde(default)]
     pub sliced: bool,
+    /// Whether the d-sliced partial dots ran over row tiles (`cube_kernels::slices::tiles`).
+    #[serde(default)]
+    pub tiled: bool,
     /// The ceilings measured in this run.
     pub ceilings: Ceilings,
 }
@@ -443,8 +446,9 @@ impl KernelTask for KernelBench {
         let dy = Tensor::<K, 2>::random([m, d], Distribution::Normal(0.0, 1.0), &device);
         let elem = x.dtype().size() as f64;
         let mut out = Vec::new();
-        // Whether the rows pushed next ran in d-slices.
+        // Whether the rows pushed next ran in d-slices, and over row tiles.
         let sliced = std::cell::Cell::new(false);
+        let tiled = std::cell::Cell::new(false);
         let mut push = |slots: &str,
                         op: &str,
                         passes: [usize; 2],
@@ -481,6 +485,7 @@ impl KernelTask for KernelBench {
                 max_rel_diff: diff,
                 passes,
                 sliced: sliced.get(),
+                tiled: tiled.get(),
                 ceilings: ceil,
             };
             eprintln!(
@@ -520,6 +525,7 @@ impl KernelTask for KernelBench {
             ];
             let idx = host.to_device::<K>(&device);
             sliced.set(false);
+            tiled.set(false);
             let gate = u([m, k], 0.5, 1.5);
 
             // Gather: the union of the active rows out of the R staged rows.
@@ -547,6 +553,7 @@ impl KernelTask for KernelBench {
             let gb = elem * 2.0 * (nu * 2.0 * d as f64) + int * nu;
             push(&slots, "gather", [1, 1], k, gk, gg, (gb, gb, 0.0), diff);
             sliced.set(host.sliced);
+            tiled.set(host.tiles.is_some());
 
             let KernelRun {
                 forward_ms: fk,
@@ -620,14 +627,25 @@ impl KernelTask for KernelBench {
                 let d1 = rel_diff(&[y1, z1], &[y.clone(), z.clone()]).max(rel_diff(&g1, &gk3));
                 eprintln!("one pass vs passes: max rel diff {d1:.1e}");
                 sliced.set(false);
+                tiled.set(false);
                 let op = "forward+backward, one pass";
                 push(&slots, op, [1, 1], k, f1 + b1, both_generic, both, Some(d1));
             }
+            // Side by side: the same kernels over whole rows / in d-slices, whichever the
+            // plan did not pick, and in d-slices without row tiles if the plan took them.
+            let mut alts = Vec::new();
             if passes == [1, 1] && cube_kernels::slices::supported(elem as usize, k) {
-                // Side by side: the same kernels over whole rows / in d-slices, whichever the
-                // plan did not pick.
                 let mut alt = host.clone().unplanned();
                 alt.sliced = !host.sliced;
+                let name = if alt.sliced { "d-slices" } else { "whole rows" };
+                alts.push((alt, name));
+            }
+            if host.tiles.is_some() {
+                let mut alt = host.clone();
+                alt.tiles = None;
+                alts.push((alt, "d-slices without tiles"));
+            }
+            for (alt, name) in alts {
                 let run = time_kernels(
                     &device,
                     w,
@@ -640,9 +658,9 @@ impl KernelTask for KernelBench {
                 )?;
                 let d1 = rel_diff(&run.forward, &[y.clone(), z.clone()])
                     .max(rel_diff(&run.backward, &gk3));
-                let name = if alt.sliced { "d-slices" } else { "whole rows" };
                 eprintln!("{name} vs planned: max rel diff {d1:.1e}");
                 sliced.set(alt.sliced);
+                tiled.set(alt.tiles.is_some());
                 let fgb = run.forward_ms + run.backward_ms;
                 push(
                     &slots,
@@ -695,7 +713,9 @@ impl KernelBenchResult {
                 r.op,
                 r.top_k,
                 r.passes[0],
-                if r.sliced {
+                if r.tiled {
+                    format!("{} (d-slices, tiles)", r.passes[1])
+                } else if r.sliced {
                     format!("{} (d-slices)", r.passes[1])
                 } else {
                     r.passes[1].to_string()

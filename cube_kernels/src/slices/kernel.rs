@@ -179,7 +179,12 @@ fn slot_product<F: Float, N: Size>(
 /// (unit `lane ^ mask`). After the stages 16, 8, 4, 2, 1, unit l holds the plane's sum of
 /// value l.
 #[cube]
-fn butterfly(vals: &mut Array<f32>, lane: u32, #[comptime] n: usize, #[comptime] mask: u32) {
+pub(crate) fn butterfly(
+    vals: &mut Array<f32>,
+    lane: u32,
+    #[comptime] n: usize,
+    #[comptime] mask: u32,
+) {
     let upper = (lane & mask) != 0;
     #[unroll]
     for i in 0..n {
@@ -233,6 +238,10 @@ pub fn slice_sum_kernel<F: Float, I: Numeric>(
         out[e] = F::cast_from(dz);
         out2[e] = F::cast_from(dg);
     } else {
+        // Entries without a row have no partials in row tiles (`tile_dots_kernel`).
+        if u32::cast_from(slots[e]) >= n_rows {
+            sum = f32::new(0.0);
+        }
         out[e] = F::cast_from(sum);
     }
 }
@@ -313,7 +322,9 @@ pub fn slice_rows_kernel<F: Float, I: Numeric, N: Size>(
 
 /// The row gradients over one slice, one group per row j: `dk_j = Σ dz_e x_t` and
 /// `dv_j = Σ relu(gate_e z_e) dy_t` over the entries e = (t, s) whose slot is j, in
-/// ascending order (the same sums, in the same order, as the one-cube-per-row kernel).
+/// ascending order (the same sums, in the same order, as the one-cube-per-row kernel). A cube
+/// covers `groups · rows_per_group` consecutive rows, group g rows `g, g + groups, …`: with
+/// routed rows the rows of a cube share users, whose slices its SM's L1 then serves.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn slice_grad_rows_kernel<F: Float, I: Numeric, N: Size>(
@@ -327,40 +338,46 @@ pub fn slice_grad_rows_kernel<F: Float, I: Numeric, N: Size>(
     drows: &mut Tensor<Vector<F, N>>,
     #[comptime] k: u32,
     #[comptime] lanes: u32,
-    #[comptime] per_cube: u32,
+    #[comptime] groups: u32,
+    #[comptime] rows_per_group: u32,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let kk = comptime!(k as usize);
     let nl = comptime!(lanes as usize);
+    let ng = comptime!(groups as usize);
     let n_rows = drows.shape(0);
     let dv = x.shape(1) / N::value();
     let w = drows.shape(1) / N::value();
-    let (s, g0) = slice_and_first(n_rows, comptime!(per_cube as usize));
+    let (s, g0) = slice_and_first(n_rows, comptime!(groups as usize * rows_per_group as usize));
     let tid = UNIT_POS_X as usize;
-    let r = g0 + tid / nl;
     let col = s * nl + tid % nl;
-    if r >= n_rows || col >= dv {
+    if col >= dv {
         terminate!();
     }
-    let begin = u32::cast_from(row_offsets[r]) as usize;
-    let end = u32::cast_from(row_offsets[r + 1]) as usize;
-    let mut ak = Vector::<f32, N>::new(f32::new(0.0));
-    let mut av = Vector::<f32, N>::new(f32::new(0.0));
-    for p in begin..end {
-        let e = u32::cast_from(row_users[p]) as usize;
-        let t = e / kk;
-        let cz = f32::cast_from(dz[e]);
-        let mut ca = f32::cast_from(gate[e]) * f32::cast_from(z[e]);
-        if ca <= f32::new(0.0) {
-            ca = f32::new(0.0);
-        }
-        if cz != f32::new(0.0) {
-            ak += Vector::<f32, N>::new(cz) * Vector::<f32, N>::cast_from(x[t * dv + col]);
-        }
-        if ca != f32::new(0.0) {
-            av += Vector::<f32, N>::new(ca) * Vector::<f32, N>::cast_from(dy[t * dv + col]);
+    for q in 0..rows_per_group as usize {
+        let r = g0 + q * ng + tid / nl;
+        if r < n_rows {
+            let begin = u32::cast_from(row_offsets[r]) as usize;
+            let end = u32::cast_from(row_offsets[r + 1]) as usize;
+            let mut ak = Vector::<f32, N>::new(f32::new(0.0));
+            let mut av = Vector::<f32, N>::new(f32::new(0.0));
+            for p in begin..end {
+                let e = u32::cast_from(row_users[p]) as usize;
+                let t = e / kk;
+                let cz = f32::cast_from(dz[e]);
+                let mut ca = f32::cast_from(gate[e]) * f32::cast_from(z[e]);
+                if ca <= f32::new(0.0) {
+                    ca = f32::new(0.0);
+                }
+                if cz != f32::new(0.0) {
+                    ak += Vector::<f32, N>::new(cz) * Vector::<f32, N>::cast_from(x[t * dv + col]);
+                }
+                if ca != f32::new(0.0) {
+                    av += Vector::<f32, N>::new(ca) * Vector::<f32, N>::cast_from(dy[t * dv + col]);
+                }
+            }
+            drows[r * w + col] = Vector::<F, N>::cast_from(ak);
+            drows[r * w + dv + col] = Vector::<F, N>::cast_from(av);
         }
     }
-    drows[r * w + col] = Vector::<F, N>::cast_from(ak);
-    drows[r * w + dv + col] = Vector::<F, N>::cast_from(av);
 }

@@ -21,8 +21,16 @@
 //! tokens' x and dy slices hot in L2). Used when `HostIndex::plan` chooses it
 //! (`ActiveIndex::sliced`): 4-byte floats, K ≤ [`MAX_K`] (the staged slot lists fill shared
 //! memory), and no L2 passes.
+//!
+//! Row tiles ([`tiles`], `ActiveIndex::tiled`): where the tokens of a tile of 32 rows use
+//! several of its rows each (MEFT's routed rows), the partial dots run as
+//! [`tile_kernel::tile_dots_kernel`] — one cube per (slice, tile) with the tile's row slices
+//! in shared memory, reading each token's slice once per tile — and a row-gradient cube
+//! covers one tile.
 
 pub mod kernel;
+pub mod tile_kernel;
+pub mod tiles;
 
 use burn::tensor::TensorMetadata;
 use burn_cubecl::tensor::CubeTensor;
@@ -33,6 +41,7 @@ use cubecl::CubeDim;
 
 use crate::launch::grid;
 use kernel::{slice_dots_kernel, slice_grad_rows_kernel, slice_rows_kernel, slice_sum_kernel};
+use tile_kernel::tile_dots_kernel;
 
 /// Vectors per slice (= units per token group): 128 floats with 16-byte vectors.
 pub const LANES: u32 = 32;
@@ -40,6 +49,9 @@ pub const LANES: u32 = 32;
 pub const GROUPS: u32 = 8;
 /// Slots scored at once by the dot-product kernel.
 const CHUNK: u32 = 16;
+/// Entries scored at once by the row-tile dot kernel's shared-memory sums (its tile of row
+/// slices takes 16 KiB; lavapipe allows 32 KiB of shared memory).
+const TILE_CHUNK: u32 = 8;
 /// Largest K the sliced kernels take: each cube stages its tokens' K slots in shared memory
 /// (`GROUPS · K` row ids and coefficients: 16 KiB at K = 256).
 pub const MAX_K: usize = 256;
@@ -58,6 +70,9 @@ pub(crate) struct Sliced<R: CubeRuntime> {
     pub dims: (usize, usize, usize),
     /// Elements per vector.
     pub vector: usize,
+    /// Row tiles (`tiles::RowTiles` on the device: offsets, entries): the partial dots run
+    /// per (slice, tile) with the tile's row slices in shared memory.
+    pub tiles: Option<(CubeTensor<R>, CubeTensor<R>)>,
 }
 
 impl<R: CubeRuntime> Sliced<R> {
@@ -78,6 +93,33 @@ impl<R: CubeRuntime> Sliced<R> {
     fn dots(&self, h: &CubeTensor<R>, half: u32, z: Option<&CubeTensor<R>>) -> CubeTensor<R> {
         let (m, _, k) = self.dims;
         let parts = crate::forward::empty(h, [self.slices() * m, k], h.dtype);
+        if let Some((offsets, entries)) = &self.tiles {
+            let tiles = offsets.shape().dims::<1>()[0] - 1;
+            tile_dots_kernel::launch::<R>(
+                &h.client,
+                grid(self.slices() * tiles),
+                CubeDim::new_1d(LANES * GROUPS),
+                self.vector,
+                h.clone().into_tensor_arg(),
+                self.rows.clone().into_tensor_arg(),
+                self.slots.clone().into_tensor_arg(),
+                self.gate.clone().into_tensor_arg(),
+                z.unwrap_or(&self.gate).clone().into_tensor_arg(),
+                offsets.clone().into_tensor_arg(),
+                entries.clone().into_tensor_arg(),
+                parts.clone().into_tensor_arg(),
+                half,
+                k as u32,
+                LANES,
+                GROUPS,
+                tiles::TILE_ROWS as u32,
+                TILE_CHUNK,
+                z.is_some(),
+                plane_sums(&h.client),
+                self.dtypes(),
+            );
+            return parts;
+        }
         slice_dots_kernel::launch::<R>(
             &h.client,
             grid(self.token_cubes()),
@@ -188,7 +230,8 @@ impl<R: CubeRuntime> Sliced<R> {
         drows: &CubeTensor<R>,
     ) {
         let n = drows.shape().dims::<2>()[0];
-        let cubes = self.slices() * n.div_ceil(GROUPS as usize);
+        let per_group = grad_rows_per_group(self.tiles.is_some());
+        let cubes = self.slices() * n.div_ceil((GROUPS * per_group) as usize);
         slice_grad_rows_kernel::launch::<R>(
             &x.client,
             grid(cubes),
@@ -205,6 +248,7 @@ impl<R: CubeRuntime> Sliced<R> {
             self.dims.2.max(1) as u32,
             LANES,
             GROUPS,
+            per_group,
             [x.dtype.into(), offsets.dtype.into()],
         );
     }
@@ -222,6 +266,18 @@ pub fn plane_sums<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
     !off && props.features.plane.contains(Plane::Ops)
         && props.hardware.plane_size_min == LANES
         && props.hardware.plane_size_max == LANES
+}
+
+/// Rows per group of the row-gradient kernel: a cube covers `GROUPS ·` this many
+/// consecutive rows — with row tiles one tile (its rows share users, whose slices L1 then
+/// serves), else `GROUPS` rows. `MEFT_KERNEL_GRAD_ROWS` (1 to 16) overrides it.
+pub fn grad_rows_per_group(tiled: bool) -> u32 {
+    let tile = tiles::TILE_ROWS as u32 / GROUPS;
+    std::env::var("MEFT_KERNEL_GRAD_ROWS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(if tiled { tile } else { 1 })
+        .clamp(1, 16)
 }
 
 /// Whether the kernels may run in slices for element size `elem` and K slots.

@@ -1,0 +1,174 @@
+//! The partial dot products of d-slices over row tiles (see `tiles`): one cube per (slice,
+//! tile), numbered slice-major like the other sliced kernels.
+//!
+//! The cube stages its tile's row slices in shared memory, then walks the tile's entries
+//! (token order) in rounds of one entry per unit: each round stages the entries' token and
+//! local row, and each group of `lanes` units computes `lanes` of them, every unit its vector
+//! of the product, summed over the group as in `kernel::slice_dots_kernel` (plane butterfly,
+//! or a shared-memory tree `chunk` entries at a time). Consecutive entries of one token reuse
+//! its hidden-state vector in registers.
+
+// `usize::div_ceil` is not in cubecl's kernel subset.
+#![allow(clippy::manual_div_ceil)]
+
+use cubecl::prelude::*;
+
+use crate::kernel::{cube_index, lane_sum};
+use crate::slices::kernel::butterfly;
+
+/// Local-row marker of an entry that is computed as 0 (inactive in the backward).
+const INACTIVE: u32 = 0x7fff_fffe;
+/// Local-row marker of a staged position past the tile's entries.
+const NONE: u32 = 0x7fff_ffff;
+
+/// `parts[s · M · K + e] = h_t[slice s] · rows[slot e][half, slice s]` for the entries e =
+/// (t, i) of each tile (0 with `active_only` for an entry whose `gate · z <= 0`). Entries
+/// without a row are not written (the sum kernel gives them 0).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
+    h: &Tensor<Vector<F, N>>,
+    rows: &Tensor<Vector<F, N>>,
+    slots: &Tensor<I>,
+    gate: &Tensor<F>,
+    z: &Tensor<F>,
+    tile_offsets: &Tensor<I>,
+    tile_entries: &Tensor<I>,
+    parts: &mut Tensor<F>,
+    half: u32,
+    #[comptime] k: u32,
+    #[comptime] lanes: u32,
+    #[comptime] groups: u32,
+    #[comptime] tile_rows: u32,
+    #[comptime] chunk: u32,
+    #[comptime] active_only: bool,
+    #[comptime] plane: bool,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let kk = comptime!(k as usize);
+    let nl = comptime!(lanes as usize);
+    let nt = comptime!(lanes as usize * groups as usize);
+    let tr = comptime!(tile_rows as usize);
+    let nchunk = comptime!(chunk as usize);
+    let m = h.shape(0);
+    let dv = h.shape(1) / N::value();
+    let w = rows.shape(1) / N::value();
+    let n_rows = rows.shape(0);
+    let tiles = tile_offsets.shape(0) - 1;
+    let c = cube_index();
+    let (s, tile) = (c / tiles, c % tiles);
+    let tid = UNIT_POS_X as usize;
+    let (gi, l) = (tid / nl, tid % nl);
+    let col = s * nl + l;
+    let r0 = tile * tr;
+
+    let mut tile_smem =
+        SharedMemory::<Vector<f32, N>>::new(comptime!(tile_rows as usize * lanes as usize));
+    let mut i = tid;
+    while i < tr * nl {
+        let (rr, cc) = (r0 + i / nl, s * nl + i % nl);
+        let mut v = Vector::<f32, N>::new(f32::new(0.0));
+        if rr < n_rows && cc < dv {
+            v = Vector::<f32, N>::cast_from(rows[rr * w + half as usize * dv + cc]);
+        }
+        tile_smem[i] = v;
+        i += nt;
+    }
+
+    let mut ent = SharedMemory::<u32>::new(comptime!(lanes as usize * groups as usize));
+    let mut loc = SharedMemory::<u32>::new(comptime!(lanes as usize * groups as usize));
+    let begin = u32::cast_from(tile_offsets[tile]) as usize;
+    let end = u32::cast_from(tile_offsets[tile + 1]) as usize;
+    // The shared-memory sums' buffer (one element with plane sums, which need none).
+    let mut part = SharedMemory::<f32>::new(comptime!(if plane {
+        1usize
+    } else {
+        groups as usize * lanes as usize * chunk as usize
+    }));
+    let mut base = begin;
+    while base < end {
+        // Also orders the row staging (first round) and the previous round's reads.
+        sync_cube();
+        let p = base + tid;
+        let mut e = 0u32.runtime();
+        let mut lr = NONE.runtime();
+        if p < end {
+            e = u32::cast_from(tile_entries[p]);
+            lr = u32::cast_from(slots[e as usize]) - r0 as u32;
+            if active_only {
+                let a = f32::cast_from(gate[e as usize]) * f32::cast_from(z[e as usize]);
+                if a <= f32::new(0.0) {
+                    lr = INACTIVE;
+                }
+            }
+        }
+        ent[tid] = e;
+        loc[tid] = lr;
+        sync_cube();
+
+        let q0 = gi * nl;
+        if plane {
+            let mut vals = Array::<f32>::new(nl);
+            let mut last = NONE.runtime();
+            let mut hr = Vector::<f32, N>::new(f32::new(0.0));
+            #[unroll]
+            for j in 0..nl {
+                let lj = loc[q0 + j];
+                let mut v = f32::new(0.0);
+                if (lj as usize) < tr && col < dv {
+                    let t = ent[q0 + j] / k;
+                    if t != last {
+                        hr = Vector::<f32, N>::cast_from(h[t as usize * dv + col]);
+                        last = t;
+                    }
+                    v = lane_sum(hr * tile_smem[lj as usize * nl + l]);
+                }
+                vals[j] = v;
+            }
+            let lane = l as u32;
+            butterfly(&mut vals, lane, 16usize, 16u32);
+            butterfly(&mut vals, lane, 8usize, 8u32);
+            butterfly(&mut vals, lane, 4usize, 4u32);
+            butterfly(&mut vals, lane, 2usize, 2u32);
+            butterfly(&mut vals, lane, 1usize, 1u32);
+            if loc[q0 + l] != NONE {
+                parts[s * m * kk + ent[q0 + l] as usize] = F::cast_from(vals[0]);
+            }
+        } else {
+            let mut c0 = 0usize.runtime();
+            while c0 < nl {
+                #[unroll]
+                for j in 0..nchunk {
+                    let lj = loc[q0 + c0 + j];
+                    let mut v = f32::new(0.0);
+                    if (lj as usize) < tr && col < dv {
+                        let t = ent[q0 + c0 + j] as usize / kk;
+                        let hr = Vector::<f32, N>::cast_from(h[t * dv + col]);
+                        v = lane_sum(hr * tile_smem[lj as usize * nl + l]);
+                    }
+                    part[(gi * nchunk + j) * nl + l] = v;
+                }
+                sync_cube();
+                let mut stride = (nl / 2).runtime();
+                while stride > 0 {
+                    if l < stride {
+                        #[unroll]
+                        for j in 0..nchunk {
+                            let at = (gi * nchunk + j) * nl + l;
+                            part[at] += part[at + stride];
+                        }
+                    }
+                    sync_cube();
+                    stride /= 2;
+                }
+                if l < nchunk && loc[q0 + c0 + l] != NONE {
+                    parts[s * m * kk + ent[q0 + c0 + l] as usize] =
+                        F::cast_from(part[(gi * nchunk + l) * nl]);
+                }
+                sync_cube();
+                c0 += nchunk;
+            }
+        }
+        base += nt;
+    }
+}
