@@ -81,9 +81,10 @@ impl LaunchShape {
 /// A grid of `n` cubes laid out in 2-D (each dimension ≤ 65 535, the wgpu limit); kernels
 /// read their linear index back with `CUBE_POS_Y · CUBE_COUNT_X + CUBE_POS_X`.
 pub fn grid(n: usize) -> cubecl::CubeCount {
+    // As few rows as the limit allows, split evenly so that few cubes fall past `n`.
     let n = n.max(1) as u32;
-    let x = n.min(65_535);
-    let y = n.div_ceil(x);
+    let y = n.div_ceil(65_535);
+    let x = n.div_ceil(y);
     cubecl::CubeCount::Static(x, y, 1)
 }
 
@@ -136,6 +137,7 @@ mod tests {
                 panic!()
             };
             assert!(x <= 65_535 && (x * y) as usize >= n);
+            assert!(((x * y) as usize) < n + y as usize, "{n}: {x} × {y}");
         }
     }
 }

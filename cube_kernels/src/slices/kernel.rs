@@ -59,6 +59,10 @@ pub fn slice_dots_kernel<F: Float, I: Numeric, N: Size>(
     let dv = h.shape(1) / N::value();
     let n_rows = rows.shape(0);
     let (s, g0) = slice_and_first(m, ng);
+    // The 2-D grid (`launch::grid`) may hold cubes past the last slice.
+    if s * nl >= dv {
+        terminate!();
+    }
     let tid = UNIT_POS_X as usize;
     let (gi, l) = (tid / nl, tid % nl);
     let t = g0 + gi;
@@ -273,6 +277,10 @@ pub fn slice_rows_kernel<F: Float, I: Numeric, N: Size>(
     let w = rows.shape(1) / N::value();
     let n_rows = rows.shape(0);
     let (s, g0) = slice_and_first(m, ng);
+    // The 2-D grid (`launch::grid`) may hold cubes past the last slice.
+    if s * nl >= dv {
+        terminate!();
+    }
     let tid = UNIT_POS_X as usize;
     let (gi, l) = (tid / nl, tid % nl);
     let t = g0 + gi;

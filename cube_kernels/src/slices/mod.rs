@@ -17,16 +17,17 @@
 //! | [`kernel::slice_sum_kernel`] | `z` | `dz`, `dgate` |
 //! | [`kernel::slice_rows_kernel`] | `y = Σ relu(gate·z) v_j` | `dx = Σ dz k_j` |
 //!
-//! and the row gradients run as [`kernel::slice_grad_rows_kernel`] (one group per row, the
-//! tokens' x and dy slices hot in L2). Used when `HostIndex::plan` chooses it
+//! and the row gradients run as [`kernel::slice_grad_rows_kernel`] (one group per row, a cube
+//! per [`grad_rows_per_group`]` · GROUPS` consecutive rows, the tokens' x and dy slices hot
+//! in L2). Used when `HostIndex::plan` chooses it
 //! (`ActiveIndex::sliced`): 4-byte floats, K ≤ [`MAX_K`] (the staged slot lists fill shared
 //! memory), and no L2 passes.
 //!
 //! Row tiles ([`tiles`], `ActiveIndex::tiled`): where the tokens of a tile of 32 rows use
 //! several of its rows each (MEFT's routed rows), the partial dots run as
 //! [`tile_kernel::tile_dots_kernel`] — one cube per (slice, tile) with the tile's row slices
-//! in shared memory, reading each token's slice once per tile — and a row-gradient cube
-//! covers one tile.
+//! in shared memory, reading each token's slice once per tile. On the H200 (routed rows,
+//! LLaMA-7B geometry) that cuts forward+backward by 12 % at K = 64 and 15 % at K = 256.
 
 pub mod kernel;
 pub mod tile_kernel;
@@ -230,7 +231,7 @@ impl<R: CubeRuntime> Sliced<R> {
         drows: &CubeTensor<R>,
     ) {
         let n = drows.shape().dims::<2>()[0];
-        let per_group = grad_rows_per_group(self.tiles.is_some());
+        let per_group = grad_rows_per_group();
         let cubes = self.slices() * n.div_ceil((GROUPS * per_group) as usize);
         slice_grad_rows_kernel::launch::<R>(
             &x.client,
@@ -269,14 +270,15 @@ pub fn plane_sums<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
 }
 
 /// Rows per group of the row-gradient kernel: a cube covers `GROUPS ·` this many
-/// consecutive rows — with row tiles one tile (its rows share users, whose slices L1 then
-/// serves), else `GROUPS` rows. `MEFT_KERNEL_GRAD_ROWS` (1 to 16) overrides it.
-pub fn grad_rows_per_group(tiled: bool) -> u32 {
-    let tile = tiles::TILE_ROWS as u32 / GROUPS;
+/// consecutive rows (rows close together share users more often, whose slices L1 then
+/// serves). 8 measured best on the H200 at LLaMA-7B geometry, routed K = 64 forward+backward:
+/// with row tiles 6.54 ms against 6.61 (4) and 6.83 (1), without 7.26 against 7.43 (1)
+/// (BENCHMARKS.md, 2026-12-04). `MEFT_KERNEL_GRAD_ROWS` (1 to 16) overrides it.
+pub fn grad_rows_per_group() -> u32 {
     std::env::var("MEFT_KERNEL_GRAD_ROWS")
         .ok()
         .and_then(|v| v.parse::<u32>().ok())
-        .unwrap_or(if tiled { tile } else { 1 })
+        .unwrap_or(8)
         .clamp(1, 16)
 }
 

@@ -57,6 +57,10 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
     let tiles = tile_offsets.shape(0) - 1;
     let c = cube_index();
     let (s, tile) = (c / tiles, c % tiles);
+    // The 2-D grid (`launch::grid`) may hold cubes past the last slice.
+    if s * nl >= dv {
+        terminate!();
+    }
     let tid = UNIT_POS_X as usize;
     let (gi, l) = (tid / nl, tid % nl);
     let col = s * nl + l;
