@@ -46,6 +46,18 @@ fn pass_visits<B: burn::tensor::backend::Backend>(
     }
 }
 
+/// The row tiles of a tiled index on the device (offsets, entries), for [`Sliced`].
+fn row_tiles<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    index: &ActiveIndex<CubeBackend<R, F, I, BT>>,
+) -> Option<(CubeTensor<R>, CubeTensor<R>)> {
+    index.tiled.then(|| {
+        (
+            into_contiguous(index.tile_offsets.clone()),
+            into_contiguous(index.tile_entries.clone()),
+        )
+    })
+}
+
 /// Checks the shapes shared by forward and backward; returns (M, d, K).
 fn check<R: CubeRuntime>(
     x: &CubeTensor<R>,
@@ -125,12 +137,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
                 gate,
                 dims: (m, d, k),
                 vector: shape.vector,
-                tiles: index.tiled.then(|| {
-                    (
-                        into_contiguous(index.tile_offsets.clone()),
-                        into_contiguous(index.tile_entries.clone()),
-                    )
-                }),
+                tiles: row_tiles(index),
             };
             return sliced.forward(&x);
         }
@@ -207,12 +214,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
                 gate: gate.clone(),
                 dims: (m, d, k),
                 vector: shape.vector,
-                tiles: index.tiled.then(|| {
-                    (
-                        into_contiguous(index.tile_offsets.clone()),
-                        into_contiguous(index.tile_entries.clone()),
-                    )
-                }),
+                tiles: row_tiles(index),
             };
             if m > 0 && d > 0 && k > 0 {
                 let (dx, dz, dgate) = sliced.backward_tokens(&z, &dy);

@@ -87,6 +87,11 @@ pub struct HostIndex {
     pub tiles: Option<slices::tiles::RowTiles>,
 }
 
+/// Whether the environment switch `name` is set to `0` or `false`.
+pub(crate) fn switched_off(name: &str) -> bool {
+    matches!(std::env::var(name).as_deref(), Ok("0") | Ok("false"))
+}
+
 /// The token kernels' passes: pass p handles each token's slots whose rows lie in
 /// `p · rows_per_pass .. (p + 1) · rows_per_pass` (empty slots in the last pass).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,10 +151,7 @@ impl HostIndex {
     /// storage type, and in bf16 that rounds once per pass (measured on the H100: 1.4e-2
     /// relative error after 100 passes).
     pub fn plan(self, d: usize, elem: usize) -> Self {
-        let off = matches!(
-            std::env::var("MEFT_KERNEL_BLOCKING").as_deref(),
-            Ok("0") | Ok("false")
-        );
+        let off = switched_off("MEFT_KERNEL_BLOCKING");
         if off || elem < 4 {
             return self.unplanned();
         }
@@ -199,10 +201,7 @@ impl HostIndex {
         // Without passes, the kernels run in d-slices (`slices`): the rows' bytes come from
         // memory about once and the repeats from L2, for a partial-score array of 1/128 of
         // the gathered bytes. `MEFT_KERNEL_SLICES=0` keeps whole rows.
-        let slices_off = matches!(
-            std::env::var("MEFT_KERNEL_SLICES").as_deref(),
-            Ok("0") | Ok("false")
-        );
+        let slices_off = switched_off("MEFT_KERNEL_SLICES");
         self.sliced = !slices_off
             && self.token_passes.is_none()
             && self.row_passes.is_none()
@@ -210,10 +209,7 @@ impl HostIndex {
         // In d-slices, row tiles where tokens reuse their slice in a tile (MEFT's routed rows:
         // an expert's tokens take several of its rows each). `MEFT_KERNEL_TILES=0` turns
         // them off.
-        let tiles_off = matches!(
-            std::env::var("MEFT_KERNEL_TILES").as_deref(),
-            Ok("0") | Ok("false")
-        );
+        let tiles_off = switched_off("MEFT_KERNEL_TILES");
         self.tiles = None;
         if self.sliced && !tiles_off {
             let tiles = slices::tiles::RowTiles::new(&self.slots, self.k, self.rows);
@@ -672,7 +668,12 @@ mod tests {
         assert!(planned.sliced);
         let tiles = planned.tiles.expect("routed rows run in tiles");
         assert_eq!(tiles.pairs, 64);
-        assert!(planned_unplanned_has_no_tiles(idx));
+        assert!(idx
+            .clone()
+            .plan_with(16, 4, 1 << 20, false)
+            .unplanned()
+            .tiles
+            .is_none());
         // Spread: token t's slot s at row (t + 97 s) · 5 mod 4 096 → one entry per pair.
         let spread: Vec<u32> = (0..64u32)
             .flat_map(|t| (0..8u32).map(move |s| ((t + 97 * s) * 5) % 4096))
@@ -680,13 +681,6 @@ mod tests {
         let idx = HostIndex::new(&spread, 64, 8, 4096).unwrap();
         let planned = idx.plan_with(16, 4, 1 << 20, false);
         assert!(planned.sliced && planned.tiles.is_none());
-    }
-
-    fn planned_unplanned_has_no_tiles(idx: HostIndex) -> bool {
-        idx.plan_with(16, 4, 1 << 20, false)
-            .unplanned()
-            .tiles
-            .is_none()
     }
 
     #[test]

@@ -259,10 +259,7 @@ impl<R: CubeRuntime> Sliced<R> {
 /// the runtime has plane operations and every plane is [`LANES`] units wide (CUDA's warps;
 /// not lavapipe, which has none). `MEFT_KERNEL_SLICE_PLANES=0` keeps the shared-memory sums.
 pub fn plane_sums<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
-    let off = matches!(
-        std::env::var("MEFT_KERNEL_SLICE_PLANES").as_deref(),
-        Ok("0") | Ok("false")
-    );
+    let off = crate::switched_off("MEFT_KERNEL_SLICE_PLANES");
     let props = client.properties();
     !off && props.features.plane.contains(Plane::Ops)
         && props.hardware.plane_size_min == LANES
