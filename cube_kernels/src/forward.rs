@@ -13,7 +13,7 @@ use crate::kernel::{
     sparse_forward_kernel,
 };
 use crate::launch::{grid, LaunchShape, CHUNK};
-use crate::slices::Sliced;
+use crate::slices::{DeviceTiles, Sliced};
 use crate::{ActiveIndex, SparseAdapterBackend, SparseAdapterGrads};
 
 pub(crate) fn empty<R: CubeRuntime>(
@@ -46,15 +46,16 @@ fn pass_visits<B: burn::tensor::backend::Backend>(
     }
 }
 
-/// The row tiles of a tiled index on the device (offsets, entries), for [`Sliced`].
+/// The row tiles of a tiled index on the device, for [`Sliced`].
 fn row_tiles<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     index: &ActiveIndex<CubeBackend<R, F, I, BT>>,
-) -> Option<(CubeTensor<R>, CubeTensor<R>)> {
-    index.tiled.then(|| {
-        (
-            into_contiguous(index.tile_offsets.clone()),
-            into_contiguous(index.tile_entries.clone()),
-        )
+) -> Option<DeviceTiles<R>> {
+    index.tiled.then(|| DeviceTiles {
+        offsets: into_contiguous(index.tile_offsets.clone()),
+        entries: into_contiguous(index.tile_entries.clone()),
+        tokens: into_contiguous(index.tile_tokens.clone()),
+        local: into_contiguous(index.entry_local.clone()),
+        grads: index.tile_grads,
     })
 }
 

@@ -31,7 +31,10 @@ fn inner_index<B: FusionBackend>(
         sliced: shape.sliced,
         tile_offsets: handles.get_int_tensor::<B>(&ir[7]),
         tile_entries: handles.get_int_tensor::<B>(&ir[8]),
+        tile_tokens: handles.get_int_tensor::<B>(&ir[9]),
+        entry_local: handles.get_int_tensor::<B>(&ir[10]),
         tiled: shape.tiled,
+        tile_grads: shape.tile_grads,
         rows: shape.rows,
     }
 }
@@ -44,6 +47,7 @@ struct IndexShape {
     row_passes: Option<usize>,
     sliced: bool,
     tiled: bool,
+    tile_grads: bool,
     visit_offsets: Vec<usize>,
 }
 
@@ -56,11 +60,12 @@ impl IndexShape {
             row_passes: index.row_passes,
             sliced: index.sliced,
             tiled: index.tiled,
+            tile_grads: index.tile_grads,
         }
     }
 }
 
-const INDEX_TENSORS: usize = 9;
+const INDEX_TENSORS: usize = 11;
 
 fn index_tensors<B: FusionBackend>(
     index: &ActiveIndex<Fusion<B>>,
@@ -75,6 +80,8 @@ fn index_tensors<B: FusionBackend>(
         &index.visits,
         &index.tile_offsets,
         &index.tile_entries,
+        &index.tile_tokens,
+        &index.entry_local,
     ]
 }
 

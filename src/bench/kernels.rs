@@ -144,6 +144,10 @@ pub struct KernelBenchResult {
     /// Whether the d-sliced partial dots ran over row tiles (`cube_kernels::slices::tiles`).
     #[serde(default)]
     pub tiled: bool,
+    /// Whether the row gradients ran over the row tiles too
+    /// (`cube_kernels::slices::tile_grad_kernel`).
+    #[serde(default)]
+    pub tile_grads: bool,
     /// The ceilings measured in this run.
     pub ceilings: Ceilings,
 }
@@ -446,9 +450,11 @@ impl KernelTask for KernelBench {
         let dy = Tensor::<K, 2>::random([m, d], Distribution::Normal(0.0, 1.0), &device);
         let elem = x.dtype().size() as f64;
         let mut out = Vec::new();
-        // Whether the rows pushed next ran in d-slices, and over row tiles.
+        // Whether the rows pushed next ran in d-slices, over row tiles, and with the row
+        // gradients over the tiles.
         let sliced = std::cell::Cell::new(false);
         let tiled = std::cell::Cell::new(false);
+        let tile_grads = std::cell::Cell::new(false);
         let mut push = |slots: &str,
                         op: &str,
                         passes: [usize; 2],
@@ -486,6 +492,7 @@ impl KernelTask for KernelBench {
                 passes,
                 sliced: sliced.get(),
                 tiled: tiled.get(),
+                tile_grads: tile_grads.get(),
                 ceilings: ceil,
             };
             eprintln!(
@@ -526,6 +533,7 @@ impl KernelTask for KernelBench {
             let idx = host.to_device::<K>(&device);
             sliced.set(false);
             tiled.set(false);
+            tile_grads.set(false);
             let gate = u([m, k], 0.5, 1.5);
 
             // Gather: the union of the active rows out of the R staged rows.
@@ -554,6 +562,7 @@ impl KernelTask for KernelBench {
             push(&slots, "gather", [1, 1], k, gk, gg, (gb, gb, 0.0), diff);
             sliced.set(host.sliced);
             tiled.set(host.tiles.is_some());
+            tile_grads.set(host.tile_grads);
 
             let KernelRun {
                 forward_ms: fk,
@@ -628,6 +637,7 @@ impl KernelTask for KernelBench {
                 eprintln!("one pass vs passes: max rel diff {d1:.1e}");
                 sliced.set(false);
                 tiled.set(false);
+                tile_grads.set(false);
                 let op = "forward+backward, one pass";
                 push(&slots, op, [1, 1], k, f1 + b1, both_generic, both, Some(d1));
             }
@@ -643,7 +653,15 @@ impl KernelTask for KernelBench {
             if host.tiles.is_some() {
                 let mut alt = host.clone();
                 alt.tiles = None;
+                alt.tile_grads = false;
                 alts.push((alt, "d-slices without tiles"));
+                let mut alt = host.clone();
+                alt.tile_grads = !host.tile_grads;
+                let name = match alt.tile_grads {
+                    true => "d-slices + tiles, tile row gradients",
+                    false => "d-slices + tiles, per-row gradients",
+                };
+                alts.push((alt, name));
             }
             for (alt, name) in alts {
                 let run = time_kernels(
@@ -661,6 +679,7 @@ impl KernelTask for KernelBench {
                 eprintln!("{name} vs planned: max rel diff {d1:.1e}");
                 sliced.set(alt.sliced);
                 tiled.set(alt.tiles.is_some());
+                tile_grads.set(alt.tile_grads);
                 let fgb = run.forward_ms + run.backward_ms;
                 push(
                     &slots,
@@ -713,7 +732,9 @@ impl KernelBenchResult {
                 r.op,
                 r.top_k,
                 r.passes[0],
-                if r.tiled {
+                if r.tile_grads {
+                    format!("{} (d-slices, tiles, tile grads)", r.passes[1])
+                } else if r.tiled {
                     format!("{} (d-slices, tiles)", r.passes[1])
                 } else if r.sliced {
                     format!("{} (d-slices)", r.passes[1])

@@ -28,8 +28,12 @@
 //! [`tile_kernel::tile_dots_kernel`] — one cube per (slice, tile) with the tile's row slices
 //! in shared memory, reading each token's slice once per tile. On the H200 (routed rows,
 //! LLaMA-7B geometry) that cuts forward+backward by 12 % at K = 64 and 15 % at K = 256.
+//! With `HostIndex::tile_grads` the row gradients run per (slice, tile) too
+//! ([`tile_grad_kernel::tile_grad_rows_kernel`]: the tile's tokens' x and dy slices staged
+//! in shared memory, each loaded once per tile instead of once per (row, token) pair).
 
 pub mod kernel;
+pub mod tile_grad_kernel;
 pub mod tile_kernel;
 pub mod tiles;
 
@@ -42,6 +46,7 @@ use cubecl::CubeDim;
 
 use crate::launch::grid;
 use kernel::{slice_dots_kernel, slice_grad_rows_kernel, slice_rows_kernel, slice_sum_kernel};
+use tile_grad_kernel::tile_grad_rows_kernel;
 use tile_kernel::tile_dots_kernel;
 
 /// Vectors per slice (= units per token group): 128 floats with 16-byte vectors.
@@ -53,6 +58,8 @@ const CHUNK: u32 = 16;
 /// Entries scored at once by the row-tile dot kernel's shared-memory sums (its tile of row
 /// slices takes 16 KiB; lavapipe allows 32 KiB of shared memory).
 const TILE_CHUNK: u32 = 8;
+/// Tokens whose x and dy slices the row-tile gradient kernel stages at once (16 KiB).
+const TILE_TOKENS: u32 = 16;
 /// Largest K the sliced kernels take: each cube stages its tokens' K slots in shared memory
 /// (`GROUPS · K` row ids and coefficients: 16 KiB at K = 256).
 pub const MAX_K: usize = 256;
@@ -71,9 +78,29 @@ pub(crate) struct Sliced<R: CubeRuntime> {
     pub dims: (usize, usize, usize),
     /// Elements per vector.
     pub vector: usize,
-    /// Row tiles (`tiles::RowTiles` on the device: offsets, entries): the partial dots run
-    /// per (slice, tile) with the tile's row slices in shared memory.
-    pub tiles: Option<(CubeTensor<R>, CubeTensor<R>)>,
+    /// Row tiles on the device: the partial dots and the row gradients run per (slice,
+    /// tile).
+    pub tiles: Option<DeviceTiles<R>>,
+}
+
+/// [`tiles::RowTiles`] on the device (`crate::ActiveIndex`'s `tile_*` and `entry_local`).
+pub(crate) struct DeviceTiles<R: CubeRuntime> {
+    /// `[2, tiles + 1]`: offsets into `entries`, and into `tokens`.
+    pub offsets: CubeTensor<R>,
+    /// Entries by tile.
+    pub entries: CubeTensor<R>,
+    /// Distinct tokens by tile.
+    pub tokens: CubeTensor<R>,
+    /// `[M · K]`: each entry's token's position in its tile's tokens.
+    pub local: CubeTensor<R>,
+    /// Whether the row gradients run over the tiles (`tokens` and `local` are set).
+    pub grads: bool,
+}
+
+impl<R: CubeRuntime> DeviceTiles<R> {
+    fn count(&self) -> usize {
+        self.offsets.shape().dims::<2>()[1] - 1
+    }
 }
 
 impl<R: CubeRuntime> Sliced<R> {
@@ -94,20 +121,17 @@ impl<R: CubeRuntime> Sliced<R> {
     fn dots(&self, h: &CubeTensor<R>, half: u32, z: Option<&CubeTensor<R>>) -> CubeTensor<R> {
         let (m, _, k) = self.dims;
         let parts = crate::forward::empty(h, [self.slices() * m, k], h.dtype);
-        if let Some((offsets, entries)) = &self.tiles {
-            let tiles = offsets.shape().dims::<1>()[0] - 1;
+        if let Some(tiles) = &self.tiles {
             tile_dots_kernel::launch::<R>(
                 &h.client,
-                grid(self.slices() * tiles),
+                grid(self.slices() * tiles.count()),
                 CubeDim::new_1d(LANES * GROUPS),
                 self.vector,
                 h.clone().into_tensor_arg(),
                 self.rows.clone().into_tensor_arg(),
                 self.slots.clone().into_tensor_arg(),
-                self.gate.clone().into_tensor_arg(),
-                z.unwrap_or(&self.gate).clone().into_tensor_arg(),
-                offsets.clone().into_tensor_arg(),
-                entries.clone().into_tensor_arg(),
+                tiles.offsets.clone().into_tensor_arg(),
+                tiles.entries.clone().into_tensor_arg(),
                 parts.clone().into_tensor_arg(),
                 half,
                 k as u32,
@@ -115,7 +139,6 @@ impl<R: CubeRuntime> Sliced<R> {
                 GROUPS,
                 tiles::TILE_ROWS as u32,
                 TILE_CHUNK,
-                z.is_some(),
                 plane_sums(&h.client),
                 self.dtypes(),
             );
@@ -231,6 +254,31 @@ impl<R: CubeRuntime> Sliced<R> {
         drows: &CubeTensor<R>,
     ) {
         let n = drows.shape().dims::<2>()[0];
+        if let Some(tiles) = self.tiles.as_ref().filter(|t| t.grads) {
+            tile_grad_rows_kernel::launch::<R>(
+                &x.client,
+                grid(self.slices() * tiles.count()),
+                CubeDim::new_1d(LANES * GROUPS),
+                self.vector,
+                x.clone().into_tensor_arg(),
+                dy.clone().into_tensor_arg(),
+                self.gate.clone().into_tensor_arg(),
+                z.clone().into_tensor_arg(),
+                dz.clone().into_tensor_arg(),
+                offsets.clone().into_tensor_arg(),
+                users.clone().into_tensor_arg(),
+                tiles.offsets.clone().into_tensor_arg(),
+                tiles.tokens.clone().into_tensor_arg(),
+                tiles.local.clone().into_tensor_arg(),
+                drows.clone().into_tensor_arg(),
+                LANES,
+                GROUPS,
+                tiles::TILE_ROWS as u32,
+                TILE_TOKENS,
+                [x.dtype.into(), offsets.dtype.into()],
+            );
+            return;
+        }
         let per_group = grad_rows_per_group();
         let cubes = self.slices() * n.div_ceil((GROUPS * per_group) as usize);
         slice_grad_rows_kernel::launch::<R>(

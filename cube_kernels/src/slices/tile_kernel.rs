@@ -16,22 +16,20 @@ use cubecl::prelude::*;
 use crate::kernel::{cube_index, lane_sum};
 use crate::slices::kernel::butterfly;
 
-/// Local-row marker of an entry that is computed as 0 (inactive in the backward).
-const INACTIVE: u32 = 0x7fff_fffe;
 /// Local-row marker of a staged position past the tile's entries.
 const NONE: u32 = 0x7fff_ffff;
 
 /// `parts[s · M · K + e] = h_t[slice s] · rows[slot e][half, slice s]` for the entries e =
-/// (t, i) of each tile (0 with `active_only` for an entry whose `gate · z <= 0`). Entries
-/// without a row are not written (the sum kernel gives them 0).
+/// (t, i) of each tile, active or not (the backward's sum kernel drops the inactive ones, so
+/// the gates are not read here). Entries without a row are not written (the sum kernel gives
+/// them 0). `tile_offsets` is
+/// `[2, tiles + 1]`; its row 0 are the offsets into `tile_entries`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
     h: &Tensor<Vector<F, N>>,
     rows: &Tensor<Vector<F, N>>,
     slots: &Tensor<I>,
-    gate: &Tensor<F>,
-    z: &Tensor<F>,
     tile_offsets: &Tensor<I>,
     tile_entries: &Tensor<I>,
     parts: &mut Tensor<F>,
@@ -41,7 +39,6 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
     #[comptime] groups: u32,
     #[comptime] tile_rows: u32,
     #[comptime] chunk: u32,
-    #[comptime] active_only: bool,
     #[comptime] plane: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
@@ -54,7 +51,7 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
     let dv = h.shape(1) / N::value();
     let w = rows.shape(1) / N::value();
     let n_rows = rows.shape(0);
-    let tiles = tile_offsets.shape(0) - 1;
+    let tiles = tile_offsets.shape(1) - 1;
     let c = cube_index();
     let (s, tile) = (c / tiles, c % tiles);
     // The 2-D grid (`launch::grid`) may hold cubes past the last slice.
@@ -65,6 +62,10 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
     let (gi, l) = (tid / nl, tid % nl);
     let col = s * nl + l;
     let r0 = tile * tr;
+    let begin = u32::cast_from(tile_offsets[tile]) as usize;
+    let end = u32::cast_from(tile_offsets[tile + 1]) as usize;
+    // The first round's entry and local row, loaded before the row staging waits.
+    let (mut e, mut lr) = tile_entry(slots, tile_entries, begin + tid, end, r0);
 
     let mut tile_smem =
         SharedMemory::<Vector<f32, N>>::new(comptime!(tile_rows as usize * lanes as usize));
@@ -81,8 +82,6 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
 
     let mut ent = SharedMemory::<u32>::new(comptime!(lanes as usize * groups as usize));
     let mut loc = SharedMemory::<u32>::new(comptime!(lanes as usize * groups as usize));
-    let begin = u32::cast_from(tile_offsets[tile]) as usize;
-    let end = u32::cast_from(tile_offsets[tile + 1]) as usize;
     // The shared-memory sums' buffer (one element with plane sums, which need none).
     let mut part = SharedMemory::<f32>::new(comptime!(if plane {
         1usize
@@ -93,22 +92,11 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
     while base < end {
         // Also orders the row staging (first round) and the previous round's reads.
         sync_cube();
-        let p = base + tid;
-        let mut e = 0u32.runtime();
-        let mut lr = NONE.runtime();
-        if p < end {
-            e = u32::cast_from(tile_entries[p]);
-            lr = u32::cast_from(slots[e as usize]) - r0 as u32;
-            if active_only {
-                let a = f32::cast_from(gate[e as usize]) * f32::cast_from(z[e as usize]);
-                if a <= f32::new(0.0) {
-                    lr = INACTIVE;
-                }
-            }
-        }
         ent[tid] = e;
         loc[tid] = lr;
         sync_cube();
+        // The next round's, loaded while this one computes.
+        (e, lr) = tile_entry(slots, tile_entries, base + nt + tid, end, r0);
 
         let q0 = gi * nl;
         if plane {
@@ -175,4 +163,22 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
         }
         base += nt;
     }
+}
+
+/// Entry `p` of the tile's list and its row's position in the tile (`NONE` at `p >= end`).
+#[cube]
+fn tile_entry<I: Numeric>(
+    slots: &Tensor<I>,
+    tile_entries: &Tensor<I>,
+    p: usize,
+    end: usize,
+    r0: usize,
+) -> (u32, u32) {
+    let mut e = 0u32.runtime();
+    let mut lr = NONE.runtime();
+    if p < end {
+        e = u32::cast_from(tile_entries[p]);
+        lr = u32::cast_from(slots[e as usize]) - r0 as u32;
+    }
+    (e, lr)
 }
