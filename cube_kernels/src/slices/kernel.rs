@@ -107,12 +107,7 @@ pub fn slice_dots_kernel<F: Float, I: Numeric, N: Size>(
             for j in 0..nl {
                 vals[j] = slot_product(&hr, rows, &row_of, gi * kk, c0 + j, off, col < dv, kk);
             }
-            let lane = l as u32;
-            butterfly(&mut vals, lane, 16usize, 16u32);
-            butterfly(&mut vals, lane, 8usize, 8u32);
-            butterfly(&mut vals, lane, 4usize, 4u32);
-            butterfly(&mut vals, lane, 2usize, 2u32);
-            butterfly(&mut vals, lane, 1usize, 1u32);
+            plane_transposed_sums(&mut vals, l as u32);
             if t < m && c0 + l < kk {
                 parts[(s * m + t) * kk + c0 + l] = F::cast_from(vals[0]);
             }
@@ -129,18 +124,7 @@ pub fn slice_dots_kernel<F: Float, I: Numeric, N: Size>(
                     slot_product(&hr, rows, &row_of, gi * kk, c0 + j, off, col < dv, kk);
             }
             sync_cube();
-            let mut stride = (nl / 2).runtime();
-            while stride > 0 {
-                if l < stride {
-                    #[unroll]
-                    for j in 0..nchunk {
-                        let at = (gi * nchunk + j) * nl + l;
-                        part[at] += part[at + stride];
-                    }
-                }
-                sync_cube();
-                stride /= 2;
-            }
+            tree_sums(&mut part, gi, l, nl, nchunk);
             if l < nchunk && t < m {
                 let i = c0 + l;
                 if i < kk {
@@ -178,17 +162,49 @@ fn slot_product<F: Float, N: Size>(
     acc
 }
 
+/// The transposed butterfly over a plane of 32 units holding 32 values each: afterwards unit
+/// l holds the plane's sum of value l (31 shuffles for 32 sums, no shared memory).
+#[cube]
+pub(crate) fn plane_transposed_sums(vals: &mut Array<f32>, lane: u32) {
+    butterfly(vals, lane, 16usize, 16u32);
+    butterfly(vals, lane, 8usize, 8u32);
+    butterfly(vals, lane, 4usize, 4u32);
+    butterfly(vals, lane, 2usize, 2u32);
+    butterfly(vals, lane, 1usize, 1u32);
+}
+
+/// Sums each group's `chunk` rows of `lanes` values in `part` (group g, value j at
+/// `(g · chunk + j) · lanes + l`) by a shared-memory tree: afterwards the sum of value j
+/// sits at lane 0. Called by every unit after the values are written and a barrier; ends
+/// with a barrier.
+#[cube]
+pub(crate) fn tree_sums(
+    part: &mut SharedMemory<f32>,
+    gi: usize,
+    l: usize,
+    #[comptime] nl: usize,
+    #[comptime] nchunk: usize,
+) {
+    let mut stride = (nl / 2).runtime();
+    while stride > 0 {
+        if l < stride {
+            #[unroll]
+            for j in 0..nchunk {
+                let at = (gi * nchunk + j) * nl + l;
+                part[at] += part[at + stride];
+            }
+        }
+        sync_cube();
+        stride /= 2;
+    }
+}
+
 /// One stage of the transposed butterfly over `2n` values per unit: units with bit `mask`
 /// set keep the upper n values, the others the lower n, each adding its partner's copy
 /// (unit `lane ^ mask`). After the stages 16, 8, 4, 2, 1, unit l holds the plane's sum of
 /// value l.
 #[cube]
-pub(crate) fn butterfly(
-    vals: &mut Array<f32>,
-    lane: u32,
-    #[comptime] n: usize,
-    #[comptime] mask: u32,
-) {
+fn butterfly(vals: &mut Array<f32>, lane: u32, #[comptime] n: usize, #[comptime] mask: u32) {
     let upper = (lane & mask) != 0;
     #[unroll]
     for i in 0..n {

@@ -14,7 +14,7 @@
 use cubecl::prelude::*;
 
 use crate::kernel::{cube_index, lane_sum};
-use crate::slices::kernel::butterfly;
+use crate::slices::kernel::{plane_transposed_sums, tree_sums};
 
 /// Local-row marker of a staged position past the tile's entries.
 const NONE: u32 = 0x7fff_ffff;
@@ -117,12 +117,7 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
                 }
                 vals[j] = v;
             }
-            let lane = l as u32;
-            butterfly(&mut vals, lane, 16usize, 16u32);
-            butterfly(&mut vals, lane, 8usize, 8u32);
-            butterfly(&mut vals, lane, 4usize, 4u32);
-            butterfly(&mut vals, lane, 2usize, 2u32);
-            butterfly(&mut vals, lane, 1usize, 1u32);
+            plane_transposed_sums(&mut vals, l as u32);
             if loc[q0 + l] != NONE {
                 parts[s * m * kk + ent[q0 + l] as usize] = F::cast_from(vals[0]);
             }
@@ -141,18 +136,7 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
                     part[(gi * nchunk + j) * nl + l] = v;
                 }
                 sync_cube();
-                let mut stride = (nl / 2).runtime();
-                while stride > 0 {
-                    if l < stride {
-                        #[unroll]
-                        for j in 0..nchunk {
-                            let at = (gi * nchunk + j) * nl + l;
-                            part[at] += part[at + stride];
-                        }
-                    }
-                    sync_cube();
-                    stride /= 2;
-                }
+                tree_sums(&mut part, gi, l, nl, nchunk);
                 if l < nchunk && loc[q0 + c0 + l] != NONE {
                     parts[s * m * kk + ent[q0 + c0 + l] as usize] =
                         F::cast_from(part[(gi * nchunk + l) * nl]);
