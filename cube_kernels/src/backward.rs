@@ -69,6 +69,7 @@ fn inner<B: SparseAdapterBackend, C: CheckpointStrategy>(
         entry_local: index.entry_local.clone(),
         tiled: index.tiled,
         tile_grads: index.tile_grads,
+        staged_dots: index.staged_dots,
         rows: index.rows,
     }
 }

@@ -56,6 +56,7 @@ fn row_tiles<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
         tokens: into_contiguous(index.tile_tokens.clone()),
         local: into_contiguous(index.entry_local.clone()),
         grads: index.tile_grads,
+        staged_dots: index.staged_dots,
     })
 }
 

@@ -35,6 +35,7 @@ fn inner_index<B: FusionBackend>(
         entry_local: handles.get_int_tensor::<B>(&ir[10]),
         tiled: shape.tiled,
         tile_grads: shape.tile_grads,
+        staged_dots: shape.staged_dots,
         rows: shape.rows,
     }
 }
@@ -48,6 +49,7 @@ struct IndexShape {
     sliced: bool,
     tiled: bool,
     tile_grads: bool,
+    staged_dots: bool,
     visit_offsets: Vec<usize>,
 }
 
@@ -61,6 +63,7 @@ impl IndexShape {
             sliced: index.sliced,
             tiled: index.tiled,
             tile_grads: index.tile_grads,
+            staged_dots: index.staged_dots,
         }
     }
 }

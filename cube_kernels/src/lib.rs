@@ -88,6 +88,9 @@ pub struct HostIndex {
     /// With row tiles, the row gradients over them too
     /// ([`slices::tile_grad_kernel::tile_grad_rows_kernel`]) instead of one group per row.
     pub tile_grads: bool,
+    /// With row tiles, the partial dots stage each round's tokens' slices in shared memory
+    /// (`slices::tile_kernel::tile_dots_kernel`'s `staged`).
+    pub staged_dots: bool,
 }
 
 /// Whether the environment switch `name` is set to `0` or `false`.
@@ -173,6 +176,7 @@ impl HostIndex {
         self.sliced = false;
         self.tiles = None;
         self.tile_grads = false;
+        self.staged_dots = false;
         self
     }
 
@@ -229,6 +233,8 @@ impl HostIndex {
         // The row gradients over the tiles as well: not yet timed on a GPU, so only with
         // `MEFT_KERNEL_TILE_GRADS=1` (`meft bench kernels` runs both side by side).
         self.tile_grads = self.tiles.is_some() && switched_on("MEFT_KERNEL_TILE_GRADS");
+        // Likewise the partial dots from staged token slices (`MEFT_KERNEL_STAGED_DOTS=1`).
+        self.staged_dots = self.tiles.is_some() && switched_on("MEFT_KERNEL_STAGED_DOTS");
         self
     }
 
@@ -383,6 +389,7 @@ impl HostIndex {
             sliced: false,
             tiles: None,
             tile_grads: false,
+            staged_dots: false,
         })
     }
 
@@ -416,6 +423,8 @@ impl HostIndex {
         // Zero-sized buffers are not portable: an empty list still gets one element.
         let list = |v: &[i32]| if v.is_empty() { one() } else { int1(v) };
         let tile_grads = self.tile_grads && self.tiles.is_some();
+        let staged_dots = self.staged_dots && self.tiles.is_some();
+        let token_lists = tile_grads || staged_dots;
         let (tile_offsets, tile_entries, tile_tokens, entry_local) = match &self.tiles {
             Some(t) => (
                 reshape(
@@ -423,8 +432,8 @@ impl HostIndex {
                     [2, t.offsets.len()],
                 ),
                 list(&t.entries),
-                if tile_grads { list(&t.tokens) } else { one() },
-                if tile_grads { list(&t.local) } else { one() },
+                if token_lists { list(&t.tokens) } else { one() },
+                if token_lists { list(&t.local) } else { one() },
             ),
             None => (reshape(one(), [1, 1]), one(), one(), one()),
         };
@@ -460,6 +469,7 @@ impl HostIndex {
             entry_local,
             tiled: self.tiles.is_some(),
             tile_grads,
+            staged_dots,
             rows: self.rows,
         }
     }
@@ -495,16 +505,18 @@ pub struct ActiveIndex<B: Backend> {
     pub tile_offsets: IntTensor<B>,
     /// Entries grouped by row tile (else `[1]`, unused).
     pub tile_entries: IntTensor<B>,
-    /// The distinct tokens of each row tile's entries, tile by tile (with `tile_grads`; else
-    /// `[1]`, unused).
+    /// The distinct tokens of each row tile's entries, tile by tile (with `tile_grads` or
+    /// `staged_dots`; else `[1]`, unused).
     pub tile_tokens: IntTensor<B>,
     /// `[M · K]`: each entry's token's position in its tile's `tile_tokens` (with
-    /// `tile_grads`; else `[1]`, unused).
+    /// `tile_grads` or `staged_dots`; else `[1]`, unused).
     pub entry_local: IntTensor<B>,
     /// Whether the sliced partial dots run over row tiles ([`slices::tiles`]).
     pub tiled: bool,
     /// Whether the row gradients run over the row tiles too (see [`HostIndex::tile_grads`]).
     pub tile_grads: bool,
+    /// Whether the partial dots stage their tokens (see [`HostIndex::staged_dots`]).
+    pub staged_dots: bool,
     /// Active rows R.
     pub rows: usize,
 }

@@ -148,6 +148,9 @@ pub struct KernelBenchResult {
     /// (`cube_kernels::slices::tile_grad_kernel`).
     #[serde(default)]
     pub tile_grads: bool,
+    /// Whether the tile dots ran from staged token slices (`tile_dots_kernel`'s `staged`).
+    #[serde(default)]
+    pub staged_dots: bool,
     /// The ceilings measured in this run.
     pub ceilings: Ceilings,
 }
@@ -455,6 +458,7 @@ impl KernelTask for KernelBench {
         let sliced = std::cell::Cell::new(false);
         let tiled = std::cell::Cell::new(false);
         let tile_grads = std::cell::Cell::new(false);
+        let staged_dots = std::cell::Cell::new(false);
         let mut push = |slots: &str,
                         op: &str,
                         passes: [usize; 2],
@@ -493,6 +497,7 @@ impl KernelTask for KernelBench {
                 sliced: sliced.get(),
                 tiled: tiled.get(),
                 tile_grads: tile_grads.get(),
+                staged_dots: staged_dots.get(),
                 ceilings: ceil,
             };
             eprintln!(
@@ -534,6 +539,7 @@ impl KernelTask for KernelBench {
             sliced.set(false);
             tiled.set(false);
             tile_grads.set(false);
+            staged_dots.set(false);
             let gate = u([m, k], 0.5, 1.5);
 
             // Gather: the union of the active rows out of the R staged rows.
@@ -563,6 +569,7 @@ impl KernelTask for KernelBench {
             sliced.set(host.sliced);
             tiled.set(host.tiles.is_some());
             tile_grads.set(host.tile_grads);
+            staged_dots.set(host.staged_dots);
 
             let KernelRun {
                 forward_ms: fk,
@@ -638,6 +645,7 @@ impl KernelTask for KernelBench {
                 sliced.set(false);
                 tiled.set(false);
                 tile_grads.set(false);
+                staged_dots.set(false);
                 let op = "forward+backward, one pass";
                 push(&slots, op, [1, 1], k, f1 + b1, both_generic, both, Some(d1));
             }
@@ -654,14 +662,30 @@ impl KernelTask for KernelBench {
                 let mut alt = host.clone();
                 alt.tiles = None;
                 alt.tile_grads = false;
+                alt.staged_dots = false;
                 alts.push((alt, "d-slices without tiles"));
-                let mut alt = host.clone();
-                alt.tile_grads = !host.tile_grads;
-                let name = match alt.tile_grads {
-                    true => "d-slices + tiles, tile row gradients",
-                    false => "d-slices + tiles, per-row gradients",
-                };
-                alts.push((alt, name));
+                // The tile kernels' variants the plan did not pick.
+                for (grads, staged, name) in [
+                    (
+                        false,
+                        false,
+                        "d-slices + tiles, direct dots, per-row gradients",
+                    ),
+                    (true, false, "d-slices + tiles, tile row gradients"),
+                    (false, true, "d-slices + tiles, staged dots"),
+                    (
+                        true,
+                        true,
+                        "d-slices + tiles, staged dots, tile row gradients",
+                    ),
+                ] {
+                    if (grads, staged) != (host.tile_grads, host.staged_dots) {
+                        let mut alt = host.clone();
+                        alt.tile_grads = grads;
+                        alt.staged_dots = staged;
+                        alts.push((alt, name));
+                    }
+                }
             }
             for (alt, name) in alts {
                 let run = time_kernels(
@@ -680,6 +704,7 @@ impl KernelTask for KernelBench {
                 sliced.set(alt.sliced);
                 tiled.set(alt.tiles.is_some());
                 tile_grads.set(alt.tile_grads);
+                staged_dots.set(alt.staged_dots);
                 let fgb = run.forward_ms + run.backward_ms;
                 push(
                     &slots,
@@ -732,9 +757,7 @@ impl KernelBenchResult {
                 r.op,
                 r.top_k,
                 r.passes[0],
-                if r.tile_grads {
-                    format!("{} (d-slices, tiles, tile grads)", r.passes[1])
-                } else if r.tiled {
+                if r.tiled {
                     format!("{} (d-slices, tiles)", r.passes[1])
                 } else if r.sliced {
                     format!("{} (d-slices)", r.passes[1])

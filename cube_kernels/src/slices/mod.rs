@@ -30,7 +30,9 @@
 //! LLaMA-7B geometry) that cuts forward+backward by 12 % at K = 64 and 15 % at K = 256.
 //! With `HostIndex::tile_grads` the row gradients run per (slice, tile) too
 //! ([`tile_grad_kernel::tile_grad_rows_kernel`]: the tile's tokens' x and dy slices staged
-//! in shared memory, each loaded once per tile instead of once per (row, token) pair).
+//! in shared memory, each loaded once per tile instead of once per (row, token) pair); with
+//! `HostIndex::staged_dots` the tile dots load each round's token slices into shared memory
+//! before computing, all at once ([`staged_tokens`] per round).
 
 pub mod kernel;
 pub mod tile_grad_kernel;
@@ -95,6 +97,8 @@ pub(crate) struct DeviceTiles<R: CubeRuntime> {
     pub local: CubeTensor<R>,
     /// Whether the row gradients run over the tiles (`tokens` and `local` are set).
     pub grads: bool,
+    /// Whether the partial dots stage the tokens' slices (`tokens` and `local` are set).
+    pub staged_dots: bool,
 }
 
 impl<R: CubeRuntime> DeviceTiles<R> {
@@ -122,6 +126,7 @@ impl<R: CubeRuntime> Sliced<R> {
         let (m, _, k) = self.dims;
         let parts = crate::forward::empty(h, [self.slices() * m, k], h.dtype);
         if let Some(tiles) = &self.tiles {
+            let plane = plane_sums(&h.client);
             tile_dots_kernel::launch::<R>(
                 &h.client,
                 grid(self.slices() * tiles.count()),
@@ -132,6 +137,8 @@ impl<R: CubeRuntime> Sliced<R> {
                 self.slots.clone().into_tensor_arg(),
                 tiles.offsets.clone().into_tensor_arg(),
                 tiles.entries.clone().into_tensor_arg(),
+                tiles.tokens.clone().into_tensor_arg(),
+                tiles.local.clone().into_tensor_arg(),
                 parts.clone().into_tensor_arg(),
                 half,
                 k as u32,
@@ -139,7 +146,11 @@ impl<R: CubeRuntime> Sliced<R> {
                 GROUPS,
                 tiles::TILE_ROWS as u32,
                 TILE_CHUNK,
-                plane_sums(&h.client),
+                plane,
+                match tiles.staged_dots {
+                    true => staged_tokens(&h.client, self.vector, plane),
+                    false => 0,
+                },
                 self.dtypes(),
             );
             return parts;
@@ -312,6 +323,25 @@ pub fn plane_sums<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
     !off && props.features.plane.contains(Plane::Ops)
         && props.hardware.plane_size_min == LANES
         && props.hardware.plane_size_max == LANES
+}
+
+/// Most tokens a round of the staged tile dots stages (32 KiB of slices with 16-byte vectors).
+const MAX_STAGED_TOKENS: usize = 64;
+
+/// Tokens per round of the staged tile dots ([`tile_kernel::tile_dots_kernel`]'s `staged`):
+/// as many as the device's shared memory holds beside the kernel's other buffers, at most
+/// [`MAX_STAGED_TOKENS`] (64 on CUDA; 8 on lavapipe's 32 KiB), at least 1.
+pub fn staged_tokens<R: CubeRuntime>(client: &ComputeClient<R>, vector: usize, plane: bool) -> u32 {
+    let smem = client.properties().hardware.max_shared_memory_size;
+    let slice = LANES as usize * vector * 4;
+    let sums = if plane {
+        1
+    } else {
+        (GROUPS * LANES * TILE_CHUNK) as usize
+    };
+    // Row slices, the sums' buffer, the entries' ids, rows and tokens, the round's length.
+    let fixed = tiles::TILE_ROWS * slice + 4 * sums + 3 * 4 * (LANES * GROUPS) as usize + 4;
+    (smem.saturating_sub(fixed) / slice).clamp(1, MAX_STAGED_TOKENS) as u32
 }
 
 /// Rows per group of the row-gradient kernel: a cube covers `GROUPS ·` this many
