@@ -10,7 +10,7 @@
 
 use cubecl::prelude::*;
 
-use crate::kernel::cube_index;
+use crate::slices::tile_kernel::slice_and_tile;
 
 /// `dk_j = Σ dz_e x_t` and `dv_j = Σ relu(gate_e z_e) dy_t` over the entries e = (t, s)
 /// whose slot is row j, in ascending order: the same sums, in the same order, as
@@ -46,9 +46,7 @@ pub fn tile_grad_rows_kernel<F: Float, I: Numeric, N: Size>(
     let dv = x.shape(1) / N::value();
     let w = drows.shape(1) / N::value();
     let stride = tile_offsets.shape(1);
-    let tiles = stride - 1;
-    let c = cube_index();
-    let (s, tile) = (c / tiles, c % tiles);
+    let (s, tile) = slice_and_tile(stride - 1);
     // The 2-D grid (`launch::grid`) may hold cubes past the last slice.
     if s * nl >= dv {
         terminate!();

@@ -61,9 +61,7 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
     let w = rows.shape(1) / N::value();
     let n_rows = rows.shape(0);
     let stride = tile_offsets.shape(1);
-    let tiles = stride - 1;
-    let c = cube_index();
-    let (s, tile) = (c / tiles, c % tiles);
+    let (s, tile) = slice_and_tile(stride - 1);
     // The 2-D grid (`launch::grid`) may hold cubes past the last slice.
     if s * nl >= dv {
         terminate!();
@@ -234,6 +232,13 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
         }
         base += n;
     }
+}
+
+/// The cube's slice and row tile, cubes numbered slice-major over `tiles` tiles.
+#[cube]
+pub(crate) fn slice_and_tile(tiles: usize) -> (usize, usize) {
+    let c = cube_index();
+    (c / tiles, c % tiles)
 }
 
 /// Entry `p` of the tile's list, its row's position in the tile (`NONE` at `p >= end`) and,
