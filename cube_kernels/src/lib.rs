@@ -716,7 +716,7 @@ mod tests {
         // The row gradients stay per row unless `MEFT_KERNEL_TILE_GRADS=1` (not set here).
         assert!(!planned.tile_grads);
         let tiles = planned.tiles.expect("routed rows run in tiles");
-        assert_eq!(tiles.pairs, 64);
+        assert_eq!(tiles.pairs(), 64);
         assert_eq!(
             tiles.token_offsets.len(),
             4096 / slices::tiles::TILE_ROWS + 1

@@ -243,6 +243,26 @@ fn time_kernels<K: SparseAdapterBackend>(
 
 /// Largest `|got − want| / max |want|` over the pairs; NaN when either side holds a NaN or an
 /// infinity (a fold with `f64::max` would drop a NaN and report agreement).
+/// Which of the kernels' paths a bench row ran (fields of [`KernelBenchResult`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct KernelPath {
+    sliced: bool,
+    tiled: bool,
+    tile_grads: bool,
+    staged_dots: bool,
+}
+
+impl KernelPath {
+    fn of(host: &HostIndex) -> Self {
+        Self {
+            sliced: host.sliced,
+            tiled: host.tiles.is_some(),
+            tile_grads: host.tile_grads,
+            staged_dots: host.staged_dots,
+        }
+    }
+}
+
 fn rel_diff<K: Backend>(got: &[Tensor<K, 2>], want: &[Tensor<K, 2>]) -> f64 {
     let mut worst = 0.0f64;
     for (g, w) in got.iter().zip(want) {
@@ -453,12 +473,8 @@ impl KernelTask for KernelBench {
         let dy = Tensor::<K, 2>::random([m, d], Distribution::Normal(0.0, 1.0), &device);
         let elem = x.dtype().size() as f64;
         let mut out = Vec::new();
-        // Whether the rows pushed next ran in d-slices, over row tiles, and with the row
-        // gradients over the tiles.
-        let sliced = std::cell::Cell::new(false);
-        let tiled = std::cell::Cell::new(false);
-        let tile_grads = std::cell::Cell::new(false);
-        let staged_dots = std::cell::Cell::new(false);
+        // Which kernels the rows pushed next ran (d-slices, row tiles and their variants).
+        let path = std::cell::Cell::new(KernelPath::default());
         let mut push = |slots: &str,
                         op: &str,
                         passes: [usize; 2],
@@ -494,10 +510,10 @@ impl KernelTask for KernelBench {
                 gathered_share_of_l2: gathered / (ceil.l2_read_gbps * 1e9) / secs,
                 max_rel_diff: diff,
                 passes,
-                sliced: sliced.get(),
-                tiled: tiled.get(),
-                tile_grads: tile_grads.get(),
-                staged_dots: staged_dots.get(),
+                sliced: path.get().sliced,
+                tiled: path.get().tiled,
+                tile_grads: path.get().tile_grads,
+                staged_dots: path.get().staged_dots,
                 ceilings: ceil,
             };
             eprintln!(
@@ -536,10 +552,7 @@ impl KernelTask for KernelBench {
                 host.row_passes.as_ref().map_or(1, |p| p.passes),
             ];
             let idx = host.to_device::<K>(&device);
-            sliced.set(false);
-            tiled.set(false);
-            tile_grads.set(false);
-            staged_dots.set(false);
+            path.set(KernelPath::default());
             let gate = u([m, k], 0.5, 1.5);
 
             // Gather: the union of the active rows out of the R staged rows.
@@ -566,10 +579,7 @@ impl KernelTask for KernelBench {
             let nu = n_union as f64;
             let gb = elem * 2.0 * (nu * 2.0 * d as f64) + int * nu;
             push(&slots, "gather", [1, 1], k, gk, gg, (gb, gb, 0.0), diff);
-            sliced.set(host.sliced);
-            tiled.set(host.tiles.is_some());
-            tile_grads.set(host.tile_grads);
-            staged_dots.set(host.staged_dots);
+            path.set(KernelPath::of(&host));
 
             let KernelRun {
                 forward_ms: fk,
@@ -642,10 +652,7 @@ impl KernelTask for KernelBench {
                 } = time_kernels(&device, w, it, &x, &rows, &gate, &dy, &one)?;
                 let d1 = rel_diff(&[y1, z1], &[y.clone(), z.clone()]).max(rel_diff(&g1, &gk3));
                 eprintln!("one pass vs passes: max rel diff {d1:.1e}");
-                sliced.set(false);
-                tiled.set(false);
-                tile_grads.set(false);
-                staged_dots.set(false);
+                path.set(KernelPath::default());
                 let op = "forward+backward, one pass";
                 push(&slots, op, [1, 1], k, f1 + b1, both_generic, both, Some(d1));
             }
@@ -701,10 +708,7 @@ impl KernelTask for KernelBench {
                 let d1 = rel_diff(&run.forward, &[y.clone(), z.clone()])
                     .max(rel_diff(&run.backward, &gk3));
                 eprintln!("{name} vs planned: max rel diff {d1:.1e}");
-                sliced.set(alt.sliced);
-                tiled.set(alt.tiles.is_some());
-                tile_grads.set(alt.tile_grads);
-                staged_dots.set(alt.staged_dots);
+                path.set(KernelPath::of(&alt));
                 let fgb = run.forward_ms + run.backward_ms;
                 push(
                     &slots,

@@ -330,7 +330,7 @@ const MAX_STAGED_TOKENS: usize = 64;
 
 /// Tokens per round of the staged tile dots ([`tile_kernel::tile_dots_kernel`]'s `staged`):
 /// as many as the device's shared memory holds beside the kernel's other buffers, at most
-/// [`MAX_STAGED_TOKENS`] (64 on CUDA; 8 on lavapipe's 32 KiB), at least 1.
+/// [`MAX_STAGED_TOKENS`] (64 on CUDA; 9 with 32 KiB and 16-byte vectors), at least 1.
 pub fn staged_tokens<R: CubeRuntime>(client: &ComputeClient<R>, vector: usize, plane: bool) -> u32 {
     let smem = client.properties().hardware.max_shared_memory_size;
     let slice = LANES as usize * vector * 4;

@@ -33,8 +33,6 @@ pub struct RowTiles {
     /// `[M · K]`: per entry with a row, its token's position in its tile's `tokens` (0 for
     /// an empty slot).
     pub local: Vec<i32>,
-    /// Distinct (tile, token) pairs (= `tokens.len()`).
-    pub pairs: usize,
 }
 
 impl RowTiles {
@@ -78,15 +76,18 @@ impl RowTiles {
                 local[e] = next_token[tile] - 1 - token_offsets[tile];
             }
         }
-        let pairs = tokens.len();
         Self {
             entries,
             offsets,
             tokens,
             token_offsets,
             local,
-            pairs,
         }
+    }
+
+    /// Distinct (tile, token) pairs.
+    pub fn pairs(&self) -> usize {
+        self.tokens.len()
     }
 
     /// Tiles.
@@ -96,7 +97,7 @@ impl RowTiles {
 
     /// Mean entries per (tile, token) pair: how often a token's slice is reused in a tile.
     pub fn reuse(&self) -> f64 {
-        self.entries.len() as f64 / self.pairs.max(1) as f64
+        self.entries.len() as f64 / self.pairs().max(1) as f64
     }
 }
 
@@ -113,7 +114,7 @@ mod tests {
         assert_eq!(t.offsets, vec![0, 5, 7, 8]);
         assert_eq!(t.entries, vec![1, 3, 6, 7, 8, 0, 2, 5]);
         // Pairs: tile 0 {t0, t1, t2}, tile 1 {t0}, tile 2 {t1}.
-        assert_eq!(t.pairs, 5);
+        assert_eq!(t.pairs(), 5);
         assert_eq!(t.tokens, vec![0, 1, 2, 0, 1]);
         assert_eq!(t.token_offsets, vec![0, 3, 4, 5]);
         // Entry 4 is empty; entry 5 (token 1, row 65) is token 1's position 0 in tile 2.
