@@ -153,13 +153,10 @@ fn in_slices(c: &Case) -> HostIndex {
     idx
 }
 
-/// The index in d-slices with the partial dots over row tiles (`cube_kernels::slices::tiles`),
-/// with `grads` the row gradients too, with `staged` the dots from staged token slices.
-fn in_tiles(c: &Case, grads: bool, staged: bool) -> HostIndex {
+/// The index in d-slices with the partial dots over row tiles (`cube_kernels::slices::tiles`).
+fn in_tiles(c: &Case) -> HostIndex {
     let mut idx = in_slices(c);
     idx.tiles = Some(RowTiles::new(&idx.slots, idx.k, idx.rows));
-    idx.tile_grads = grads;
-    idx.staged_dots = staged;
     idx
 }
 
@@ -288,15 +285,11 @@ fn fused_kernels_match_reference_on_wgpu() {
             ),
             (
                 "fusion, row tiles",
-                run_index::<Fused>(&c, &in_tiles(&c, true, true), &device, DType::F32),
+                run_index::<Fused>(&c, &in_tiles(&c), &device, DType::F32),
             ),
             (
                 "plain, row tiles",
-                run_index::<Unfused>(&c, &in_tiles(&c, true, true), &device, DType::F32),
-            ),
-            (
-                "plain, row tiles, direct dots, per-row gradients",
-                run_index::<Unfused>(&c, &in_tiles(&c, false, false), &device, DType::F32),
+                run_index::<Unfused>(&c, &in_tiles(&c), &device, DType::F32),
             ),
         ] {
             let label = format!("wgpu {label} d-slices {m}x{d} R{r} K{k}");
@@ -320,20 +313,15 @@ fn kernels_are_deterministic() {
     let a = run_trait::<Fused>(&c, &device, DType::F32);
     let b = run_trait::<Fused>(&c, &device, DType::F32);
     assert_eq!(a, b);
-    for idx in [in_passes(&c, 4), in_slices(&c), in_tiles(&c, true, true)] {
+    for idx in [in_passes(&c, 4), in_slices(&c), in_tiles(&c)] {
         let a = run_index::<Fused>(&c, &idx, &device, DType::F32);
         let b = run_index::<Fused>(&c, &idx, &device, DType::F32);
         assert_eq!(a, b);
     }
     // Row tiles change where the sums run, not their terms or order: the same bits.
     let d_slices = run_index::<Fused>(&c, &in_slices(&c), &device, DType::F32);
-    for (grads, staged) in [(false, false), (true, false), (false, true), (true, true)] {
-        let tiles = run_index::<Fused>(&c, &in_tiles(&c, grads, staged), &device, DType::F32);
-        assert_eq!(
-            tiles, d_slices,
-            "row tiles (tile gradients {grads}, staged {staged})"
-        );
-    }
+    let tiles = run_index::<Fused>(&c, &in_tiles(&c), &device, DType::F32);
+    assert_eq!(tiles, d_slices, "row tiles");
 }
 
 #[cfg(feature = "wgpu")]
@@ -456,18 +444,13 @@ mod cuda {
                     &want,
                     1e-5,
                 );
-                for both in [false, true] {
-                    let idx = in_tiles(&c, both, both);
-                    let got = run_index::<Autodiff<Cuda<f32>>>(&c, &idx, &device, DType::F32);
-                    assert_all_close(
-                        &format!(
-                            "cuda f32 row tiles (staged, tile gradients: {both}) {m}x{d} R{r} K{k}"
-                        ),
-                        &got,
-                        &want,
-                        1e-5,
-                    );
-                }
+                let got = run_index::<Autodiff<Cuda<f32>>>(&c, &in_tiles(&c), &device, DType::F32);
+                assert_all_close(
+                    &format!("cuda f32 row tiles {m}x{d} R{r} K{k}"),
+                    &got,
+                    &want,
+                    1e-5,
+                );
             }
         }
     }

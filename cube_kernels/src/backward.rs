@@ -65,11 +65,7 @@ fn inner<B: SparseAdapterBackend, C: CheckpointStrategy>(
         sliced: index.sliced,
         tile_offsets: index.tile_offsets.clone(),
         tile_entries: index.tile_entries.clone(),
-        tile_tokens: index.tile_tokens.clone(),
-        entry_local: index.entry_local.clone(),
         tiled: index.tiled,
-        tile_grads: index.tile_grads,
-        staged_dots: index.staged_dots,
         rows: index.rows,
     }
 }

@@ -53,10 +53,6 @@ fn row_tiles<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     index.tiled.then(|| DeviceTiles {
         offsets: into_contiguous(index.tile_offsets.clone()),
         entries: into_contiguous(index.tile_entries.clone()),
-        tokens: into_contiguous(index.tile_tokens.clone()),
-        local: into_contiguous(index.entry_local.clone()),
-        grads: index.tile_grads,
-        staged_dots: index.staged_dots,
     })
 }
 

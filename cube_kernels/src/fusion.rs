@@ -31,11 +31,7 @@ fn inner_index<B: FusionBackend>(
         sliced: shape.sliced,
         tile_offsets: handles.get_int_tensor::<B>(&ir[7]),
         tile_entries: handles.get_int_tensor::<B>(&ir[8]),
-        tile_tokens: handles.get_int_tensor::<B>(&ir[9]),
-        entry_local: handles.get_int_tensor::<B>(&ir[10]),
         tiled: shape.tiled,
-        tile_grads: shape.tile_grads,
-        staged_dots: shape.staged_dots,
         rows: shape.rows,
     }
 }
@@ -48,8 +44,6 @@ struct IndexShape {
     row_passes: Option<usize>,
     sliced: bool,
     tiled: bool,
-    tile_grads: bool,
-    staged_dots: bool,
     visit_offsets: Vec<usize>,
 }
 
@@ -62,13 +56,11 @@ impl IndexShape {
             row_passes: index.row_passes,
             sliced: index.sliced,
             tiled: index.tiled,
-            tile_grads: index.tile_grads,
-            staged_dots: index.staged_dots,
         }
     }
 }
 
-const INDEX_TENSORS: usize = 11;
+const INDEX_TENSORS: usize = 9;
 
 fn index_tensors<B: FusionBackend>(
     index: &ActiveIndex<Fusion<B>>,
@@ -83,8 +75,6 @@ fn index_tensors<B: FusionBackend>(
         &index.visits,
         &index.tile_offsets,
         &index.tile_entries,
-        &index.tile_tokens,
-        &index.entry_local,
     ]
 }
 

@@ -85,22 +85,11 @@ pub struct HostIndex {
     pub sliced: bool,
     /// In d-slices, the partial dots over row tiles ([`slices::tiles`]).
     pub tiles: Option<slices::tiles::RowTiles>,
-    /// With row tiles, the row gradients over them too
-    /// ([`slices::tile_grad_kernel::tile_grad_rows_kernel`]) instead of one group per row.
-    pub tile_grads: bool,
-    /// With row tiles, the partial dots stage each round's tokens' slices in shared memory
-    /// (`slices::tile_kernel::tile_dots_kernel`'s `staged`).
-    pub staged_dots: bool,
 }
 
 /// Whether the environment switch `name` is set to `0` or `false`.
 pub(crate) fn switched_off(name: &str) -> bool {
     matches!(std::env::var(name).as_deref(), Ok("0") | Ok("false"))
-}
-
-/// Whether the environment switch `name` is set to `1` or `true`.
-pub(crate) fn switched_on(name: &str) -> bool {
-    matches!(std::env::var(name).as_deref(), Ok("1") | Ok("true"))
 }
 
 /// The token kernels' passes: pass p handles each token's slots whose rows lie in
@@ -175,8 +164,6 @@ impl HostIndex {
         self.row_passes = None;
         self.sliced = false;
         self.tiles = None;
-        self.tile_grads = false;
-        self.staged_dots = false;
         self
     }
 
@@ -230,11 +217,6 @@ impl HostIndex {
                 self.tiles = Some(tiles);
             }
         }
-        // The row gradients over the tiles as well: not yet timed on a GPU, so only with
-        // `MEFT_KERNEL_TILE_GRADS=1` (`meft bench kernels` runs both side by side).
-        self.tile_grads = self.tiles.is_some() && switched_on("MEFT_KERNEL_TILE_GRADS");
-        // Likewise the partial dots from staged token slices (`MEFT_KERNEL_STAGED_DOTS=1`).
-        self.staged_dots = self.tiles.is_some() && switched_on("MEFT_KERNEL_STAGED_DOTS");
         self
     }
 
@@ -388,8 +370,6 @@ impl HostIndex {
             row_passes: None,
             sliced: false,
             tiles: None,
-            tile_grads: false,
-            staged_dots: false,
         })
     }
 
@@ -420,22 +400,10 @@ impl HostIndex {
                 .reshape(shape)
                 .into_primitive()
         };
-        // Zero-sized buffers are not portable: an empty list still gets one element.
-        let list = |v: &[i32]| if v.is_empty() { one() } else { int1(v) };
-        let tile_grads = self.tile_grads && self.tiles.is_some();
-        let staged_dots = self.staged_dots && self.tiles.is_some();
-        let token_lists = tile_grads || staged_dots;
-        let (tile_offsets, tile_entries, tile_tokens, entry_local) = match &self.tiles {
-            Some(t) => (
-                reshape(
-                    int1(&[t.offsets.as_slice(), &t.token_offsets].concat()),
-                    [2, t.offsets.len()],
-                ),
-                list(&t.entries),
-                if token_lists { list(&t.tokens) } else { one() },
-                if token_lists { list(&t.local) } else { one() },
-            ),
-            None => (reshape(one(), [1, 1]), one(), one(), one()),
+        let (tile_offsets, tile_entries) = match &self.tiles {
+            Some(t) if !t.entries.is_empty() => (int1(&t.offsets), int1(&t.entries)),
+            Some(t) => (int1(&t.offsets), one()),
+            None => (one(), one()),
         };
         ActiveIndex {
             slots: Tensor::<B, 2, Int>::from_data(slots, device).into_primitive(),
@@ -465,11 +433,7 @@ impl HostIndex {
             sliced: self.sliced,
             tile_offsets,
             tile_entries,
-            tile_tokens,
-            entry_local,
             tiled: self.tiles.is_some(),
-            tile_grads,
-            staged_dots,
             rows: self.rows,
         }
     }
@@ -500,23 +464,12 @@ pub struct ActiveIndex<B: Backend> {
     pub row_passes: Option<usize>,
     /// Whether the cubecl kernels run in d-slices ([`slices`]).
     pub sliced: bool,
-    /// `[2, tiles + 1]` row-tile offsets: into `tile_entries`, and into `tile_tokens` (else
-    /// `[1, 1]`, unused).
+    /// `[tiles + 1]` row-tile offsets into `tile_entries` (else `[1]`, unused).
     pub tile_offsets: IntTensor<B>,
     /// Entries grouped by row tile (else `[1]`, unused).
     pub tile_entries: IntTensor<B>,
-    /// The distinct tokens of each row tile's entries, tile by tile (with `tile_grads` or
-    /// `staged_dots`; else `[1]`, unused).
-    pub tile_tokens: IntTensor<B>,
-    /// `[M · K]`: each entry's token's position in its tile's `tile_tokens` (with
-    /// `tile_grads` or `staged_dots`; else `[1]`, unused).
-    pub entry_local: IntTensor<B>,
     /// Whether the sliced partial dots run over row tiles ([`slices::tiles`]).
     pub tiled: bool,
-    /// Whether the row gradients run over the row tiles too (see [`HostIndex::tile_grads`]).
-    pub tile_grads: bool,
-    /// Whether the partial dots stage their tokens (see [`HostIndex::staged_dots`]).
-    pub staged_dots: bool,
     /// Active rows R.
     pub rows: usize,
 }
@@ -713,14 +666,8 @@ mod tests {
         let idx = HostIndex::new(&routed, 64, 8, 4096).unwrap();
         let planned = idx.clone().plan_with(16, 4, 1 << 20, false);
         assert!(planned.sliced);
-        // The row gradients stay per row unless `MEFT_KERNEL_TILE_GRADS=1` (not set here).
-        assert!(!planned.tile_grads);
         let tiles = planned.tiles.expect("routed rows run in tiles");
-        assert_eq!(tiles.pairs(), 64);
-        assert_eq!(
-            tiles.token_offsets.len(),
-            4096 / slices::tiles::TILE_ROWS + 1
-        );
+        assert_eq!(tiles.pairs, 64);
         assert!(idx
             .clone()
             .plan_with(16, 4, 1 << 20, false)

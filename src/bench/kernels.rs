@@ -144,13 +144,6 @@ pub struct KernelBenchResult {
     /// Whether the d-sliced partial dots ran over row tiles (`cube_kernels::slices::tiles`).
     #[serde(default)]
     pub tiled: bool,
-    /// Whether the row gradients ran over the row tiles too
-    /// (`cube_kernels::slices::tile_grad_kernel`).
-    #[serde(default)]
-    pub tile_grads: bool,
-    /// Whether the tile dots ran from staged token slices (`tile_dots_kernel`'s `staged`).
-    #[serde(default)]
-    pub staged_dots: bool,
     /// The ceilings measured in this run.
     pub ceilings: Ceilings,
 }
@@ -241,15 +234,11 @@ fn time_kernels<K: SparseAdapterBackend>(
     })
 }
 
-/// Largest `|got − want| / max |want|` over the pairs; NaN when either side holds a NaN or an
-/// infinity (a fold with `f64::max` would drop a NaN and report agreement).
 /// Which of the kernels' paths a bench row ran (fields of [`KernelBenchResult`]).
 #[derive(Debug, Clone, Copy, Default)]
 struct KernelPath {
     sliced: bool,
     tiled: bool,
-    tile_grads: bool,
-    staged_dots: bool,
 }
 
 impl KernelPath {
@@ -257,12 +246,12 @@ impl KernelPath {
         Self {
             sliced: host.sliced,
             tiled: host.tiles.is_some(),
-            tile_grads: host.tile_grads,
-            staged_dots: host.staged_dots,
         }
     }
 }
 
+/// Largest `|got − want| / max |want|` over the pairs; NaN when either side holds a NaN or an
+/// infinity (a fold with `f64::max` would drop a NaN and report agreement).
 fn rel_diff<K: Backend>(got: &[Tensor<K, 2>], want: &[Tensor<K, 2>]) -> f64 {
     let mut worst = 0.0f64;
     for (g, w) in got.iter().zip(want) {
@@ -473,7 +462,7 @@ impl KernelTask for KernelBench {
         let dy = Tensor::<K, 2>::random([m, d], Distribution::Normal(0.0, 1.0), &device);
         let elem = x.dtype().size() as f64;
         let mut out = Vec::new();
-        // Which kernels the rows pushed next ran (d-slices, row tiles and their variants).
+        // Which kernels the rows pushed next ran (d-slices, row tiles).
         let path = std::cell::Cell::new(KernelPath::default());
         let mut push = |slots: &str,
                         op: &str,
@@ -512,8 +501,6 @@ impl KernelTask for KernelBench {
                 passes,
                 sliced: path.get().sliced,
                 tiled: path.get().tiled,
-                tile_grads: path.get().tile_grads,
-                staged_dots: path.get().staged_dots,
                 ceilings: ceil,
             };
             eprintln!(
@@ -668,31 +655,7 @@ impl KernelTask for KernelBench {
             if host.tiles.is_some() {
                 let mut alt = host.clone();
                 alt.tiles = None;
-                alt.tile_grads = false;
-                alt.staged_dots = false;
                 alts.push((alt, "d-slices without tiles"));
-                // The tile kernels' variants the plan did not pick.
-                for (grads, staged, name) in [
-                    (
-                        false,
-                        false,
-                        "d-slices + tiles, direct dots, per-row gradients",
-                    ),
-                    (true, false, "d-slices + tiles, tile row gradients"),
-                    (false, true, "d-slices + tiles, staged dots"),
-                    (
-                        true,
-                        true,
-                        "d-slices + tiles, staged dots, tile row gradients",
-                    ),
-                ] {
-                    if (grads, staged) != (host.tile_grads, host.staged_dots) {
-                        let mut alt = host.clone();
-                        alt.tile_grads = grads;
-                        alt.staged_dots = staged;
-                        alts.push((alt, name));
-                    }
-                }
             }
             for (alt, name) in alts {
                 let run = time_kernels(

@@ -28,14 +28,10 @@
 //! [`tile_kernel::tile_dots_kernel`] — one cube per (slice, tile) with the tile's row slices
 //! in shared memory, reading each token's slice once per tile. On the H200 (routed rows,
 //! LLaMA-7B geometry) that cuts forward+backward by 12 % at K = 64 and 15 % at K = 256.
-//! With `HostIndex::tile_grads` the row gradients run per (slice, tile) too
-//! ([`tile_grad_kernel::tile_grad_rows_kernel`]: the tile's tokens' x and dy slices staged
-//! in shared memory, each loaded once per tile instead of once per (row, token) pair); with
-//! `HostIndex::staged_dots` the tile dots load each round's token slices into shared memory
-//! before computing, all at once ([`staged_tokens`] per round).
+//! Two variants measured slower there and were removed (BENCHMARKS.md, 2026-12-05): row
+//! gradients per (slice, tile) and tile dots from token slices staged in shared memory.
 
 pub mod kernel;
-pub mod tile_grad_kernel;
 pub mod tile_kernel;
 pub mod tiles;
 
@@ -48,7 +44,6 @@ use cubecl::CubeDim;
 
 use crate::launch::grid;
 use kernel::{slice_dots_kernel, slice_grad_rows_kernel, slice_rows_kernel, slice_sum_kernel};
-use tile_grad_kernel::tile_grad_rows_kernel;
 use tile_kernel::tile_dots_kernel;
 
 /// Vectors per slice (= units per token group): 128 floats with 16-byte vectors.
@@ -60,8 +55,6 @@ const CHUNK: u32 = 16;
 /// Entries scored at once by the row-tile dot kernel's shared-memory sums (its tile of row
 /// slices takes 16 KiB; lavapipe allows 32 KiB of shared memory).
 const TILE_CHUNK: u32 = 8;
-/// Tokens whose x and dy slices the row-tile gradient kernel stages at once (16 KiB).
-const TILE_TOKENS: u32 = 16;
 /// Largest K the sliced kernels take: each cube stages its tokens' K slots in shared memory
 /// (`GROUPS · K` row ids and coefficients: 16 KiB at K = 256).
 pub const MAX_K: usize = 256;
@@ -80,30 +73,21 @@ pub(crate) struct Sliced<R: CubeRuntime> {
     pub dims: (usize, usize, usize),
     /// Elements per vector.
     pub vector: usize,
-    /// Row tiles on the device: the partial dots and the row gradients run per (slice,
-    /// tile).
+    /// Row tiles on the device: the partial dots run per (slice, tile).
     pub tiles: Option<DeviceTiles<R>>,
 }
 
-/// [`tiles::RowTiles`] on the device (`crate::ActiveIndex`'s `tile_*` and `entry_local`).
+/// [`tiles::RowTiles`] on the device (`crate::ActiveIndex`'s `tile_offsets`, `tile_entries`).
 pub(crate) struct DeviceTiles<R: CubeRuntime> {
-    /// `[2, tiles + 1]`: offsets into `entries`, and into `tokens`.
+    /// `[tiles + 1]` offsets into `entries`.
     pub offsets: CubeTensor<R>,
     /// Entries by tile.
     pub entries: CubeTensor<R>,
-    /// Distinct tokens by tile.
-    pub tokens: CubeTensor<R>,
-    /// `[M · K]`: each entry's token's position in its tile's tokens.
-    pub local: CubeTensor<R>,
-    /// Whether the row gradients run over the tiles (`tokens` and `local` are set).
-    pub grads: bool,
-    /// Whether the partial dots stage the tokens' slices (`tokens` and `local` are set).
-    pub staged_dots: bool,
 }
 
 impl<R: CubeRuntime> DeviceTiles<R> {
     fn count(&self) -> usize {
-        self.offsets.shape().dims::<2>()[1] - 1
+        self.offsets.shape().dims::<1>()[0] - 1
     }
 }
 
@@ -137,8 +121,6 @@ impl<R: CubeRuntime> Sliced<R> {
                 self.slots.clone().into_tensor_arg(),
                 tiles.offsets.clone().into_tensor_arg(),
                 tiles.entries.clone().into_tensor_arg(),
-                tiles.tokens.clone().into_tensor_arg(),
-                tiles.local.clone().into_tensor_arg(),
                 parts.clone().into_tensor_arg(),
                 half,
                 k as u32,
@@ -147,10 +129,6 @@ impl<R: CubeRuntime> Sliced<R> {
                 tiles::TILE_ROWS as u32,
                 TILE_CHUNK,
                 plane,
-                match tiles.staged_dots {
-                    true => staged_tokens(&h.client, self.vector, plane),
-                    false => 0,
-                },
                 self.dtypes(),
             );
             return parts;
@@ -265,31 +243,6 @@ impl<R: CubeRuntime> Sliced<R> {
         drows: &CubeTensor<R>,
     ) {
         let n = drows.shape().dims::<2>()[0];
-        if let Some(tiles) = self.tiles.as_ref().filter(|t| t.grads) {
-            tile_grad_rows_kernel::launch::<R>(
-                &x.client,
-                grid(self.slices() * tiles.count()),
-                CubeDim::new_1d(LANES * GROUPS),
-                self.vector,
-                x.clone().into_tensor_arg(),
-                dy.clone().into_tensor_arg(),
-                self.gate.clone().into_tensor_arg(),
-                z.clone().into_tensor_arg(),
-                dz.clone().into_tensor_arg(),
-                offsets.clone().into_tensor_arg(),
-                users.clone().into_tensor_arg(),
-                tiles.offsets.clone().into_tensor_arg(),
-                tiles.tokens.clone().into_tensor_arg(),
-                tiles.local.clone().into_tensor_arg(),
-                drows.clone().into_tensor_arg(),
-                LANES,
-                GROUPS,
-                tiles::TILE_ROWS as u32,
-                TILE_TOKENS,
-                [x.dtype.into(), offsets.dtype.into()],
-            );
-            return;
-        }
         let per_group = grad_rows_per_group();
         let cubes = self.slices() * n.div_ceil((GROUPS * per_group) as usize);
         slice_grad_rows_kernel::launch::<R>(
@@ -323,25 +276,6 @@ pub fn plane_sums<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
     !off && props.features.plane.contains(Plane::Ops)
         && props.hardware.plane_size_min == LANES
         && props.hardware.plane_size_max == LANES
-}
-
-/// Most tokens a round of the staged tile dots stages (32 KiB of slices with 16-byte vectors).
-const MAX_STAGED_TOKENS: usize = 64;
-
-/// Tokens per round of the staged tile dots ([`tile_kernel::tile_dots_kernel`]'s `staged`):
-/// as many as the device's shared memory holds beside the kernel's other buffers, at most
-/// [`MAX_STAGED_TOKENS`] (64 on CUDA; 9 with 32 KiB and 16-byte vectors), at least 1.
-pub fn staged_tokens<R: CubeRuntime>(client: &ComputeClient<R>, vector: usize, plane: bool) -> u32 {
-    let smem = client.properties().hardware.max_shared_memory_size;
-    let slice = LANES as usize * vector * 4;
-    let sums = if plane {
-        1
-    } else {
-        (GROUPS * LANES * TILE_CHUNK) as usize
-    };
-    // Row slices, the sums' buffer, the entries' ids, rows and tokens, the round's length.
-    let fixed = tiles::TILE_ROWS * slice + 4 * sums + 3 * 4 * (LANES * GROUPS) as usize + 4;
-    (smem.saturating_sub(fixed) / slice).clamp(1, MAX_STAGED_TOKENS) as u32
 }
 
 /// Rows per group of the row-gradient kernel: a cube covers `GROUPS ·` this many

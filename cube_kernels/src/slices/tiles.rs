@@ -3,11 +3,7 @@
 //! expert is a block of contiguous rows, and a token takes several rows of each expert it
 //! probes) the tokens of a tile use several of its rows each, so a cube that holds a tile's
 //! row slices in shared memory serves all its entries from there and reads each token's
-//! slice once per tile instead of once per entry (`tile_kernel::tile_dots_kernel`). The row
-//! gradients run per (slice, tile) the other way round: a cube stages the tile's tokens'
-//! slices in shared memory a chunk at a time and sums each row's users from there
-//! (`tile_grad_kernel::tile_grad_rows_kernel`), reading a token's x and dy slices once per
-//! tile instead of once per entry.
+//! slice once per tile instead of once per entry (`tile_kernel::tile_dots_kernel`).
 
 /// Rows per tile (shared memory: `TILE_ROWS` row slices of 512 bytes = 16 KiB).
 pub const TILE_ROWS: usize = 32;
@@ -17,8 +13,7 @@ pub const TILE_ROWS: usize = 32;
 /// either way, and the staging of row slices is extra work.
 pub const MIN_TILE_REUSE: f64 = 2.0;
 
-/// The entries grouped by row tile (see the module docs), with each tile's distinct tokens
-/// (for the row gradients, `tile_grad_kernel`).
+/// The entries grouped by row tile (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowTiles {
     /// Entries `t · K + s` with a row, grouped by tile `row / TILE_ROWS`, ascending within a
@@ -26,68 +21,45 @@ pub struct RowTiles {
     pub entries: Vec<i32>,
     /// `[tiles + 1]` offsets into `entries`.
     pub offsets: Vec<i32>,
-    /// The distinct tokens of each tile's entries, grouped by tile, ascending within a tile.
-    pub tokens: Vec<i32>,
-    /// `[tiles + 1]` offsets into `tokens`.
-    pub token_offsets: Vec<i32>,
-    /// `[M · K]`: per entry with a row, its token's position in its tile's `tokens` (0 for
-    /// an empty slot).
-    pub local: Vec<i32>,
+    /// Distinct (tile, token) pairs.
+    pub pairs: usize,
 }
 
 impl RowTiles {
     /// Groups the entries of `slots` (`[M, k]`, values `>= rows` empty) by row tile.
     pub fn new(slots: &[i32], k: usize, rows: usize) -> Self {
         let tiles = rows.div_ceil(TILE_ROWS).max(1);
-        let k = k.max(1);
         let mut offsets = vec![0i32; tiles + 1];
-        let mut token_offsets = vec![0i32; tiles + 1];
-        let mut last_token = vec![usize::MAX; tiles];
-        for (e, &r) in slots.iter().enumerate() {
+        for &r in slots {
             if (r as usize) < rows {
-                let tile = r as usize / TILE_ROWS;
-                offsets[tile + 1] += 1;
-                if last_token[tile] != e / k {
-                    last_token[tile] = e / k;
-                    token_offsets[tile + 1] += 1;
-                }
+                offsets[r as usize / TILE_ROWS + 1] += 1;
             }
         }
         for i in 0..tiles {
             offsets[i + 1] += offsets[i];
-            token_offsets[i + 1] += token_offsets[i];
         }
         let mut next = offsets.clone();
-        let mut next_token = token_offsets.clone();
         let mut entries = vec![0i32; offsets[tiles] as usize];
-        let mut tokens = vec![0i32; token_offsets[tiles] as usize];
-        let mut local = vec![0i32; slots.len()];
-        last_token.fill(usize::MAX);
+        let mut last_token = vec![usize::MAX; tiles];
+        let mut pairs = 0;
         for (e, &r) in slots.iter().enumerate() {
             if (r as usize) < rows {
-                let (tile, t) = (r as usize / TILE_ROWS, e / k);
-                entries[next[tile] as usize] = e as i32;
-                next[tile] += 1;
+                let tile = r as usize / TILE_ROWS;
+                let at = &mut next[tile];
+                entries[*at as usize] = e as i32;
+                *at += 1;
+                let t = e / k.max(1);
                 if last_token[tile] != t {
                     last_token[tile] = t;
-                    tokens[next_token[tile] as usize] = t as i32;
-                    next_token[tile] += 1;
+                    pairs += 1;
                 }
-                local[e] = next_token[tile] - 1 - token_offsets[tile];
             }
         }
         Self {
             entries,
             offsets,
-            tokens,
-            token_offsets,
-            local,
+            pairs,
         }
-    }
-
-    /// Distinct (tile, token) pairs.
-    pub fn pairs(&self) -> usize {
-        self.tokens.len()
     }
 
     /// Tiles.
@@ -97,7 +69,7 @@ impl RowTiles {
 
     /// Mean entries per (tile, token) pair: how often a token's slice is reused in a tile.
     pub fn reuse(&self) -> f64 {
-        self.entries.len() as f64 / self.pairs().max(1) as f64
+        self.entries.len() as f64 / self.pairs.max(1) as f64
     }
 }
 
@@ -114,11 +86,7 @@ mod tests {
         assert_eq!(t.offsets, vec![0, 5, 7, 8]);
         assert_eq!(t.entries, vec![1, 3, 6, 7, 8, 0, 2, 5]);
         // Pairs: tile 0 {t0, t1, t2}, tile 1 {t0}, tile 2 {t1}.
-        assert_eq!(t.pairs(), 5);
-        assert_eq!(t.tokens, vec![0, 1, 2, 0, 1]);
-        assert_eq!(t.token_offsets, vec![0, 3, 4, 5]);
-        // Entry 4 is empty; entry 5 (token 1, row 65) is token 1's position 0 in tile 2.
-        assert_eq!(t.local, vec![0, 0, 0, 1, 0, 0, 2, 2, 2]);
+        assert_eq!(t.pairs, 5);
         assert!((t.reuse() - 8.0 / 5.0).abs() < 1e-12);
     }
 }
