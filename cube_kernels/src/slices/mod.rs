@@ -105,7 +105,8 @@ impl<R: CubeRuntime> Sliced<R> {
     }
 
     /// `[S, M, K]` partial dot products of `h` with the rows' `half` (0 keys, 1 values);
-    /// with `z` (backward), active slots only.
+    /// with `z` (backward), active slots only — the tile kernel computes every slot and
+    /// leaves the masking to the sum kernel, which applies it either way.
     fn dots(&self, h: &CubeTensor<R>, half: u32, z: Option<&CubeTensor<R>>) -> CubeTensor<R> {
         let (m, _, k) = self.dims;
         let parts = crate::forward::empty(h, [self.slices() * m, k], h.dtype);

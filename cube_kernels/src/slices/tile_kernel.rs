@@ -152,7 +152,7 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
 
 /// The cube's slice and row tile, cubes numbered slice-major over `tiles` tiles.
 #[cube]
-pub(crate) fn slice_and_tile(tiles: usize) -> (usize, usize) {
+fn slice_and_tile(tiles: usize) -> (usize, usize) {
     let c = cube_index();
     (c / tiles, c % tiles)
 }
