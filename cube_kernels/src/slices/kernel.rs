@@ -48,10 +48,16 @@ pub fn slice_dots_kernel<F: Float, I: Numeric, N: Size>(
     #[comptime] chunk: u32,
     #[comptime] active_only: bool,
     #[comptime] plane: bool,
+    #[comptime] split: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let kk = comptime!(k as usize);
     let nl = comptime!(lanes as usize);
+    let np = comptime!(if split {
+        lanes as usize / 2
+    } else {
+        lanes as usize
+    });
     let ng = comptime!(tokens as usize);
     let nchunk = comptime!(chunk as usize);
     let nt = comptime!(lanes as usize * tokens as usize);
@@ -97,21 +103,26 @@ pub fn slice_dots_kernel<F: Float, I: Numeric, N: Size>(
 
     let off = half as usize * dv + col;
     if plane {
-        // One group = one plane of 32 units: `lanes` slots at a time, each unit's products
-        // summed over the plane by a transposed butterfly (31 shuffles for 32 sums, no
-        // shared memory, no barrier), after which unit l holds slot c0 + l's.
+        // One group = one plane of 32 units: `lanes` slots at a time (half as many with
+        // `split`), each unit's products summed over the plane by a transposed butterfly
+        // (31 shuffles for 32 sums, no shared memory, no barrier), after which unit l holds
+        // slot c0 + l's.
         let mut c0 = 0usize.runtime();
         while c0 < kk {
-            let mut vals = Array::<f32>::new(nl);
+            let mut vals = Array::<f32>::new(np);
             #[unroll]
-            for j in 0..nl {
+            for j in 0..np {
                 vals[j] = slot_product(&hr, rows, &row_of, gi * kk, c0 + j, off, col < dv, kk);
             }
-            plane_transposed_sums(&mut vals, l as u32);
-            if t < m && c0 + l < kk {
+            if split {
+                plane_half_transposed_sums(&mut vals, l as u32);
+            } else {
+                plane_transposed_sums(&mut vals, l as u32);
+            }
+            if t < m && l < np && c0 + l < kk {
                 parts[(s * m + t) * kk + c0 + l] = F::cast_from(vals[0]);
             }
-            c0 += nl;
+            c0 += np;
         }
     } else {
         let mut part =
@@ -197,6 +208,19 @@ pub(crate) fn tree_sums(
         sync_cube();
         stride /= 2;
     }
+}
+
+/// [`plane_transposed_sums`] over 16 values per unit (half the registers): the stages
+/// 8, 4, 2, 1 leave unit l with value `l % 16` summed over the 16 units that share bit 4
+/// of l, and one more shuffle adds the other half. Afterwards units l and l + 16 both
+/// hold the plane's sum of value `l % 16` (19 shuffles for 16 sums).
+#[cube]
+pub(crate) fn plane_half_transposed_sums(vals: &mut Array<f32>, lane: u32) {
+    butterfly(vals, lane, 8usize, 8u32);
+    butterfly(vals, lane, 4usize, 4u32);
+    butterfly(vals, lane, 2usize, 2u32);
+    butterfly(vals, lane, 1usize, 1u32);
+    vals[0] += plane_shuffle_xor(vals[0], 16u32);
 }
 
 /// One stage of the transposed butterfly over `2n` values per unit: units with bit `mask`

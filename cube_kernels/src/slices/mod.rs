@@ -130,6 +130,7 @@ impl<R: CubeRuntime> Sliced<R> {
                 tiles::TILE_ROWS as u32,
                 TILE_CHUNK,
                 plane,
+                plane && half_planes(),
                 self.dtypes(),
             );
             return parts;
@@ -152,6 +153,7 @@ impl<R: CubeRuntime> Sliced<R> {
             CHUNK,
             z.is_some(),
             plane_sums(&h.client),
+            plane_sums(&h.client) && half_planes(),
             self.dtypes(),
         );
         parts
@@ -277,6 +279,13 @@ pub fn plane_sums<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
     !off && props.features.plane.contains(Plane::Ops)
         && props.hardware.plane_size_min == LANES
         && props.hardware.plane_size_max == LANES
+}
+
+/// Whether the plane sums of the partial-dot kernels take 16 values per unit at a time
+/// instead of 32 (`kernel::plane_half_transposed_sums`: fewer registers, more cubes per
+/// SM). `MEFT_KERNEL_HALF_PLANES=0` takes 32.
+pub fn half_planes() -> bool {
+    !crate::switched_off("MEFT_KERNEL_HALF_PLANES")
 }
 
 /// Rows per group of the row-gradient kernel: a cube covers `GROUPS ·` this many

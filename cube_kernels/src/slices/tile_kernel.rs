@@ -11,11 +11,14 @@
 
 // `usize::div_ceil` is not in cubecl's kernel subset.
 #![allow(clippy::manual_div_ceil)]
+// cubecl 0.10 evaluates both sides of `&&` in kernels, so bound checks guarding an index stay
+// nested `if`s.
+#![allow(clippy::collapsible_if)]
 
 use cubecl::prelude::*;
 
 use crate::kernel::{cube_index, lane_sum};
-use crate::slices::kernel::{plane_transposed_sums, tree_sums};
+use crate::slices::kernel::{plane_half_transposed_sums, plane_transposed_sums, tree_sums};
 
 /// Local-row marker of a round's position past the tile's entries.
 const NONE: u32 = 0x7fff_ffff;
@@ -40,6 +43,7 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
     #[comptime] tile_rows: u32,
     #[comptime] chunk: u32,
     #[comptime] plane: bool,
+    #[comptime] split: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let kk = comptime!(k as usize);
@@ -47,6 +51,11 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
     let nt = comptime!(lanes as usize * groups as usize);
     let tr = comptime!(tile_rows as usize);
     let nchunk = comptime!(chunk as usize);
+    let np = comptime!(if split {
+        lanes as usize / 2
+    } else {
+        lanes as usize
+    });
     let m = h.shape(0);
     let dv = h.shape(1) / N::value();
     let w = rows.shape(1) / N::value();
@@ -100,26 +109,40 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
         if plane {
             // A group (one plane) past the round's entries has nothing to do.
             if q0 < end - base {
-                let mut vals = Array::<f32>::new(nl);
                 let mut last = NONE.runtime();
                 let mut hr = Vector::<f32, N>::new(f32::new(0.0));
+                // `lanes` entries per butterfly, or with `split` two halves of 16 (half the
+                // registers for the values).
                 #[unroll]
-                for j in 0..nl {
-                    let lj = loc[q0 + j];
-                    let mut v = f32::new(0.0);
-                    if (lj as usize) < tr && col < dv {
-                        let t = ent[q0 + j] / k;
-                        if t != last {
-                            hr = Vector::<f32, N>::cast_from(h[t as usize * dv + col]);
-                            last = t;
+                for p in 0..comptime!(lanes as usize / np) {
+                    let qp = q0 + p * np;
+                    let mut vals = Array::<f32>::new(np);
+                    #[unroll]
+                    for j in 0..np {
+                        let lj = loc[qp + j];
+                        let mut v = f32::new(0.0);
+                        if (lj as usize) < tr && col < dv {
+                            let t = ent[qp + j] / k;
+                            if t != last {
+                                hr = Vector::<f32, N>::cast_from(h[t as usize * dv + col]);
+                                last = t;
+                            }
+                            v = lane_sum(hr * tile_smem[lj as usize * nl + l]);
                         }
-                        v = lane_sum(hr * tile_smem[lj as usize * nl + l]);
+                        vals[j] = v;
                     }
-                    vals[j] = v;
-                }
-                plane_transposed_sums(&mut vals, l as u32);
-                if loc[q0 + l] != NONE {
-                    parts[s * m * kk + ent[q0 + l] as usize] = F::cast_from(vals[0]);
+                    if split {
+                        plane_half_transposed_sums(&mut vals, l as u32);
+                    } else {
+                        plane_transposed_sums(&mut vals, l as u32);
+                    }
+                    // Nested: cubecl 0.10 evaluates both sides of `&&`, and `qp + l` runs
+                    // past the round's entries for l >= np.
+                    if l < np {
+                        if loc[qp + l] != NONE {
+                            parts[s * m * kk + ent[qp + l] as usize] = F::cast_from(vals[0]);
+                        }
+                    }
                 }
             }
         } else {
@@ -138,9 +161,12 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
                 }
                 sync_cube();
                 tree_sums(&mut part, gi, l, nl, nchunk);
-                if l < nchunk && loc[q0 + c0 + l] != NONE {
-                    parts[s * m * kk + ent[q0 + c0 + l] as usize] =
-                        F::cast_from(part[(gi * nchunk + l) * nl]);
+                // Nested, as above: `q0 + c0 + l` passes the round for l >= nchunk.
+                if l < nchunk {
+                    if loc[q0 + c0 + l] != NONE {
+                        parts[s * m * kk + ent[q0 + c0 + l] as usize] =
+                            F::cast_from(part[(gi * nchunk + l) * nl]);
+                    }
                 }
                 sync_cube();
                 c0 += nchunk;
