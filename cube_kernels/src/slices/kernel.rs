@@ -48,16 +48,12 @@ pub fn slice_dots_kernel<F: Float, I: Numeric, N: Size>(
     #[comptime] chunk: u32,
     #[comptime] active_only: bool,
     #[comptime] plane: bool,
-    #[comptime] split: bool,
+    #[comptime] values: u32,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let kk = comptime!(k as usize);
     let nl = comptime!(lanes as usize);
-    let np = comptime!(if split {
-        lanes as usize / 2
-    } else {
-        lanes as usize
-    });
+    let np = comptime!(values as usize);
     let ng = comptime!(tokens as usize);
     let nchunk = comptime!(chunk as usize);
     let nt = comptime!(lanes as usize * tokens as usize);
@@ -103,10 +99,9 @@ pub fn slice_dots_kernel<F: Float, I: Numeric, N: Size>(
 
     let off = half as usize * dv + col;
     if plane {
-        // One group = one plane of 32 units: `lanes` slots at a time (half as many with
-        // `split`), each unit's products summed over the plane by a transposed butterfly
-        // (31 shuffles for 32 sums, no shared memory, no barrier), after which unit l holds
-        // slot c0 + l's.
+        // One group = one plane of 32 units: `values` slots at a time, each unit's products
+        // summed over the plane by a transposed butterfly (no shared memory, no barrier),
+        // after which unit l < values holds slot c0 + l's.
         let mut c0 = 0usize.runtime();
         while c0 < kk {
             let mut vals = Array::<f32>::new(np);
@@ -114,11 +109,7 @@ pub fn slice_dots_kernel<F: Float, I: Numeric, N: Size>(
             for j in 0..np {
                 vals[j] = slot_product(&hr, rows, &row_of, gi * kk, c0 + j, off, col < dv, kk);
             }
-            if split {
-                plane_half_transposed_sums(&mut vals, l as u32);
-            } else {
-                plane_transposed_sums(&mut vals, l as u32);
-            }
+            plane_transposed_sums(&mut vals, l as u32, values);
             if t < m && l < np && c0 + l < kk {
                 parts[(s * m + t) * kk + c0 + l] = F::cast_from(vals[0]);
             }
@@ -173,15 +164,29 @@ fn slot_product<F: Float, N: Size>(
     acc
 }
 
-/// The transposed butterfly over a plane of 32 units holding 32 values each: afterwards unit
-/// l holds the plane's sum of value l (31 shuffles for 32 sums, no shared memory).
+/// The transposed butterfly over a plane of 32 units holding `values` (32, 16 or 8) values
+/// each: afterwards unit l holds the plane's sum of value `l % values`. The stages
+/// `values / 2, …, 2, 1` leave unit l with that value summed over the `values` units that
+/// differ from l in the low bits only; one shuffle per remaining bit (16, then 8) adds the
+/// other groups' sums. 31, 16 or 9 shuffles for 32, 16 or 8 sums, no shared memory; fewer
+/// values per unit take fewer registers.
 #[cube]
-pub(crate) fn plane_transposed_sums(vals: &mut Array<f32>, lane: u32) {
-    butterfly(vals, lane, 16usize, 16u32);
-    butterfly(vals, lane, 8usize, 8u32);
+pub(crate) fn plane_transposed_sums(vals: &mut Array<f32>, lane: u32, #[comptime] values: u32) {
+    if comptime!(values >= 32) {
+        butterfly(vals, lane, 16usize, 16u32);
+    }
+    if comptime!(values >= 16) {
+        butterfly(vals, lane, 8usize, 8u32);
+    }
     butterfly(vals, lane, 4usize, 4u32);
     butterfly(vals, lane, 2usize, 2u32);
     butterfly(vals, lane, 1usize, 1u32);
+    if comptime!(values <= 16) {
+        vals[0] += plane_shuffle_xor(vals[0], 16u32);
+    }
+    if comptime!(values <= 8) {
+        vals[0] += plane_shuffle_xor(vals[0], 8u32);
+    }
 }
 
 /// Sums each group's `chunk` rows of `lanes` values in `part` (group g, value j at
@@ -210,23 +215,9 @@ pub(crate) fn tree_sums(
     }
 }
 
-/// [`plane_transposed_sums`] over 16 values per unit (half the registers): the stages
-/// 8, 4, 2, 1 leave unit l with value `l % 16` summed over the 16 units that share bit 4
-/// of l, and one more shuffle adds the other half. Afterwards units l and l + 16 both
-/// hold the plane's sum of value `l % 16` (19 shuffles for 16 sums).
-#[cube]
-pub(crate) fn plane_half_transposed_sums(vals: &mut Array<f32>, lane: u32) {
-    butterfly(vals, lane, 8usize, 8u32);
-    butterfly(vals, lane, 4usize, 4u32);
-    butterfly(vals, lane, 2usize, 2u32);
-    butterfly(vals, lane, 1usize, 1u32);
-    vals[0] += plane_shuffle_xor(vals[0], 16u32);
-}
-
 /// One stage of the transposed butterfly over `2n` values per unit: units with bit `mask`
 /// set keep the upper n values, the others the lower n, each adding its partner's copy
-/// (unit `lane ^ mask`). After the stages 16, 8, 4, 2, 1, unit l holds the plane's sum of
-/// value l.
+/// (unit `lane ^ mask`).
 #[cube]
 fn butterfly(vals: &mut Array<f32>, lane: u32, #[comptime] n: usize, #[comptime] mask: u32) {
     let upper = (lane & mask) != 0;

@@ -130,7 +130,7 @@ impl<R: CubeRuntime> Sliced<R> {
                 tiles::TILE_ROWS as u32,
                 TILE_CHUNK,
                 plane,
-                plane && half_planes(),
+                plane_values(),
                 self.dtypes(),
             );
             return parts;
@@ -153,7 +153,7 @@ impl<R: CubeRuntime> Sliced<R> {
             CHUNK,
             z.is_some(),
             plane_sums(&h.client),
-            plane_sums(&h.client) && half_planes(),
+            plane_values(),
             self.dtypes(),
         );
         parts
@@ -281,11 +281,16 @@ pub fn plane_sums<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
         && props.hardware.plane_size_max == LANES
 }
 
-/// Whether the plane sums of the partial-dot kernels take 16 values per unit at a time
-/// instead of 32 (`kernel::plane_half_transposed_sums`: fewer registers, more cubes per
-/// SM). `MEFT_KERNEL_HALF_PLANES=0` takes 32.
-pub fn half_planes() -> bool {
-    !crate::switched_off("MEFT_KERNEL_HALF_PLANES")
+/// Values per unit in the partial-dot kernels' plane sums
+/// (`kernel::plane_transposed_sums`): 32, 16 or 8 entries are summed per butterfly; fewer
+/// take fewer registers (more cubes per SM) for a few more shuffles per sum.
+/// `MEFT_KERNEL_PLANE_VALUES` (32, 16 or 8) overrides the default 16.
+pub fn plane_values() -> u32 {
+    match std::env::var("MEFT_KERNEL_PLANE_VALUES").ok().as_deref() {
+        Some("32") => 32,
+        Some("8") => 8,
+        _ => 16,
+    }
 }
 
 /// Rows per group of the row-gradient kernel: a cube covers `GROUPS ·` this many

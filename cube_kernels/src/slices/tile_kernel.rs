@@ -18,7 +18,7 @@
 use cubecl::prelude::*;
 
 use crate::kernel::{cube_index, lane_sum};
-use crate::slices::kernel::{plane_half_transposed_sums, plane_transposed_sums, tree_sums};
+use crate::slices::kernel::{plane_transposed_sums, tree_sums};
 
 /// Local-row marker of a round's position past the tile's entries.
 const NONE: u32 = 0x7fff_ffff;
@@ -43,7 +43,7 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
     #[comptime] tile_rows: u32,
     #[comptime] chunk: u32,
     #[comptime] plane: bool,
-    #[comptime] split: bool,
+    #[comptime] values: u32,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let kk = comptime!(k as usize);
@@ -51,11 +51,7 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
     let nt = comptime!(lanes as usize * groups as usize);
     let tr = comptime!(tile_rows as usize);
     let nchunk = comptime!(chunk as usize);
-    let np = comptime!(if split {
-        lanes as usize / 2
-    } else {
-        lanes as usize
-    });
+    let np = comptime!(values as usize);
     let m = h.shape(0);
     let dv = h.shape(1) / N::value();
     let w = rows.shape(1) / N::value();
@@ -111,8 +107,7 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
             if q0 < end - base {
                 let mut last = NONE.runtime();
                 let mut hr = Vector::<f32, N>::new(f32::new(0.0));
-                // `lanes` entries per butterfly, or with `split` two halves of 16 (half the
-                // registers for the values).
+                // The group's `lanes` entries, `values` per butterfly.
                 #[unroll]
                 for p in 0..comptime!(lanes as usize / np) {
                     let qp = q0 + p * np;
@@ -131,11 +126,7 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
                         }
                         vals[j] = v;
                     }
-                    if split {
-                        plane_half_transposed_sums(&mut vals, l as u32);
-                    } else {
-                        plane_transposed_sums(&mut vals, l as u32);
-                    }
+                    plane_transposed_sums(&mut vals, l as u32, values);
                     // Nested: cubecl 0.10 evaluates both sides of `&&`, and `qp + l` runs
                     // past the round's entries for l >= np.
                     if l < np {
