@@ -283,13 +283,16 @@ pub fn plane_sums<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
 
 /// Values per unit in the partial-dot kernels' plane sums
 /// (`kernel::plane_transposed_sums`): 32, 16 or 8 entries are summed per butterfly; fewer
-/// take fewer registers (more cubes per SM) for a few more shuffles per sum.
-/// `MEFT_KERNEL_PLANE_VALUES` (32, 16 or 8) overrides the default 16.
+/// take fewer registers (more cubes per SM) for a few more shuffles per sum. 8 measured
+/// best on the H100 at LLaMA-7B geometry: routed K = 64 forward+backward 6.71 / 6.86 ms
+/// against 6.94 / 7.08 (16) and 7.32 / 7.18 (32); the tile dots at 32 registers and 82 %
+/// warps active against 64 and 41 % (BENCHMARKS.md, 2026-12-05).
+/// `MEFT_KERNEL_PLANE_VALUES` (32, 16 or 8) overrides it.
 pub fn plane_values() -> u32 {
     match std::env::var("MEFT_KERNEL_PLANE_VALUES").ok().as_deref() {
         Some("32") => 32,
-        Some("8") => 8,
-        _ => 16,
+        Some("16") => 16,
+        _ => 8,
     }
 }
 
