@@ -31,7 +31,8 @@ fn slice_and_first(count: usize, #[comptime] per_cube: usize) -> (usize, usize) 
 /// [half, slice s]` (0 for an empty slot and, with `active_only`, for a slot whose
 /// `gate · z <= 0`). Per group: each unit multiplies its vector, then the products are
 /// summed over the group's `lanes` units: with `plane` (the group is one plane of 32 units)
-/// by plane shuffles, 32 slots at a time; else by a shared-memory tree, `chunk` at a time.
+/// by plane shuffles, `values` (32, 16 or 8) slots at a time; else by a shared-memory tree,
+/// `chunk` at a time.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn slice_dots_kernel<F: Float, I: Numeric, N: Size>(

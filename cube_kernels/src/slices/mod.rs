@@ -287,7 +287,7 @@ pub fn plane_sums<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
 /// best on the H100 at LLaMA-7B geometry: routed K = 64 forward+backward 6.71 / 6.86 ms
 /// against 6.94 / 7.08 (16) and 7.32 / 7.18 (32); the tile dots at 32 registers and 82 %
 /// warps active against 64 and 41 % (BENCHMARKS.md, 2026-12-05).
-/// `MEFT_KERNEL_PLANE_VALUES` (32, 16 or 8) overrides it.
+/// `MEFT_KERNEL_PLANE_VALUES` (32 or 16; any other value keeps 8) overrides it.
 pub fn plane_values() -> u32 {
     match std::env::var("MEFT_KERNEL_PLANE_VALUES").ok().as_deref() {
         Some("32") => 32,

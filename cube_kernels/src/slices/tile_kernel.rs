@@ -4,8 +4,8 @@
 //! The cube stages its tile's row slices in shared memory, then walks the tile's entries
 //! (token order) in rounds of one entry per unit: each round stages the entries' token and
 //! local row, and each group of `lanes` units computes `lanes` of them, every unit its vector
-//! of the product, summed over the group as in `kernel::slice_dots_kernel` (plane butterfly,
-//! or a shared-memory tree `chunk` entries at a time). Consecutive entries of one token reuse
+//! of the product, summed over the group as in `kernel::slice_dots_kernel` (plane butterflies
+//! over `values` entries each, or a shared-memory tree `chunk` entries at a time). Consecutive entries of one token reuse
 //! its hidden-state vector in registers. The next round's entries are loaded while a round
 //! computes.
 
@@ -127,8 +127,8 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
                         vals[j] = v;
                     }
                     plane_transposed_sums(&mut vals, l as u32, values);
-                    // Nested: cubecl 0.10 evaluates both sides of `&&`, and `qp + l` runs
-                    // past the round's entries for l >= np.
+                    // Nested: cubecl 0.10 evaluates both sides of `&&`, and in the last
+                    // plane `qp + l` runs past the round's entries for l >= np.
                     if l < np {
                         if loc[qp + l] != NONE {
                             parts[s * m * kk + ent[qp + l] as usize] = F::cast_from(vals[0]);
