@@ -436,6 +436,14 @@ mod cuda {
                 &want,
                 1e-5,
             );
+            let got =
+                run_index::<Autodiff<CudaUnfused<f32>>>(&c, &in_passes(&c, 4), &device, DType::F32);
+            assert_all_close(
+                &format!("cuda f32 passes {m}x{d} R{r} K{k}"),
+                &got,
+                &want,
+                1e-5,
+            );
             if k <= cube_kernels::slices::MAX_K {
                 let got = run_index::<Autodiff<Cuda<f32>>>(&c, &in_slices(&c), &device, DType::F32);
                 assert_all_close(
