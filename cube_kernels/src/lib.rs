@@ -434,6 +434,10 @@ impl HostIndex {
             tile_offsets,
             tile_entries,
             tiled: self.tiles.is_some(),
+            tile_rows: self
+                .tiles
+                .as_ref()
+                .map_or(slices::tiles::TILE_ROWS, |t| t.tile_rows),
             rows: self.rows,
         }
     }
@@ -470,6 +474,8 @@ pub struct ActiveIndex<B: Backend> {
     pub tile_entries: IntTensor<B>,
     /// Whether the sliced partial dots run over row tiles ([`slices::tiles`]).
     pub tiled: bool,
+    /// Rows per row tile.
+    pub tile_rows: usize,
     /// Active rows R.
     pub rows: usize,
 }

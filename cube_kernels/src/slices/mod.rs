@@ -83,6 +83,8 @@ pub(crate) struct DeviceTiles<R: CubeRuntime> {
     pub offsets: CubeTensor<R>,
     /// Entries by tile.
     pub entries: CubeTensor<R>,
+    /// Rows per tile.
+    pub rows: usize,
 }
 
 impl<R: CubeRuntime> DeviceTiles<R> {
@@ -127,10 +129,11 @@ impl<R: CubeRuntime> Sliced<R> {
                 k as u32,
                 LANES,
                 GROUPS,
-                tiles::TILE_ROWS as u32,
+                tiles.rows as u32,
                 TILE_CHUNK,
                 plane,
                 plane_values(),
+                tile_prefetch(),
                 self.dtypes(),
             );
             return parts;
@@ -246,12 +249,15 @@ impl<R: CubeRuntime> Sliced<R> {
         drows: &CubeTensor<R>,
     ) {
         let n = drows.shape().dims::<2>()[0];
-        let per_group = grad_rows_per_group();
-        let cubes = self.slices() * n.div_ceil((GROUPS * per_group) as usize);
+        let lanes = grad_lanes();
+        let groups = LANES * GROUPS / lanes;
+        let per_group = grad_rows_per_group(groups);
+        let slices = (self.dims.1 / self.vector).div_ceil(lanes as usize).max(1);
+        let cubes = slices * n.div_ceil((groups * per_group) as usize);
         slice_grad_rows_kernel::launch::<R>(
             &x.client,
             grid(cubes),
-            CubeDim::new_1d(LANES * GROUPS),
+            CubeDim::new_1d(lanes * groups),
             self.vector,
             x.clone().into_tensor_arg(),
             dy.clone().into_tensor_arg(),
@@ -262,8 +268,8 @@ impl<R: CubeRuntime> Sliced<R> {
             users.clone().into_tensor_arg(),
             drows.clone().into_tensor_arg(),
             self.dims.2.max(1) as u32,
-            LANES,
-            GROUPS,
+            lanes,
+            groups,
             per_group,
             [x.dtype.into(), offsets.dtype.into()],
         );
@@ -296,17 +302,39 @@ pub fn plane_values() -> u32 {
     }
 }
 
-/// Rows per group of the row-gradient kernel: a cube covers `GROUPS ·` this many
-/// consecutive rows (rows close together share users more often, whose slices L1 then
-/// serves). 8 measured best on the H200 at LLaMA-7B geometry, routed K = 64 forward+backward:
-/// with row tiles 6.54 ms against 6.61 (4) and 6.83 (1), without 7.26 against 7.43 (1)
+/// Whether the tile dots load every entry's token vector up front
+/// (`tile_kernel::tile_dots_kernel`'s `prefetch`): `values` independent loads per butterfly
+/// instead of one load per change of token, which waits for the previous.
+/// `MEFT_KERNEL_TILE_PREFETCH=1` turns it on.
+pub fn tile_prefetch() -> bool {
+    std::env::var("MEFT_KERNEL_TILE_PREFETCH").as_deref() == Ok("1")
+}
+
+/// Rows per group of the row-gradient kernel, given its `groups` per cube: a cube covers
+/// `groups ·` this many consecutive rows (rows close together share users more often, whose
+/// slices L1 then serves). By default 64 rows per cube: with 8 groups, 8 rows per group
+/// measured best on the H200 at LLaMA-7B geometry, routed K = 64 forward+backward: with row
+/// tiles 6.54 ms against 6.61 (4) and 6.83 (1), without 7.26 against 7.43 (1)
 /// (BENCHMARKS.md, 2026-12-04). `MEFT_KERNEL_GRAD_ROWS` (1 to 16) overrides it.
-pub fn grad_rows_per_group() -> u32 {
+pub fn grad_rows_per_group(groups: u32) -> u32 {
     std::env::var("MEFT_KERNEL_GRAD_ROWS")
         .ok()
         .and_then(|v| v.parse::<u32>().ok())
-        .unwrap_or(8)
+        .unwrap_or((64 / groups).max(1))
         .clamp(1, 16)
+}
+
+/// Vectors per slice of the row-gradient kernel (units per row group; the cube keeps
+/// `LANES · GROUPS` units, so narrower slices give more groups). A cube's working set is its
+/// rows' users' x and dy slices, which its SM's L1 should hold while the cube runs: 64 users
+/// × 2 × 512 bytes at 32 vectors, half that at 16. `MEFT_KERNEL_GRAD_LANES` (32, 16 or 8)
+/// overrides the default of 32.
+pub fn grad_lanes() -> u32 {
+    match std::env::var("MEFT_KERNEL_GRAD_LANES").ok().as_deref() {
+        Some("16") => 16,
+        Some("8") => 8,
+        _ => LANES,
+    }
 }
 
 /// Whether the kernels may run in slices for element size `elem` and K slots.

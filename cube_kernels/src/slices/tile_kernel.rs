@@ -44,6 +44,7 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
     #[comptime] chunk: u32,
     #[comptime] plane: bool,
     #[comptime] values: u32,
+    #[comptime] prefetch: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let kk = comptime!(k as usize);
@@ -112,19 +113,45 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
                 for p in 0..comptime!(lanes as usize / np) {
                     let qp = q0 + p * np;
                     let mut vals = Array::<f32>::new(np);
-                    #[unroll]
-                    for j in 0..np {
-                        let lj = loc[qp + j];
-                        let mut v = f32::new(0.0);
-                        if (lj as usize) < tr && col < dv {
-                            let t = ent[qp + j] / k;
-                            if t != last {
-                                hr = Vector::<f32, N>::cast_from(h[t as usize * dv + col]);
-                                last = t;
+                    if prefetch {
+                        // Every entry's token vector loaded up front, independent of the
+                        // others (repeats of a token are L1 hits): `values` loads in flight
+                        // instead of one per token change.
+                        let mut hs = Array::<Vector<f32, N>>::new(np);
+                        #[unroll]
+                        for j in 0..np {
+                            let mut v = Vector::<f32, N>::new(f32::new(0.0));
+                            if col < dv {
+                                // Past the entries `ent` holds 0: token 0, a valid address.
+                                let t = ent[qp + j] / k;
+                                v = Vector::<f32, N>::cast_from(h[t as usize * dv + col]);
                             }
-                            v = lane_sum(hr * tile_smem[lj as usize * nl + l]);
+                            hs[j] = v;
                         }
-                        vals[j] = v;
+                        #[unroll]
+                        for j in 0..np {
+                            let lj = loc[qp + j];
+                            let mut v = f32::new(0.0);
+                            if (lj as usize) < tr {
+                                v = lane_sum(hs[j] * tile_smem[lj as usize * nl + l]);
+                            }
+                            vals[j] = v;
+                        }
+                    } else {
+                        #[unroll]
+                        for j in 0..np {
+                            let lj = loc[qp + j];
+                            let mut v = f32::new(0.0);
+                            if (lj as usize) < tr && col < dv {
+                                let t = ent[qp + j] / k;
+                                if t != last {
+                                    hr = Vector::<f32, N>::cast_from(h[t as usize * dv + col]);
+                                    last = t;
+                                }
+                                v = lane_sum(hr * tile_smem[lj as usize * nl + l]);
+                            }
+                            vals[j] = v;
+                        }
                     }
                     plane_transposed_sums(&mut vals, l as u32, values);
                     // Nested: cubecl 0.10 evaluates both sides of `&&`, and in the last

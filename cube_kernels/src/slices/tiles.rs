@@ -5,8 +5,19 @@
 //! row slices in shared memory serves all its entries from there and reads each token's
 //! slice once per tile instead of once per entry (`tile_kernel::tile_dots_kernel`).
 
-/// Rows per tile (shared memory: `TILE_ROWS` row slices of 512 bytes = 16 KiB).
+/// Rows per tile by default (shared memory: `TILE_ROWS` row slices of 512 bytes = 16 KiB).
 pub const TILE_ROWS: usize = 32;
+
+/// Rows per tile for new [`RowTiles`]: [`TILE_ROWS`], or 64 with `MEFT_KERNEL_TILE_ROWS=64`
+/// (a whole routed expert of 64 neurons per tile, so each token's slice is read once per
+/// expert; 32 KiB of shared memory, more than lavapipe's 32 KiB with the entry buffers, so
+/// for CUDA only).
+pub fn tile_rows() -> usize {
+    match std::env::var("MEFT_KERNEL_TILE_ROWS").ok().as_deref() {
+        Some("64") => 64,
+        _ => TILE_ROWS,
+    }
+}
 
 /// Least mean entries per (tile, token) pair for which `HostIndex::plan` picks tiles: below
 /// it (e.g. rows drawn uniformly from all R) a token's slice is read about once per entry
@@ -16,23 +27,32 @@ pub const MIN_TILE_REUSE: f64 = 2.0;
 /// The entries grouped by row tile (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowTiles {
-    /// Entries `t · K + s` with a row, grouped by tile `row / TILE_ROWS`, ascending within a
+    /// Entries `t · K + s` with a row, grouped by tile `row / tile_rows`, ascending within a
     /// tile (so by token, then slot).
     pub entries: Vec<i32>,
     /// `[tiles + 1]` offsets into `entries`.
     pub offsets: Vec<i32>,
     /// Distinct (tile, token) pairs.
     pub pairs: usize,
+    /// Rows per tile.
+    pub tile_rows: usize,
 }
 
 impl RowTiles {
-    /// Groups the entries of `slots` (`[M, k]`, values `>= rows` empty) by row tile.
+    /// Groups the entries of `slots` (`[M, k]`, values `>= rows` empty) by row tile of
+    /// [`tile_rows`] rows.
     pub fn new(slots: &[i32], k: usize, rows: usize) -> Self {
-        let tiles = rows.div_ceil(TILE_ROWS).max(1);
+        Self::with_tile_rows(slots, k, rows, tile_rows())
+    }
+
+    /// [`RowTiles::new`] with tiles of `tile_rows` rows.
+    pub fn with_tile_rows(slots: &[i32], k: usize, rows: usize, tile_rows: usize) -> Self {
+        let tr = tile_rows.max(1);
+        let tiles = rows.div_ceil(tr).max(1);
         let mut offsets = vec![0i32; tiles + 1];
         for &r in slots {
             if (r as usize) < rows {
-                offsets[r as usize / TILE_ROWS + 1] += 1;
+                offsets[r as usize / tr + 1] += 1;
             }
         }
         for i in 0..tiles {
@@ -44,7 +64,7 @@ impl RowTiles {
         let mut pairs = 0;
         for (e, &r) in slots.iter().enumerate() {
             if (r as usize) < rows {
-                let tile = r as usize / TILE_ROWS;
+                let tile = r as usize / tr;
                 let at = &mut next[tile];
                 entries[*at as usize] = e as i32;
                 *at += 1;
@@ -59,6 +79,7 @@ impl RowTiles {
             entries,
             offsets,
             pairs,
+            tile_rows: tr,
         }
     }
 
@@ -81,7 +102,7 @@ mod tests {
     fn tiles_group_entries_by_tile_in_token_order() {
         // 3 tokens, K = 3, 70 rows (tiles 0..32, 32..64, 64..70); 70 = empty slot.
         let slots = [40, 1, 33, 2, 70, 65, 0, 1, 31];
-        let t = RowTiles::new(&slots, 3, 70);
+        let t = RowTiles::with_tile_rows(&slots, 3, 70, 32);
         assert_eq!(t.tiles(), 3);
         assert_eq!(t.offsets, vec![0, 5, 7, 8]);
         assert_eq!(t.entries, vec![1, 3, 6, 7, 8, 0, 2, 5]);
