@@ -7,7 +7,8 @@
 # switches (two processes at once), bench processes one at a time, ncu per kernel.
 set -uo pipefail
 S=/root/stash; R=$OUT/r; mkdir -p $R
-trap 'tar czf $OUT/res.tgz -C $R .' EXIT
+save() { tar czf $OUT/res.tgz -C $R .; }
+trap save EXIT
 export MEFT_CUDA_FUSION=0
 cd $S
 if [[ -f kt.gz ]]; then gunzip -f kt.gz && chmod +x kt; fi
@@ -22,6 +23,7 @@ B="./meft bench kernels --backend cuda --dtype f32 --skip-generic --warmup 2 --i
 bench() { # name env... -- K
   local name=$1; shift; local k=$1; shift
   { echo "## bench K=$k routed $name ($*)"; env "$@" timeout 90 $B --top-k $k --slots routed --out $R/k$k-$name.json 2>&1 | grep -v XDG_RUNTIME | grep -E "^\||Error|error" | grep -v "whole rows\|without tiles"; } | tee -a $R/log.md
+  save
 }
 bench base 64 X=0
 bench lanes16 64 MEFT_KERNEL_GRAD_LANES=16
@@ -37,6 +39,6 @@ bench lanes16 256 MEFT_KERNEL_GRAD_LANES=16
 bench rows64 256 MEFT_KERNEL_TILE_ROWS=64
 M=gpu__time_duration.sum,lts__t_bytes.sum,dram__bytes_read.sum,l1tex__t_sector_hit_rate.pct,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active
 for v in "base X=0" "lanes16 MEFT_KERNEL_GRAD_LANES=16" "lanes8 MEFT_KERNEL_GRAD_LANES=8" "rows64pf MEFT_KERNEL_TILE_ROWS=64 MEFT_KERNEL_TILE_PREFETCH=1"; do set -- $v; n=$1; shift
-  env "$@" timeout 100 ncu --clock-control none --kernel-name regex:"tile_dots|slice_" --launch-count 7 --metrics $M --csv $B --top-k 64 --slots routed --iters 1 --warmup 0 --out $R/ncu.json > $R/ncu-$n.csv 2>$R/ncu-$n.err
+  env "$@" timeout 100 ncu --clock-control none --kernel-name regex:"tile_dots|slice_" --launch-count 7 --metrics $M --csv $B --top-k 64 --slots routed --iters 1 --warmup 0 --out $R/ncu.json > $R/ncu-$n.csv 2>$R/ncu-$n.err; save
 done
 rm -f $R/ncu.json
