@@ -271,6 +271,7 @@ impl<R: CubeRuntime> Sliced<R> {
             lanes,
             groups,
             per_group,
+            grad_planes(&x.client),
             [x.dtype.into(), offsets.dtype.into()],
         );
     }
@@ -300,6 +301,13 @@ pub fn plane_values() -> u32 {
         Some("16") => 16,
         _ => 8,
     }
+}
+
+/// Whether the row-gradient kernel hands each row's users round by plane shuffles
+/// (`kernel::slice_grad_rows_kernel`'s `plane`): where [`plane_sums`] holds, unless
+/// `MEFT_KERNEL_GRAD_PLANES=0`.
+pub fn grad_planes<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
+    plane_sums(client) && !crate::switched_off("MEFT_KERNEL_GRAD_PLANES")
 }
 
 /// Whether the tile dots load every entry's token vector up front
