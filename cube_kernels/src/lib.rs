@@ -401,7 +401,9 @@ impl HostIndex {
                 .into_primitive()
         };
         let (tile_offsets, tile_entries) = match &self.tiles {
-            Some(t) if !t.entries.is_empty() => (int1(&t.offsets), int1(&t.entries)),
+            Some(t) if !t.entries.is_empty() => {
+                (int1(&t.offsets), int1(&t.device_entries(&self.slots)))
+            }
             Some(t) => (int1(&t.offsets), one()),
             None => (one(), one()),
         };
@@ -434,10 +436,6 @@ impl HostIndex {
             tile_offsets,
             tile_entries,
             tiled: self.tiles.is_some(),
-            tile_rows: self
-                .tiles
-                .as_ref()
-                .map_or(slices::tiles::TILE_ROWS, |t| t.tile_rows),
             rows: self.rows,
         }
     }
@@ -470,12 +468,11 @@ pub struct ActiveIndex<B: Backend> {
     pub sliced: bool,
     /// `[tiles + 1]` row-tile offsets into `tile_entries` (else `[1]`, unused).
     pub tile_offsets: IntTensor<B>,
-    /// Entries grouped by row tile (else `[1]`, unused).
+    /// `(entry, local row)` pairs grouped by row tile (`RowTiles::device_entries`; else `[1]`,
+    /// unused).
     pub tile_entries: IntTensor<B>,
     /// Whether the sliced partial dots run over row tiles ([`slices::tiles`]).
     pub tiled: bool,
-    /// Rows per row tile.
-    pub tile_rows: usize,
     /// Active rows R.
     pub rows: usize,
 }

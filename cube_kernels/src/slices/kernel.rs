@@ -360,30 +360,56 @@ pub fn slice_rows_kernel<F: Float, I: Numeric, N: Size>(
     }
 }
 
+/// Each row user's token and coefficients, in the order of `row_users` (one unit per user
+/// p, entry e = `row_users[p]`): `tokens[p] = e / K`, `coefs[p] = (dz_e, relu(gate_e z_e))`.
+/// Run once before [`slice_grad_rows_kernel`], which then reads them contiguously instead
+/// of gathering three scattered 4-byte values per user in every slice.
+#[cube(launch)]
+pub fn user_coefs_kernel<F: Float, I: Numeric>(
+    gate: &Tensor<F>,
+    z: &Tensor<F>,
+    dz: &Tensor<F>,
+    row_users: &Tensor<I>,
+    tokens: &mut Tensor<I>,
+    coefs: &mut Tensor<F>,
+    #[comptime] k: u32,
+    #[comptime] threads: u32,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let p = cube_index() * comptime!(threads as usize) + UNIT_POS_X as usize;
+    if p >= tokens.shape(0) {
+        terminate!();
+    }
+    let e = u32::cast_from(row_users[p]) as usize;
+    let mut ca = f32::cast_from(gate[e]) * f32::cast_from(z[e]);
+    if ca <= f32::new(0.0) {
+        ca = f32::new(0.0);
+    }
+    tokens[p] = I::cast_from(e / comptime!(k as usize));
+    coefs[2 * p] = dz[e];
+    coefs[2 * p + 1] = F::cast_from(ca);
+}
+
 /// The row gradients over one slice, one group per row j: `dk_j = Σ dz_e x_t` and
 /// `dv_j = Σ relu(gate_e z_e) dy_t` over the entries e = (t, s) whose slot is j, in
-/// ascending order (the same sums, in the same order, as the one-cube-per-row kernel). A cube
-/// covers `groups · rows_per_group` consecutive rows, group g rows `g, g + groups, …`: with
-/// routed rows the rows of a cube share users, whose slices its SM's L1 then serves.
+/// ascending order (the same sums, in the same order, as the one-cube-per-row kernel), with
+/// each user's token and coefficients from [`user_coefs_kernel`]. A cube covers
+/// `groups · rows_per_group` consecutive rows, group g rows `g, g + groups, …`: with routed
+/// rows the rows of a cube share users, whose slices its SM's L1 then serves.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn slice_grad_rows_kernel<F: Float, I: Numeric, N: Size>(
     x: &Tensor<Vector<F, N>>,
     dy: &Tensor<Vector<F, N>>,
-    gate: &Tensor<F>,
-    z: &Tensor<F>,
-    dz: &Tensor<F>,
     row_offsets: &Tensor<I>,
-    row_users: &Tensor<I>,
+    tokens: &Tensor<I>,
+    coefs: &Tensor<F>,
     drows: &mut Tensor<Vector<F, N>>,
-    #[comptime] k: u32,
     #[comptime] lanes: u32,
     #[comptime] groups: u32,
     #[comptime] rows_per_group: u32,
-    #[comptime] plane: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
-    let kk = comptime!(k as usize);
     let nl = comptime!(lanes as usize);
     let ng = comptime!(groups as usize);
     let n_rows = drows.shape(0);
@@ -392,31 +418,6 @@ pub fn slice_grad_rows_kernel<F: Float, I: Numeric, N: Size>(
     let (s, g0) = slice_and_first(n_rows, comptime!(groups as usize * rows_per_group as usize));
     let tid = UNIT_POS_X as usize;
     let col = s * nl + tid % nl;
-    if plane {
-        // The 2-D grid (`launch::grid`) may hold cubes past the last slice; the whole cube
-        // leaves, so no plane loses units before its shuffles.
-        if s * nl >= dv {
-            terminate!();
-        }
-        for q in 0..rows_per_group as usize {
-            let r = g0 + q * ng + tid / nl;
-            grad_row_by_plane(
-                x,
-                dy,
-                gate,
-                z,
-                dz,
-                row_offsets,
-                row_users,
-                drows,
-                r,
-                col,
-                kk,
-                nl,
-            );
-        }
-        terminate!();
-    }
     if col >= dv {
         terminate!();
     }
@@ -428,13 +429,9 @@ pub fn slice_grad_rows_kernel<F: Float, I: Numeric, N: Size>(
             let mut ak = Vector::<f32, N>::new(f32::new(0.0));
             let mut av = Vector::<f32, N>::new(f32::new(0.0));
             for p in begin..end {
-                let e = u32::cast_from(row_users[p]) as usize;
-                let t = e / kk;
-                let cz = f32::cast_from(dz[e]);
-                let mut ca = f32::cast_from(gate[e]) * f32::cast_from(z[e]);
-                if ca <= f32::new(0.0) {
-                    ca = f32::new(0.0);
-                }
+                let t = u32::cast_from(tokens[p]) as usize;
+                let cz = f32::cast_from(coefs[2 * p]);
+                let ca = f32::cast_from(coefs[2 * p + 1]);
                 if cz != f32::new(0.0) {
                     ak += Vector::<f32, N>::new(cz) * Vector::<f32, N>::cast_from(x[t * dv + col]);
                 }
@@ -442,125 +439,6 @@ pub fn slice_grad_rows_kernel<F: Float, I: Numeric, N: Size>(
                     av += Vector::<f32, N>::new(ca) * Vector::<f32, N>::cast_from(dy[t * dv + col]);
                 }
             }
-            drows[r * w + col] = Vector::<F, N>::cast_from(ak);
-            drows[r * w + dv + col] = Vector::<F, N>::cast_from(av);
-        }
-    }
-}
-
-/// Users loaded per step of [`grad_row_by_plane`]: their x and dy loads are in flight
-/// together.
-const GRAD_STEP: usize = 4;
-
-/// Row r's gradients over one slice (`slice_grad_rows_kernel` with `plane`): the same sums in
-/// the same order, but the row's users and their coefficients are loaded by the group's
-/// units at once (unit l takes user l of each batch of `nl`) and handed round by plane
-/// shuffles, and the users' x and dy vectors are loaded [`GRAD_STEP`] at a time. The
-/// per-user loop of the plain kernel waits for three dependent loads per user (user, its
-/// coefficients, its vectors). Every unit of a plane runs the same number of steps (the
-/// plane's most users), so the shuffles see the whole plane; `r >= R` or `col` past the
-/// width only mask loads and the write.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn grad_row_by_plane<F: Float, I: Numeric, N: Size>(
-    x: &Tensor<Vector<F, N>>,
-    dy: &Tensor<Vector<F, N>>,
-    gate: &Tensor<F>,
-    z: &Tensor<F>,
-    dz: &Tensor<F>,
-    row_offsets: &Tensor<I>,
-    row_users: &Tensor<I>,
-    drows: &mut Tensor<Vector<F, N>>,
-    r: usize,
-    col: usize,
-    #[comptime] kk: usize,
-    #[comptime] nl: usize,
-) {
-    let n_rows = drows.shape(0);
-    let dv = x.shape(1) / N::value();
-    let w = drows.shape(1) / N::value();
-    let in_width = col < dv;
-    let tid = UNIT_POS_X;
-    let l = tid % comptime!(nl as u32);
-    // The group's first unit within its plane of 32.
-    let first = (tid % 32u32) / comptime!(nl as u32) * comptime!(nl as u32);
-    let mut begin = 0usize.runtime();
-    let mut count = 0u32.runtime();
-    if r < n_rows {
-        begin = u32::cast_from(row_offsets[r]) as usize;
-        count = u32::cast_from(row_offsets[r + 1]) - begin as u32;
-    }
-    let most = plane_max(count);
-    let mut ak = Vector::<f32, N>::new(f32::new(0.0));
-    let mut av = Vector::<f32, N>::new(f32::new(0.0));
-    let mut b0 = 0u32.runtime();
-    while b0 < most {
-        // Unit l's user of this batch: its token and coefficients (0 past the row's users).
-        let mut tl = 0u32.runtime();
-        let mut czl = f32::new(0.0);
-        let mut cal = f32::new(0.0);
-        if b0 + l < count {
-            let e = u32::cast_from(row_users[begin + (b0 + l) as usize]) as usize;
-            tl = (e / kk) as u32;
-            czl = f32::cast_from(dz[e]);
-            cal = f32::cast_from(gate[e]) * f32::cast_from(z[e]);
-            if cal <= f32::new(0.0) {
-                cal = f32::new(0.0);
-            }
-        }
-        let mut nb = most - b0;
-        if nb > comptime!(nl as u32) {
-            nb = comptime!(nl as u32);
-        }
-        let mut j0 = 0u32.runtime();
-        while j0 < nb {
-            let mut cz = Array::<f32>::new(GRAD_STEP);
-            let mut ca = Array::<f32>::new(GRAD_STEP);
-            let mut xs = Array::<Vector<f32, N>>::new(GRAD_STEP);
-            let mut ds = Array::<Vector<f32, N>>::new(GRAD_STEP);
-            #[unroll]
-            for u in 0..GRAD_STEP {
-                let j = j0 + u as u32;
-                // Past the batch (j >= nl) the source is clamped and the values dropped.
-                let mut src = first + j;
-                if j >= comptime!(nl as u32) {
-                    src = first + comptime!(nl as u32 - 1);
-                }
-                let t = plane_shuffle(tl, src) as usize;
-                let mut c1 = plane_shuffle(czl, src);
-                let mut c2 = plane_shuffle(cal, src);
-                if j >= comptime!(nl as u32) || b0 + j >= count || !in_width {
-                    c1 = f32::new(0.0);
-                    c2 = f32::new(0.0);
-                }
-                let mut xv = Vector::<f32, N>::new(f32::new(0.0));
-                let mut dv_ = Vector::<f32, N>::new(f32::new(0.0));
-                if c1 != f32::new(0.0) {
-                    xv = Vector::<f32, N>::cast_from(x[t * dv + col]);
-                }
-                if c2 != f32::new(0.0) {
-                    dv_ = Vector::<f32, N>::cast_from(dy[t * dv + col]);
-                }
-                cz[u] = c1;
-                ca[u] = c2;
-                xs[u] = xv;
-                ds[u] = dv_;
-            }
-            #[unroll]
-            for u in 0..GRAD_STEP {
-                if cz[u] != f32::new(0.0) {
-                    ak += Vector::<f32, N>::new(cz[u]) * xs[u];
-                }
-                if ca[u] != f32::new(0.0) {
-                    av += Vector::<f32, N>::new(ca[u]) * ds[u];
-                }
-            }
-            j0 += comptime!(GRAD_STEP as u32);
-        }
-        b0 += comptime!(nl as u32);
-    }
-    if r < n_rows {
-        if in_width {
             drows[r * w + col] = Vector::<F, N>::cast_from(ak);
             drows[r * w + dv + col] = Vector::<F, N>::cast_from(av);
         }

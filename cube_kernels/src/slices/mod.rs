@@ -43,7 +43,10 @@ use cubecl::prelude::ComputeClient;
 use cubecl::CubeDim;
 
 use crate::launch::grid;
-use kernel::{slice_dots_kernel, slice_grad_rows_kernel, slice_rows_kernel, slice_sum_kernel};
+use kernel::{
+    slice_dots_kernel, slice_grad_rows_kernel, slice_rows_kernel, slice_sum_kernel,
+    user_coefs_kernel,
+};
 use tile_kernel::tile_dots_kernel;
 
 /// Vectors per slice (= units per token group): 128 floats with 16-byte vectors.
@@ -81,10 +84,8 @@ pub(crate) struct Sliced<R: CubeRuntime> {
 pub(crate) struct DeviceTiles<R: CubeRuntime> {
     /// `[tiles + 1]` offsets into `entries`.
     pub offsets: CubeTensor<R>,
-    /// Entries by tile.
+    /// `(entry, local row)` pairs by tile.
     pub entries: CubeTensor<R>,
-    /// Rows per tile.
-    pub rows: usize,
 }
 
 impl<R: CubeRuntime> DeviceTiles<R> {
@@ -121,7 +122,6 @@ impl<R: CubeRuntime> Sliced<R> {
                 self.vector,
                 h.clone().into_tensor_arg(),
                 self.rows.clone().into_tensor_arg(),
-                self.slots.clone().into_tensor_arg(),
                 tiles.offsets.clone().into_tensor_arg(),
                 tiles.entries.clone().into_tensor_arg(),
                 parts.clone().into_tensor_arg(),
@@ -129,11 +129,10 @@ impl<R: CubeRuntime> Sliced<R> {
                 k as u32,
                 LANES,
                 GROUPS,
-                tiles.rows as u32,
+                tiles::TILE_ROWS as u32,
                 TILE_CHUNK,
                 plane,
                 plane_values(),
-                tile_prefetch(),
                 self.dtypes(),
             );
             return parts;
@@ -236,7 +235,8 @@ impl<R: CubeRuntime> Sliced<R> {
         (self.gather(&dz, 0, false), dz, dgate)
     }
 
-    /// Backward, row side: `drows` `[R, 2d]` from the transposed index.
+    /// Backward, row side: `drows` `[R, 2d]` from the transposed index: the users' tokens
+    /// and coefficients in user order ([`kernel::user_coefs_kernel`]), then the row sums.
     #[allow(clippy::too_many_arguments)]
     pub fn backward_rows(
         &self,
@@ -249,6 +249,26 @@ impl<R: CubeRuntime> Sliced<R> {
         drows: &CubeTensor<R>,
     ) {
         let n = drows.shape().dims::<2>()[0];
+        let k = self.dims.2.max(1) as u32;
+        // `users` holds at least one element (a placeholder when no row has users).
+        let n_users = users.shape().dims::<1>()[0];
+        let tokens = crate::forward::empty(users, [n_users, 1], users.dtype);
+        let coefs = crate::forward::empty(x, [n_users, 2], x.dtype);
+        let threads = 256u32;
+        user_coefs_kernel::launch::<R>(
+            &x.client,
+            grid(n_users.div_ceil(threads as usize)),
+            CubeDim::new_1d(threads),
+            self.gate.clone().into_tensor_arg(),
+            z.clone().into_tensor_arg(),
+            dz.clone().into_tensor_arg(),
+            users.clone().into_tensor_arg(),
+            tokens.clone().into_tensor_arg(),
+            coefs.clone().into_tensor_arg(),
+            k,
+            threads,
+            [x.dtype.into(), users.dtype.into()],
+        );
         let lanes = grad_lanes();
         let groups = LANES * GROUPS / lanes;
         let per_group = grad_rows_per_group(groups);
@@ -261,17 +281,13 @@ impl<R: CubeRuntime> Sliced<R> {
             self.vector,
             x.clone().into_tensor_arg(),
             dy.clone().into_tensor_arg(),
-            self.gate.clone().into_tensor_arg(),
-            z.clone().into_tensor_arg(),
-            dz.clone().into_tensor_arg(),
             offsets.clone().into_tensor_arg(),
-            users.clone().into_tensor_arg(),
+            tokens.clone().into_tensor_arg(),
+            coefs.clone().into_tensor_arg(),
             drows.clone().into_tensor_arg(),
-            self.dims.2.max(1) as u32,
             lanes,
             groups,
             per_group,
-            grad_planes(&x.client),
             [x.dtype.into(), offsets.dtype.into()],
         );
     }
@@ -303,21 +319,6 @@ pub fn plane_values() -> u32 {
     }
 }
 
-/// Whether the row-gradient kernel hands each row's users round by plane shuffles
-/// (`kernel::slice_grad_rows_kernel`'s `plane`): where [`plane_sums`] holds, unless
-/// `MEFT_KERNEL_GRAD_PLANES=0`.
-pub fn grad_planes<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
-    plane_sums(client) && !crate::switched_off("MEFT_KERNEL_GRAD_PLANES")
-}
-
-/// Whether the tile dots load every entry's token vector up front
-/// (`tile_kernel::tile_dots_kernel`'s `prefetch`): `values` independent loads per butterfly
-/// instead of one load per change of token, which waits for the previous.
-/// `MEFT_KERNEL_TILE_PREFETCH=1` turns it on.
-pub fn tile_prefetch() -> bool {
-    std::env::var("MEFT_KERNEL_TILE_PREFETCH").as_deref() == Ok("1")
-}
-
 /// Rows per group of the row-gradient kernel, given its `groups` per cube: a cube covers
 /// `groups ·` this many consecutive rows (rows close together share users more often, whose
 /// slices L1 then serves). By default 64 rows per cube: with 8 groups, 8 rows per group
@@ -333,10 +334,9 @@ pub fn grad_rows_per_group(groups: u32) -> u32 {
 }
 
 /// Vectors per slice of the row-gradient kernel (units per row group; the cube keeps
-/// `LANES · GROUPS` units, so narrower slices give more groups). A cube's working set is its
-/// rows' users' x and dy slices, which its SM's L1 should hold while the cube runs: 64 users
-/// × 2 × 512 bytes at 32 vectors, half that at 16. `MEFT_KERNEL_GRAD_LANES` (32, 16 or 8)
-/// overrides the default of 32.
+/// `LANES · GROUPS` units, so narrower slices give more groups): 32, or 16 or 8 with
+/// `MEFT_KERNEL_GRAD_LANES`. Narrower slices halve a cube's working set in L1 (its rows'
+/// users' x and dy slices) but read the users' list and coefficients once more per slice.
 pub fn grad_lanes() -> u32 {
     match std::env::var("MEFT_KERNEL_GRAD_LANES").ok().as_deref() {
         Some("16") => 16,

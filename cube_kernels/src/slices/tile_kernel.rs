@@ -26,13 +26,13 @@ const NONE: u32 = 0x7fff_ffff;
 /// `parts[s · M · K + e] = h_t[slice s] · rows[slot e][half, slice s]` for the entries e =
 /// (t, i) of each tile, active or not (the backward's sum kernel drops the inactive ones, so
 /// the gates are not read here). Entries without a row are not written (the sum kernel gives
-/// them 0). `tile_offsets` is `[tiles + 1]` offsets into `tile_entries`.
+/// them 0). `tile_offsets` is `[tiles + 1]` offsets (in entries) into `tile_entries`, which
+/// holds `(entry, local row)` pairs (`tiles::RowTiles::device_entries`).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
     h: &Tensor<Vector<F, N>>,
     rows: &Tensor<Vector<F, N>>,
-    slots: &Tensor<I>,
     tile_offsets: &Tensor<I>,
     tile_entries: &Tensor<I>,
     parts: &mut Tensor<F>,
@@ -44,7 +44,6 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
     #[comptime] chunk: u32,
     #[comptime] plane: bool,
     #[comptime] values: u32,
-    #[comptime] prefetch: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let kk = comptime!(k as usize);
@@ -70,7 +69,7 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
     let end = u32::cast_from(tile_offsets[tile + 1]) as usize;
     // The first round's entry and local row, loaded before the row staging waits.
     let mut base = begin;
-    let (mut e, mut lr) = tile_entry(slots, tile_entries, base + tid, end, r0);
+    let (mut e, mut lr) = tile_entry(tile_entries, base + tid, end);
 
     let mut tile_smem =
         SharedMemory::<Vector<f32, N>>::new(comptime!(tile_rows as usize * lanes as usize));
@@ -100,7 +99,7 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
         loc[tid] = lr;
         sync_cube();
         // The next round's entries, loaded while this one computes.
-        (e, lr) = tile_entry(slots, tile_entries, base + nt + tid, end, r0);
+        (e, lr) = tile_entry(tile_entries, base + nt + tid, end);
 
         let q0 = gi * nl;
         if plane {
@@ -113,45 +112,19 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
                 for p in 0..comptime!(lanes as usize / np) {
                     let qp = q0 + p * np;
                     let mut vals = Array::<f32>::new(np);
-                    if prefetch {
-                        // Every entry's token vector loaded up front, independent of the
-                        // others (repeats of a token are L1 hits): `values` loads in flight
-                        // instead of one per token change.
-                        let mut hs = Array::<Vector<f32, N>>::new(np);
-                        #[unroll]
-                        for j in 0..np {
-                            let mut v = Vector::<f32, N>::new(f32::new(0.0));
-                            if col < dv {
-                                // Past the entries `ent` holds 0: token 0, a valid address.
-                                let t = ent[qp + j] / k;
-                                v = Vector::<f32, N>::cast_from(h[t as usize * dv + col]);
+                    #[unroll]
+                    for j in 0..np {
+                        let lj = loc[qp + j];
+                        let mut v = f32::new(0.0);
+                        if (lj as usize) < tr && col < dv {
+                            let t = ent[qp + j] / k;
+                            if t != last {
+                                hr = Vector::<f32, N>::cast_from(h[t as usize * dv + col]);
+                                last = t;
                             }
-                            hs[j] = v;
+                            v = lane_sum(hr * tile_smem[lj as usize * nl + l]);
                         }
-                        #[unroll]
-                        for j in 0..np {
-                            let lj = loc[qp + j];
-                            let mut v = f32::new(0.0);
-                            if (lj as usize) < tr {
-                                v = lane_sum(hs[j] * tile_smem[lj as usize * nl + l]);
-                            }
-                            vals[j] = v;
-                        }
-                    } else {
-                        #[unroll]
-                        for j in 0..np {
-                            let lj = loc[qp + j];
-                            let mut v = f32::new(0.0);
-                            if (lj as usize) < tr && col < dv {
-                                let t = ent[qp + j] / k;
-                                if t != last {
-                                    hr = Vector::<f32, N>::cast_from(h[t as usize * dv + col]);
-                                    last = t;
-                                }
-                                v = lane_sum(hr * tile_smem[lj as usize * nl + l]);
-                            }
-                            vals[j] = v;
-                        }
+                        vals[j] = v;
                     }
                     plane_transposed_sums(&mut vals, l as u32, values);
                     // Nested: cubecl 0.10 evaluates both sides of `&&`, and in the last
@@ -201,20 +174,15 @@ fn slice_and_tile(tiles: usize) -> (usize, usize) {
     (c / tiles, c % tiles)
 }
 
-/// Entry `p` of the tile's list and its row's position in the tile (`NONE` at `p >= end`).
+/// Entry `p` of the tile's list and its row's position in the tile (`NONE` at `p >= end`),
+/// from the `(entry, local row)` pairs of `tile_entries`.
 #[cube]
-fn tile_entry<I: Numeric>(
-    slots: &Tensor<I>,
-    tile_entries: &Tensor<I>,
-    p: usize,
-    end: usize,
-    r0: usize,
-) -> (u32, u32) {
+fn tile_entry<I: Numeric>(tile_entries: &Tensor<I>, p: usize, end: usize) -> (u32, u32) {
     let mut e = 0u32.runtime();
     let mut lr = NONE.runtime();
     if p < end {
-        e = u32::cast_from(tile_entries[p]);
-        lr = u32::cast_from(slots[e as usize]) - r0 as u32;
+        e = u32::cast_from(tile_entries[2 * p]);
+        lr = u32::cast_from(tile_entries[2 * p + 1]);
     }
     (e, lr)
 }
