@@ -288,6 +288,7 @@ impl<R: CubeRuntime> Sliced<R> {
             lanes,
             groups,
             per_group,
+            grad_step(),
             [x.dtype.into(), offsets.dtype.into()],
         );
     }
@@ -331,6 +332,16 @@ pub fn grad_rows_per_group(groups: u32) -> u32 {
         .and_then(|v| v.parse::<u32>().ok())
         .unwrap_or((64 / groups).max(1))
         .clamp(1, 16)
+}
+
+/// Users per step of the row-gradient kernel (`kernel::slice_grad_rows_kernel`'s `step`):
+/// 1 (each user's loads wait for the previous user's sums), or 4 with
+/// `MEFT_KERNEL_GRAD_STEP=4` (four users' loads in flight together).
+pub fn grad_step() -> u32 {
+    match std::env::var("MEFT_KERNEL_GRAD_STEP").ok().as_deref() {
+        Some("4") => 4,
+        _ => 1,
+    }
 }
 
 /// Vectors per slice of the row-gradient kernel (units per row group; the cube keeps

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Device run (2026-12-05), after `bash scripts/gpu/stash.sh` with .gpu/c0 holding meft.gz
+# Device run (2026-12-05; ran on an H200: no H100 could be started), after `bash scripts/gpu/stash.sh` with .gpu/c0 holding meft.xz
 # (commit "Sliced row gradients read each user's token and coefficients contiguously…"),
-# meft-old.gz (run1's binary, b4d339b; with MEFT_KERNEL_GRAD_PLANES=0 it is the code before
-# this session apart from the plane-values knob) and kt.gz. CUDA kernel tests (default and
+# meft-old.xz (run1's binary, b4d339b; with MEFT_KERNEL_GRAD_PLANES=0 it is the code before
+# this session apart from the plane-values knob) and kt.xz (xz: the three fit the 64 MiB carry). CUDA kernel tests (default and
 # MEFT_KERNEL_GRAD_LANES=16, two processes at once); bench old vs new in alternating
 # processes; ncu per kernel of both.
 set -uo pipefail
@@ -11,7 +11,12 @@ save() { tar czf $OUT/res.tgz -C $R .; }
 trap save EXIT
 export MEFT_CUDA_FUSION=0
 cd $S
-for f in kt meft-old; do if [[ -f $f.gz ]]; then gunzip -f $f.gz && chmod +x $f; fi; done
+for f in kt meft meft-old; do
+  if [[ -f $f.xz ]]; then
+    xz -d -f $f.xz 2>/dev/null || python3 -c "import lzma,sys; open(sys.argv[1],'wb').write(lzma.open(sys.argv[1]+'.xz').read())" $f
+    chmod +x $f
+  fi
+done
 echo "date $(date -u +%F) MEFT_CUDA_FUSION=0 $(nvidia-smi --query-gpu=name --format=csv,noheader)" >> $R/log.md
 ( timeout 170 ./kt --test-threads 2 > $R/kt-default.txt 2>&1 ) &
 ( MEFT_KERNEL_GRAD_LANES=16 timeout 170 ./kt --test-threads 2 > $R/kt-lanes16.txt 2>&1 ) &
