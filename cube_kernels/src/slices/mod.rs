@@ -17,9 +17,10 @@
 //! | [`kernel::slice_sum_kernel`] | `z` | `dz`, `dgate` |
 //! | [`kernel::slice_rows_kernel`] | `y = Σ relu(gate·z) v_j` | `dx = Σ dz k_j` |
 //!
-//! and the row gradients run as [`kernel::slice_grad_rows_kernel`] (one group per row, a cube
-//! per [`grad_rows_per_group`]` · GROUPS` consecutive rows, the tokens' x and dy slices hot
-//! in L2). Used when `HostIndex::plan` chooses it
+//! and the row gradients run as [`kernel::user_coefs_kernel`] (each row user's token and
+//! coefficients, once, in user order) then [`kernel::slice_grad_rows_kernel`] (one group per
+//! row, a cube per 64 consecutive rows, the tokens' x and dy slices hot in L1 and L2). Used
+//! when `HostIndex::plan` chooses it
 //! (`ActiveIndex::sliced`): 4-byte floats, K ≤ [`MAX_K`] (the staged slot lists fill shared
 //! memory), and no L2 passes.
 //!
@@ -288,7 +289,6 @@ impl<R: CubeRuntime> Sliced<R> {
             lanes,
             groups,
             per_group,
-            grad_step(),
             [x.dtype.into(), offsets.dtype.into()],
         );
     }
@@ -332,16 +332,6 @@ pub fn grad_rows_per_group(groups: u32) -> u32 {
         .and_then(|v| v.parse::<u32>().ok())
         .unwrap_or((64 / groups).max(1))
         .clamp(1, 16)
-}
-
-/// Users per step of the row-gradient kernel (`kernel::slice_grad_rows_kernel`'s `step`):
-/// 1 (each user's loads wait for the previous user's sums), or 4 with
-/// `MEFT_KERNEL_GRAD_STEP=4` (four users' loads in flight together).
-pub fn grad_step() -> u32 {
-    match std::env::var("MEFT_KERNEL_GRAD_STEP").ok().as_deref() {
-        Some("4") => 4,
-        _ => 1,
-    }
 }
 
 /// Vectors per slice of the row-gradient kernel (units per row group; the cube keeps
