@@ -337,7 +337,9 @@ pub fn grad_rows_per_group(groups: u32) -> u32 {
 /// Vectors per slice of the row-gradient kernel (units per row group; the cube keeps
 /// `LANES · GROUPS` units, so narrower slices give more groups): 32, or 16 or 8 with
 /// `MEFT_KERNEL_GRAD_LANES`. Narrower slices halve a cube's working set in L1 (its rows'
-/// users' x and dy slices) but read the users' list and coefficients once more per slice.
+/// users' x and dy slices) but read the users' list and coefficients once more per slice; on
+/// the H200 (routed K = 64) 16 vectors lifted L1 hits from 47 % to 70 % and took as long
+/// (BENCHMARKS.md, 2026-12-05).
 pub fn grad_lanes() -> u32 {
     match std::env::var("MEFT_KERNEL_GRAD_LANES").ok().as_deref() {
         Some("16") => 16,
