@@ -63,9 +63,9 @@ const TILE_CHUNK: u32 = 8;
 /// (`GROUPS · K` row ids and coefficients: 16 KiB at K = 256).
 pub const MAX_K: usize = 256;
 
-/// Number of slices of a width of `dv` vectors.
-pub fn slice_count(dv: usize) -> usize {
-    dv.div_ceil(LANES as usize).max(1)
+/// Number of slices of `lanes` vectors in a width of `dv` vectors.
+pub fn slice_count(dv: usize, lanes: u32) -> usize {
+    dv.div_ceil(lanes as usize).max(1)
 }
 
 /// Tensors of one sliced launch: `rows` `[R, 2d]`, `slots`, `gate` `[M, K]`.
@@ -101,7 +101,7 @@ impl<R: CubeRuntime> Sliced<R> {
     }
 
     fn slices(&self) -> usize {
-        slice_count(self.dims.1 / self.vector)
+        slice_count(self.dims.1 / self.vector, LANES)
     }
 
     fn token_cubes(&self) -> usize {
@@ -273,7 +273,7 @@ impl<R: CubeRuntime> Sliced<R> {
         let lanes = grad_lanes();
         let groups = LANES * GROUPS / lanes;
         let per_group = grad_rows_per_group(groups);
-        let slices = (self.dims.1 / self.vector).div_ceil(lanes as usize).max(1);
+        let slices = slice_count(self.dims.1 / self.vector, lanes);
         let cubes = slices * n.div_ceil((groups * per_group) as usize);
         slice_grad_rows_kernel::launch::<R>(
             &x.client,
