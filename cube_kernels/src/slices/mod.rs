@@ -289,6 +289,7 @@ impl<R: CubeRuntime> Sliced<R> {
             lanes,
             groups,
             per_group,
+            grad_step(),
             [x.dtype.into(), offsets.dtype.into()],
         );
     }
@@ -332,6 +333,18 @@ pub fn grad_rows_per_group(groups: u32) -> u32 {
         .and_then(|v| v.parse::<u32>().ok())
         .unwrap_or((64 / groups).max(1))
         .clamp(1, 16)
+}
+
+/// Users per step of the row-gradient kernel (`kernel::slice_grad_rows_kernel`'s `step`):
+/// 1 (each user's loads wait for the previous user's sums), or 2, 4 or 8 with
+/// `MEFT_KERNEL_GRAD_STEP` (that many users' loads in flight together).
+pub fn grad_step() -> u32 {
+    match std::env::var("MEFT_KERNEL_GRAD_STEP").ok().as_deref() {
+        Some("2") => 2,
+        Some("4") => 4,
+        Some("8") => 8,
+        _ => 1,
+    }
 }
 
 /// Vectors per slice of the row-gradient kernel (units per row group; the cube keeps

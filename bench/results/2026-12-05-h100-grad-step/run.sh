@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Device run (2026-12-05, second session), after `bash scripts/gpu/stash.sh` with .gpu/c0
+# holding meft.xz and kt.xz (the CUDA release binary and the kernels test binary, xz so both
+# fit the carry). The row-gradient kernel's users per step (MEFT_KERNEL_GRAD_STEP 1/2/4/8)
+# and slice width (MEFT_KERNEL_GRAD_LANES 32/16), side by side on routed rows, K = 64 and 256;
+# CUDA kernel tests under step 4 and step 8 + 16 lanes; then the full bench with the generic
+# path at K = 64, 256, 1024 (routed and random rows) on the current code; ncu per kernel.
+set -uo pipefail
+S=/root/stash; R=$OUT/r; mkdir -p $R
+save() { tar czf $OUT/res.tgz -C $R .; }
+trap save EXIT
+export MEFT_CUDA_FUSION=0
+cd $S
+for f in kt meft; do
+  if [[ -f $f.xz ]]; then
+    xz -d -f $f.xz 2>/dev/null || python3 -c "import lzma,sys; open(sys.argv[1],'wb').write(lzma.open(sys.argv[1]+'.xz').read())" $f
+    chmod +x $f
+  fi
+done
+echo "date $(date -u +%F) MEFT_CUDA_FUSION=0 $(nvidia-smi --query-gpu=name --format=csv,noheader)" >> $R/log.md
+T1="MEFT_KERNEL_GRAD_STEP=4"
+T2="MEFT_KERNEL_GRAD_STEP=8 MEFT_KERNEL_GRAD_LANES=16"
+T3="X=0"
+for t in 1 2 3; do v=T$t; ( env ${!v} timeout 170 ./kt --test-threads 2 > $R/kt$t.txt 2>&1 ) & done
+wait
+for t in 1 2 3; do v=T$t; { echo "## kernels tests (cuda, ${!v})"; grep -E "^test |panicked|test result|illegal" $R/kt$t.txt | head -8; } | tee -a $R/log.md; done
+save
+B="./meft bench kernels --backend cuda --dtype f32 --warmup 2 --iters 5"
+bench() { # name K slots env...
+  local name=$1 k=$2 slots=$3; shift 3
+  { echo "## bench K=$k $slots $name ($*) $(date -u +%T)"; env "$@" timeout 90 $B --skip-generic --top-k $k --slots $slots --out $R/k$k-$slots-$name.json 2>&1 | grep -v XDG_RUNTIME | grep -E "^\||Error|error" | grep -v "whole rows\|without tiles"; } | tee -a $R/log.md
+  save
+}
+for rep in a b; do
+  bench step1-$rep 64 routed X=0
+  bench step2-$rep 64 routed MEFT_KERNEL_GRAD_STEP=2
+  bench step4-$rep 64 routed MEFT_KERNEL_GRAD_STEP=4
+  bench step8-$rep 64 routed MEFT_KERNEL_GRAD_STEP=8
+  bench step4-lanes16-$rep 64 routed MEFT_KERNEL_GRAD_STEP=4 MEFT_KERNEL_GRAD_LANES=16
+  bench step8-lanes16-$rep 64 routed MEFT_KERNEL_GRAD_STEP=8 MEFT_KERNEL_GRAD_LANES=16
+  bench lanes16-$rep 64 routed MEFT_KERNEL_GRAD_LANES=16
+done
+for rep in a b; do
+  bench step1-$rep 256 routed X=0
+  bench step4-$rep 256 routed MEFT_KERNEL_GRAD_STEP=4
+  bench step8-lanes16-$rep 256 routed MEFT_KERNEL_GRAD_STEP=8 MEFT_KERNEL_GRAD_LANES=16
+done
+full() { # slots
+  { echo "## full bench with the generic path, $1 rows, K 64,256,1024 $(date -u +%T)"; timeout 240 $B --top-k 64,256,1024 --slots $1 --out $R/full-$1.json 2>&1 | grep -v XDG_RUNTIME | grep -E "^\||Error|error"; } | tee -a $R/log.md
+  save
+}
+full routed
+full random
+M=gpu__time_duration.sum,lts__t_bytes.sum,dram__bytes_read.sum,l1tex__t_sector_hit_rate.pct,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active
+ncu_run() { # name env...
+  local n=$1; shift
+  env "$@" timeout 100 ncu --clock-control none --kernel-name regex:"tile_dots|slice_|user_coefs" --launch-count 8 --metrics $M --csv ./meft bench kernels --backend cuda --dtype f32 --skip-generic --top-k 64 --slots routed --iters 1 --warmup 0 --out $R/ncu.json > $R/ncu-$n.csv 2>$R/ncu-$n.err; rm -f $R/ncu.json; save
+}
+ncu_run step1 X=0
+ncu_run step4 MEFT_KERNEL_GRAD_STEP=4
+ncu_run step8-lanes16 MEFT_KERNEL_GRAD_STEP=8 MEFT_KERNEL_GRAD_LANES=16
