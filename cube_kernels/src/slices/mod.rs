@@ -198,10 +198,14 @@ impl<R: CubeRuntime> Sliced<R> {
     fn gather(&self, coef: &CubeTensor<R>, half: u32, relu: bool) -> CubeTensor<R> {
         let (m, d, k) = self.dims;
         let out = crate::forward::empty(coef, [m, d], coef.dtype);
+        let lanes = rows_lanes();
+        // The staged slot lists (8 bytes per token and slot) stay within 32 KiB.
+        let tokens = (LANES * GROUPS / lanes).min((4096 / k.max(1)).max(1) as u32);
+        let cubes = slice_count(d / self.vector, lanes) * m.div_ceil(tokens as usize);
         slice_rows_kernel::launch::<R>(
             &coef.client,
-            grid(self.token_cubes()),
-            CubeDim::new_1d(LANES * GROUPS),
+            grid(cubes),
+            CubeDim::new_1d(lanes * tokens),
             self.vector,
             self.rows.clone().into_tensor_arg(),
             self.slots.clone().into_tensor_arg(),
@@ -210,8 +214,8 @@ impl<R: CubeRuntime> Sliced<R> {
             out.clone().into_tensor_arg(),
             half,
             k as u32,
-            LANES,
-            GROUPS,
+            lanes,
+            tokens,
             relu,
             self.dtypes(),
         );
@@ -344,6 +348,19 @@ pub fn grad_step() -> u32 {
         Some("4") => 4,
         Some("8") => 8,
         _ => 1,
+    }
+}
+
+/// Vectors per slice of the output kernel (`kernel::slice_rows_kernel`: y and dx): 32, or 16
+/// or 8 with `MEFT_KERNEL_ROWS_LANES` (a cube then takes 16 or 32 tokens). At 32 one slice
+/// of every row is 32 MiB, which L2 keeps only in part (the H200 read the value rows from
+/// memory 2.5 times over at routed K = 64); narrower slices halve that working set and
+/// re-read the tokens' slot lists once more per slice.
+pub fn rows_lanes() -> u32 {
+    match std::env::var("MEFT_KERNEL_ROWS_LANES").ok().as_deref() {
+        Some("16") => 16,
+        Some("8") => 8,
+        _ => LANES,
     }
 }
 
