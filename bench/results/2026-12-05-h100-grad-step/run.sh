@@ -3,7 +3,8 @@
 # holding meft.xz and kt.xz (the CUDA release binary and the kernels test binary, xz so both
 # fit the carry). Phase `a`: CUDA kernel tests under the switches; the row-gradient kernel's
 # users per step (MEFT_KERNEL_GRAD_STEP 1/2/4/8) and slice width (MEFT_KERNEL_GRAD_LANES),
-# and the output kernel's slice width (MEFT_KERNEL_ROWS_LANES 32/16/8), side by side in
+# the output kernel's slice width (MEFT_KERNEL_ROWS_LANES 32/16/8) and the value gradients
+# summed in the backward's tile dots (MEFT_KERNEL_TILE_DV=1), side by side in
 # alternating processes on routed rows, K = 64 and 256. Phase `b` (the next call): the full
 # bench with the generic path at K = 64, 256, 1024 (routed and random rows); ncu per kernel.
 set -uo pipefail
@@ -27,8 +28,8 @@ bench() { # name K slots env...
   save
 }
 if [[ ${1:-a} == a ]]; then
-T1="MEFT_KERNEL_GRAD_STEP=4 MEFT_KERNEL_ROWS_LANES=8"
-T2="MEFT_KERNEL_GRAD_STEP=8 MEFT_KERNEL_GRAD_LANES=16 MEFT_KERNEL_ROWS_LANES=16"
+T1="MEFT_KERNEL_GRAD_STEP=4 MEFT_KERNEL_ROWS_LANES=8 MEFT_KERNEL_TILE_DV=1"
+T2="MEFT_KERNEL_GRAD_STEP=8 MEFT_KERNEL_GRAD_LANES=16 MEFT_KERNEL_ROWS_LANES=16 MEFT_KERNEL_TILE_DV=1"
 T3="X=0"
 for t in 1 2 3; do v=T$t; ( env ${!v} timeout 170 ./kt --test-threads 2 > $R/kt$t.txt 2>&1 ) & done
 wait
@@ -43,6 +44,8 @@ for rep in a b; do
   bench rows16-$rep 64 routed MEFT_KERNEL_ROWS_LANES=16
   bench rows8-$rep 64 routed MEFT_KERNEL_ROWS_LANES=8
   bench rows16-step4-$rep 64 routed MEFT_KERNEL_ROWS_LANES=16 MEFT_KERNEL_GRAD_STEP=4
+  bench dv-$rep 64 routed MEFT_KERNEL_TILE_DV=1
+  bench dv-rows16-step4-$rep 64 routed MEFT_KERNEL_TILE_DV=1 MEFT_KERNEL_ROWS_LANES=16 MEFT_KERNEL_GRAD_STEP=4
 done
 bench step2-a 64 routed MEFT_KERNEL_GRAD_STEP=2
 bench step8-lanes16-a 64 routed MEFT_KERNEL_GRAD_STEP=8 MEFT_KERNEL_GRAD_LANES=16
@@ -51,6 +54,7 @@ for rep in a b; do
   bench step4-$rep 256 routed MEFT_KERNEL_GRAD_STEP=4
   bench rows16-$rep 256 routed MEFT_KERNEL_ROWS_LANES=16
   bench rows16-step4-$rep 256 routed MEFT_KERNEL_ROWS_LANES=16 MEFT_KERNEL_GRAD_STEP=4
+  bench dv-$rep 256 routed MEFT_KERNEL_TILE_DV=1
 done
 bench step1-a 64 random X=0
 bench rows16-a 64 random MEFT_KERNEL_ROWS_LANES=16
@@ -64,8 +68,9 @@ full random
 M=gpu__time_duration.sum,lts__t_bytes.sum,dram__bytes_read.sum,l1tex__t_sector_hit_rate.pct,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active
 ncu_run() { # name env...
   local n=$1; shift
-  env "$@" timeout 90 ncu --clock-control none --kernel-name regex:"tile_dots|slice_|user_coefs" --launch-count 8 --metrics $M --csv ./meft bench kernels --backend cuda --dtype f32 --skip-generic --top-k 64 --slots routed --iters 1 --warmup 0 --out $R/ncu.json > $R/ncu-$n.csv 2>$R/ncu-$n.err; rm -f $R/ncu.json; save
+  env "$@" timeout 90 ncu --clock-control none --kernel-name regex:"tile_dots|slice_|user_coefs" --launch-count 9 --metrics $M --csv ./meft bench kernels --backend cuda --dtype f32 --skip-generic --top-k 64 --slots routed --iters 1 --warmup 0 --out $R/ncu.json > $R/ncu-$n.csv 2>$R/ncu-$n.err; rm -f $R/ncu.json; save
 }
 ncu_run step1 X=0
 ncu_run rows16-step4 MEFT_KERNEL_ROWS_LANES=16 MEFT_KERNEL_GRAD_STEP=4
+ncu_run dv MEFT_KERNEL_TILE_DV=1
 fi

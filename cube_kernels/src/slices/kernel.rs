@@ -363,8 +363,11 @@ pub fn slice_rows_kernel<F: Float, I: Numeric, N: Size>(
 /// Each row user's token and coefficients, in the order of `row_users` (one unit per user
 /// p, entry e = `row_users[p]`): `tokens[p] = e / K`, `coefs[p] = (dz_e, relu(gate_e z_e))`.
 /// Run once before [`slice_grad_rows_kernel`], which then reads them contiguously instead
-/// of gathering three scattered 4-byte values per user in every slice.
+/// of gathering three scattered 4-byte values per user in every slice. `part` 0 writes all
+/// three; 1 the token and `relu(gate_e z_e)` (known before the backward's dots); 2 only
+/// `dz_e` (`dz` is not read otherwise).
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 pub fn user_coefs_kernel<F: Float, I: Numeric>(
     gate: &Tensor<F>,
     z: &Tensor<F>,
@@ -374,6 +377,7 @@ pub fn user_coefs_kernel<F: Float, I: Numeric>(
     coefs: &mut Tensor<F>,
     #[comptime] k: u32,
     #[comptime] threads: u32,
+    #[comptime] part: u32,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let p = cube_index() * comptime!(threads as usize) + UNIT_POS_X as usize;
@@ -381,13 +385,17 @@ pub fn user_coefs_kernel<F: Float, I: Numeric>(
         terminate!();
     }
     let e = u32::cast_from(row_users[p]) as usize;
-    let mut ca = f32::cast_from(gate[e]) * f32::cast_from(z[e]);
-    if ca <= f32::new(0.0) {
-        ca = f32::new(0.0);
+    if comptime!(part != 2) {
+        let mut ca = f32::cast_from(gate[e]) * f32::cast_from(z[e]);
+        if ca <= f32::new(0.0) {
+            ca = f32::new(0.0);
+        }
+        tokens[p] = I::cast_from(e / comptime!(k as usize));
+        coefs[2 * p + 1] = F::cast_from(ca);
     }
-    tokens[p] = I::cast_from(e / comptime!(k as usize));
-    coefs[2 * p] = dz[e];
-    coefs[2 * p + 1] = F::cast_from(ca);
+    if comptime!(part != 1) {
+        coefs[2 * p] = dz[e];
+    }
 }
 
 /// The row gradients over one slice, one group per row j: `dk_j = Σ dz_e x_t` and
@@ -397,6 +405,7 @@ pub fn user_coefs_kernel<F: Float, I: Numeric>(
 /// `groups · rows_per_group` consecutive rows, group g rows `g, g + groups, …`: with routed
 /// rows the rows of a cube share users, whose slices its SM's L1 then serves. With
 /// `step > 1` a unit loads `step` users' coefficients, then their vectors, before summing.
+/// With `keys_only` only `dk` is summed and written (the tile dots wrote `dv`).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn slice_grad_rows_kernel<F: Float, I: Numeric, N: Size>(
@@ -410,6 +419,7 @@ pub fn slice_grad_rows_kernel<F: Float, I: Numeric, N: Size>(
     #[comptime] groups: u32,
     #[comptime] rows_per_group: u32,
     #[comptime] step: u32,
+    #[comptime] keys_only: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let nl = comptime!(lanes as usize);
@@ -463,8 +473,10 @@ pub fn slice_grad_rows_kernel<F: Float, I: Numeric, N: Size>(
                         if cz[u] != f32::new(0.0) {
                             xv = Vector::<f32, N>::cast_from(x[at]);
                         }
-                        if ca[u] != f32::new(0.0) {
-                            dyv = Vector::<f32, N>::cast_from(dy[at]);
+                        if !keys_only {
+                            if ca[u] != f32::new(0.0) {
+                                dyv = Vector::<f32, N>::cast_from(dy[at]);
+                            }
                         }
                         xs[u] = xv;
                         ds[u] = dyv;
@@ -474,8 +486,10 @@ pub fn slice_grad_rows_kernel<F: Float, I: Numeric, N: Size>(
                         if cz[u] != f32::new(0.0) {
                             ak += Vector::<f32, N>::new(cz[u]) * xs[u];
                         }
-                        if ca[u] != f32::new(0.0) {
-                            av += Vector::<f32, N>::new(ca[u]) * ds[u];
+                        if !keys_only {
+                            if ca[u] != f32::new(0.0) {
+                                av += Vector::<f32, N>::new(ca[u]) * ds[u];
+                            }
                         }
                     }
                     p0 += ns;
@@ -489,14 +503,18 @@ pub fn slice_grad_rows_kernel<F: Float, I: Numeric, N: Size>(
                         ak += Vector::<f32, N>::new(cz)
                             * Vector::<f32, N>::cast_from(x[t * dv + col]);
                     }
-                    if ca != f32::new(0.0) {
-                        av += Vector::<f32, N>::new(ca)
-                            * Vector::<f32, N>::cast_from(dy[t * dv + col]);
+                    if !keys_only {
+                        if ca != f32::new(0.0) {
+                            av += Vector::<f32, N>::new(ca)
+                                * Vector::<f32, N>::cast_from(dy[t * dv + col]);
+                        }
                     }
                 }
             }
             drows[r * w + col] = Vector::<F, N>::cast_from(ak);
-            drows[r * w + dv + col] = Vector::<F, N>::cast_from(av);
+            if !keys_only {
+                drows[r * w + dv + col] = Vector::<F, N>::cast_from(av);
+            }
         }
     }
 }

@@ -112,9 +112,24 @@ impl<R: CubeRuntime> Sliced<R> {
     /// with `z` (backward), active slots only — the tile kernel computes every slot and
     /// leaves the masking to the sum kernel, which applies it either way.
     fn dots(&self, h: &CubeTensor<R>, half: u32, z: Option<&CubeTensor<R>>) -> CubeTensor<R> {
+        self.dots_with(h, half, z, None)
+    }
+
+    /// [`Self::dots`]; with `value_grads` (row tiles only) the tile dots also write the
+    /// value gradients of their rows (`tile_kernel::tile_dots_kernel`'s `value_grads`).
+    fn dots_with(
+        &self,
+        h: &CubeTensor<R>,
+        half: u32,
+        z: Option<&CubeTensor<R>>,
+        value_grads: Option<&UserCoefs<R>>,
+    ) -> CubeTensor<R> {
         let (m, _, k) = self.dims;
         let parts = crate::forward::empty(h, [self.slices() * m, k], h.dtype);
         if let Some(tiles) = &self.tiles {
+            let vg = value_grads;
+            // Without `value_grads` the kernel writes no row gradients: a 1-vector stand-in.
+            let no_rows = crate::forward::empty(h, [1, self.vector], h.dtype);
             let plane = plane_sums(&h.client);
             tile_dots_kernel::launch::<R>(
                 &h.client,
@@ -126,6 +141,15 @@ impl<R: CubeRuntime> Sliced<R> {
                 tiles.offsets.clone().into_tensor_arg(),
                 tiles.entries.clone().into_tensor_arg(),
                 parts.clone().into_tensor_arg(),
+                // Unread without `value_grads`: any tensors of the right kinds.
+                vg.map_or(&tiles.offsets, |c| &c.offsets)
+                    .clone()
+                    .into_tensor_arg(),
+                vg.map_or(&tiles.offsets, |c| &c.tokens)
+                    .clone()
+                    .into_tensor_arg(),
+                vg.map_or(&parts, |c| &c.coefs).clone().into_tensor_arg(),
+                vg.map_or(&no_rows, |c| &c.drows).clone().into_tensor_arg(),
                 half,
                 k as u32,
                 LANES,
@@ -134,6 +158,7 @@ impl<R: CubeRuntime> Sliced<R> {
                 TILE_CHUNK,
                 plane,
                 plane_values(),
+                vg.is_some(),
                 self.dtypes(),
             );
             return parts;
@@ -229,51 +254,70 @@ impl<R: CubeRuntime> Sliced<R> {
         (self.gather(&z, 1, true), z)
     }
 
-    /// Backward, token side: `(dx, dz, dgate)`.
-    pub fn backward_tokens(
-        &self,
-        z: &CubeTensor<R>,
-        dy: &CubeTensor<R>,
-    ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
-        let parts = self.dots(dy, 1, Some(z));
-        let (dz, dgate) = self.sum(&parts, Some(z));
-        (self.gather(&dz, 0, false), dz, dgate)
-    }
-
-    /// Backward, row side: `drows` `[R, 2d]` from the transposed index: the users' tokens
-    /// and coefficients in user order ([`kernel::user_coefs_kernel`]), then the row sums.
+    /// Backward: `(dx, dz, dgate)`, and the row gradients into `drows` `[R, 2d]` from the
+    /// transposed index (`offsets`, `users`; `drows` is not touched when R = 0). The row
+    /// side runs as the users' tokens and coefficients in user order
+    /// ([`kernel::user_coefs_kernel`]), then the row sums. With row tiles and
+    /// [`tile_value_grads`] the value half of the row sums runs in the tile dots (whose cube
+    /// has just read the users' dy slices), and the row-sum kernel sums the keys only.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward_rows(
+    pub fn backward(
         &self,
         x: &CubeTensor<R>,
         dy: &CubeTensor<R>,
         z: &CubeTensor<R>,
-        dz: &CubeTensor<R>,
         offsets: &CubeTensor<R>,
         users: &CubeTensor<R>,
         drows: &CubeTensor<R>,
-    ) {
+    ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
         let n = drows.shape().dims::<2>()[0];
-        let k = self.dims.2.max(1) as u32;
         // `users` holds at least one element (a placeholder when no row has users).
         let n_users = users.shape().dims::<1>()[0];
-        let tokens = crate::forward::empty(users, [n_users, 1], users.dtype);
-        let coefs = crate::forward::empty(x, [n_users, 2], x.dtype);
+        let coefs = UserCoefs {
+            offsets: offsets.clone(),
+            users: users.clone(),
+            tokens: crate::forward::empty(users, [n_users, 1], users.dtype),
+            coefs: crate::forward::empty(x, [n_users, 2], x.dtype),
+            drows: drows.clone(),
+        };
+        let fused = n > 0 && self.tiles.is_some() && tile_value_grads();
+        if fused {
+            self.user_coefs(&coefs, z, z, 1);
+        }
+        let parts = self.dots_with(dy, 1, Some(z), fused.then_some(&coefs));
+        let (dz, dgate) = self.sum(&parts, Some(z));
+        let dx = self.gather(&dz, 0, false);
+        if n > 0 {
+            self.user_coefs(&coefs, z, &dz, if fused { 2 } else { 0 });
+            self.grad_rows(x, dy, &coefs, fused);
+        }
+        (dx, dz, dgate)
+    }
+
+    /// [`kernel::user_coefs_kernel`] into `c.tokens`, `c.coefs` (`part` as there).
+    fn user_coefs(&self, c: &UserCoefs<R>, z: &CubeTensor<R>, dz: &CubeTensor<R>, part: u32) {
+        let n_users = c.users.shape().dims::<1>()[0];
         let threads = 256u32;
         user_coefs_kernel::launch::<R>(
-            &x.client,
+            &z.client,
             grid(n_users.div_ceil(threads as usize)),
             CubeDim::new_1d(threads),
             self.gate.clone().into_tensor_arg(),
             z.clone().into_tensor_arg(),
             dz.clone().into_tensor_arg(),
-            users.clone().into_tensor_arg(),
-            tokens.clone().into_tensor_arg(),
-            coefs.clone().into_tensor_arg(),
-            k,
+            c.users.clone().into_tensor_arg(),
+            c.tokens.clone().into_tensor_arg(),
+            c.coefs.clone().into_tensor_arg(),
+            self.dims.2.max(1) as u32,
             threads,
-            [x.dtype.into(), users.dtype.into()],
+            part,
+            [z.dtype.into(), c.users.dtype.into()],
         );
+    }
+
+    /// [`kernel::slice_grad_rows_kernel`] into `c.drows` (keys only with `keys_only`).
+    fn grad_rows(&self, x: &CubeTensor<R>, dy: &CubeTensor<R>, c: &UserCoefs<R>, keys_only: bool) {
+        let n = c.drows.shape().dims::<2>()[0];
         let lanes = grad_lanes();
         let groups = LANES * GROUPS / lanes;
         let per_group = grad_rows_per_group(groups);
@@ -286,17 +330,40 @@ impl<R: CubeRuntime> Sliced<R> {
             self.vector,
             x.clone().into_tensor_arg(),
             dy.clone().into_tensor_arg(),
-            offsets.clone().into_tensor_arg(),
-            tokens.clone().into_tensor_arg(),
-            coefs.clone().into_tensor_arg(),
-            drows.clone().into_tensor_arg(),
+            c.offsets.clone().into_tensor_arg(),
+            c.tokens.clone().into_tensor_arg(),
+            c.coefs.clone().into_tensor_arg(),
+            c.drows.clone().into_tensor_arg(),
             lanes,
             groups,
             per_group,
             grad_step(),
-            [x.dtype.into(), offsets.dtype.into()],
+            keys_only,
+            [x.dtype.into(), c.offsets.dtype.into()],
         );
     }
+}
+
+/// The row side of a backward: the transposed index, the users' tokens and coefficients
+/// (written by [`kernel::user_coefs_kernel`]) and the row gradients they are summed into.
+struct UserCoefs<R: CubeRuntime> {
+    /// `[R + 1]` offsets into `users`.
+    offsets: CubeTensor<R>,
+    /// Each row's user entries, by row.
+    users: CubeTensor<R>,
+    /// `[users, 1]` each user's token.
+    tokens: CubeTensor<R>,
+    /// `[users, 2]` each user's `(dz, relu(gate · z))`.
+    coefs: CubeTensor<R>,
+    /// `[R, 2d]` row gradients.
+    drows: CubeTensor<R>,
+}
+
+/// Whether the backward's tile dots also sum the value gradients of their tile's rows
+/// (`tile_kernel::tile_dots_kernel`'s `value_grads`), so that the row-gradient kernel sums
+/// the keys only. Off by default; `MEFT_KERNEL_TILE_DV=1` turns it on.
+pub fn tile_value_grads() -> bool {
+    std::env::var("MEFT_KERNEL_TILE_DV").as_deref() == Ok("1")
 }
 
 /// Whether the dot-product kernel sums over planes (`kernel::slice_dots_kernel`'s `plane`):
