@@ -215,7 +215,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SparseAdap
                 tiles: row_tiles(index),
             };
             if m > 0 && d > 0 && k > 0 {
-                let (dx, _dz, dgate) = sliced.backward(&x, &dy, &z, &offsets, &users, &drows);
+                let (dx, dz, dgate) = sliced.backward_tokens(&z, &dy);
+                if n > 0 {
+                    sliced.backward_rows(&x, &dy, &z, &dz, &offsets, &users, &drows);
+                }
                 return SparseAdapterGrads {
                     x: dx,
                     rows: drows,

@@ -363,11 +363,8 @@ pub fn slice_rows_kernel<F: Float, I: Numeric, N: Size>(
 /// Each row user's token and coefficients, in the order of `row_users` (one unit per user
 /// p, entry e = `row_users[p]`): `tokens[p] = e / K`, `coefs[p] = (dz_e, relu(gate_e z_e))`.
 /// Run once before [`slice_grad_rows_kernel`], which then reads them contiguously instead
-/// of gathering three scattered 4-byte values per user in every slice. `part` 0 writes all
-/// three; 1 the token and `relu(gate_e z_e)` (known before the backward's dots); 2 only
-/// `dz_e` (`dz` is not read otherwise).
+/// of gathering three scattered 4-byte values per user in every slice.
 #[cube(launch)]
-#[allow(clippy::too_many_arguments)]
 pub fn user_coefs_kernel<F: Float, I: Numeric>(
     gate: &Tensor<F>,
     z: &Tensor<F>,
@@ -377,7 +374,6 @@ pub fn user_coefs_kernel<F: Float, I: Numeric>(
     coefs: &mut Tensor<F>,
     #[comptime] k: u32,
     #[comptime] threads: u32,
-    #[comptime] part: u32,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let p = cube_index() * comptime!(threads as usize) + UNIT_POS_X as usize;
@@ -385,17 +381,13 @@ pub fn user_coefs_kernel<F: Float, I: Numeric>(
         terminate!();
     }
     let e = u32::cast_from(row_users[p]) as usize;
-    if comptime!(part != 2) {
-        let mut ca = f32::cast_from(gate[e]) * f32::cast_from(z[e]);
-        if ca <= f32::new(0.0) {
-            ca = f32::new(0.0);
-        }
-        tokens[p] = I::cast_from(e / comptime!(k as usize));
-        coefs[2 * p + 1] = F::cast_from(ca);
+    let mut ca = f32::cast_from(gate[e]) * f32::cast_from(z[e]);
+    if ca <= f32::new(0.0) {
+        ca = f32::new(0.0);
     }
-    if comptime!(part != 1) {
-        coefs[2 * p] = dz[e];
-    }
+    tokens[p] = I::cast_from(e / comptime!(k as usize));
+    coefs[2 * p] = dz[e];
+    coefs[2 * p + 1] = F::cast_from(ca);
 }
 
 /// The row gradients over one slice, one group per row j: `dk_j = Σ dz_e x_t` and
@@ -403,9 +395,7 @@ pub fn user_coefs_kernel<F: Float, I: Numeric>(
 /// ascending order (the same sums, in the same order, as the one-cube-per-row kernel), with
 /// each user's token and coefficients from [`user_coefs_kernel`]. A cube covers
 /// `groups · rows_per_group` consecutive rows, group g rows `g, g + groups, …`: with routed
-/// rows the rows of a cube share users, whose slices its SM's L1 then serves. With
-/// `step > 1` a unit loads `step` users' coefficients, then their vectors, before summing.
-/// With `keys_only` only `dk` is summed and written (the tile dots wrote `dv`).
+/// rows the rows of a cube share users, whose slices its SM's L1 then serves.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn slice_grad_rows_kernel<F: Float, I: Numeric, N: Size>(
@@ -418,8 +408,6 @@ pub fn slice_grad_rows_kernel<F: Float, I: Numeric, N: Size>(
     #[comptime] lanes: u32,
     #[comptime] groups: u32,
     #[comptime] rows_per_group: u32,
-    #[comptime] step: u32,
-    #[comptime] keys_only: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let nl = comptime!(lanes as usize);
@@ -440,81 +428,19 @@ pub fn slice_grad_rows_kernel<F: Float, I: Numeric, N: Size>(
             let end = u32::cast_from(row_offsets[r + 1]) as usize;
             let mut ak = Vector::<f32, N>::new(f32::new(0.0));
             let mut av = Vector::<f32, N>::new(f32::new(0.0));
-            if comptime!(step > 1) {
-                // `step` users at a time: their loads are issued together, then summed in
-                // the same order as one at a time (`c = 0` past the row's users).
-                let ns = comptime!(step as usize);
-                let mut p0 = begin;
-                while p0 < end {
-                    let mut cz = Array::<f32>::new(ns);
-                    let mut ca = Array::<f32>::new(ns);
-                    let mut ts = Array::<u32>::new(ns);
-                    #[unroll]
-                    for u in 0..ns {
-                        let mut t = 0u32.runtime();
-                        let mut c1 = f32::new(0.0);
-                        let mut c2 = f32::new(0.0);
-                        if p0 + u < end {
-                            t = u32::cast_from(tokens[p0 + u]);
-                            c1 = f32::cast_from(coefs[2 * (p0 + u)]);
-                            c2 = f32::cast_from(coefs[2 * (p0 + u) + 1]);
-                        }
-                        ts[u] = t;
-                        cz[u] = c1;
-                        ca[u] = c2;
-                    }
-                    let mut xs = Array::<Vector<f32, N>>::new(ns);
-                    let mut ds = Array::<Vector<f32, N>>::new(ns);
-                    #[unroll]
-                    for u in 0..ns {
-                        let at = ts[u] as usize * dv + col;
-                        let mut xv = Vector::<f32, N>::new(f32::new(0.0));
-                        let mut dyv = Vector::<f32, N>::new(f32::new(0.0));
-                        if cz[u] != f32::new(0.0) {
-                            xv = Vector::<f32, N>::cast_from(x[at]);
-                        }
-                        if !keys_only {
-                            if ca[u] != f32::new(0.0) {
-                                dyv = Vector::<f32, N>::cast_from(dy[at]);
-                            }
-                        }
-                        xs[u] = xv;
-                        ds[u] = dyv;
-                    }
-                    #[unroll]
-                    for u in 0..ns {
-                        if cz[u] != f32::new(0.0) {
-                            ak += Vector::<f32, N>::new(cz[u]) * xs[u];
-                        }
-                        if !keys_only {
-                            if ca[u] != f32::new(0.0) {
-                                av += Vector::<f32, N>::new(ca[u]) * ds[u];
-                            }
-                        }
-                    }
-                    p0 += ns;
+            for p in begin..end {
+                let t = u32::cast_from(tokens[p]) as usize;
+                let cz = f32::cast_from(coefs[2 * p]);
+                let ca = f32::cast_from(coefs[2 * p + 1]);
+                if cz != f32::new(0.0) {
+                    ak += Vector::<f32, N>::new(cz) * Vector::<f32, N>::cast_from(x[t * dv + col]);
                 }
-            } else {
-                for p in begin..end {
-                    let t = u32::cast_from(tokens[p]) as usize;
-                    let cz = f32::cast_from(coefs[2 * p]);
-                    let ca = f32::cast_from(coefs[2 * p + 1]);
-                    if cz != f32::new(0.0) {
-                        ak += Vector::<f32, N>::new(cz)
-                            * Vector::<f32, N>::cast_from(x[t * dv + col]);
-                    }
-                    if !keys_only {
-                        if ca != f32::new(0.0) {
-                            av += Vector::<f32, N>::new(ca)
-                                * Vector::<f32, N>::cast_from(dy[t * dv + col]);
-                        }
-                    }
+                if ca != f32::new(0.0) {
+                    av += Vector::<f32, N>::new(ca) * Vector::<f32, N>::cast_from(dy[t * dv + col]);
                 }
             }
             drows[r * w + col] = Vector::<F, N>::cast_from(ak);
-            if !keys_only {
-                drows[r * w + dv + col] = Vector::<F, N>::cast_from(av);
-            }
+            drows[r * w + dv + col] = Vector::<F, N>::cast_from(av);
         }
     }
 }

@@ -6,8 +6,10 @@
 //! R = 65 536 that reads 7–8× the rows' bytes from memory (each row serves ~8 tokens, and
 //! 1 GiB of rows does not stay in a 60 MB L2). Here the cubes are numbered slice-major, so at
 //! any moment they gather from one slice of every row (`R · 512` bytes: 32 MiB at
-//! R = 65 536), which L2 keeps: each row slice is read from memory about once and the
-//! repeats are L2 hits. The price: a dot product needs the whole width, so the scores are
+//! R = 65 536), which L2 keeps in good part: most repeats are L2 hits (the tile dots read
+//! each row about once; the output kernel, whose cubes in flight span about that whole
+//! working set, read the rows 2.4–3× from memory on the H100 at routed K = 64, against the
+//! 7–8× of whole rows). The price: a dot product needs the whole width, so the scores are
 //! summed from per-slice partials (`[S, M, K]`, written once and read once) by a second
 //! kernel. Forward and the backward's token side are the same three launches:
 //!
@@ -17,7 +19,7 @@
 //! | [`kernel::slice_sum_kernel`] | `z` | `dz`, `dgate` |
 //! | [`kernel::slice_rows_kernel`] | `y = Σ relu(gate·z) v_j` | `dx = Σ dz k_j` |
 //!
-//! and the row gradients run as [`kernel::user_coefs_kernel`] (each row user's token and
+//! (the last in slices of [`rows_lanes`] vectors: 64 floats by default), and the row gradients run as [`kernel::user_coefs_kernel`] (each row user's token and
 //! coefficients, once, in user order) then [`kernel::slice_grad_rows_kernel`] (one group per
 //! row, a cube per 64 consecutive rows, the tokens' x and dy slices hot in L1 and L2). Used
 //! when `HostIndex::plan` chooses it
@@ -112,24 +114,9 @@ impl<R: CubeRuntime> Sliced<R> {
     /// with `z` (backward), active slots only — the tile kernel computes every slot and
     /// leaves the masking to the sum kernel, which applies it either way.
     fn dots(&self, h: &CubeTensor<R>, half: u32, z: Option<&CubeTensor<R>>) -> CubeTensor<R> {
-        self.dots_with(h, half, z, None)
-    }
-
-    /// [`Self::dots`]; with `value_grads` (row tiles only) the tile dots also write the
-    /// value gradients of their rows (`tile_kernel::tile_dots_kernel`'s `value_grads`).
-    fn dots_with(
-        &self,
-        h: &CubeTensor<R>,
-        half: u32,
-        z: Option<&CubeTensor<R>>,
-        value_grads: Option<&UserCoefs<R>>,
-    ) -> CubeTensor<R> {
         let (m, _, k) = self.dims;
         let parts = crate::forward::empty(h, [self.slices() * m, k], h.dtype);
         if let Some(tiles) = &self.tiles {
-            let vg = value_grads;
-            // Without `value_grads` the kernel writes no row gradients: a 1-vector stand-in.
-            let no_rows = crate::forward::empty(h, [1, self.vector], h.dtype);
             let plane = plane_sums(&h.client);
             tile_dots_kernel::launch::<R>(
                 &h.client,
@@ -141,15 +128,6 @@ impl<R: CubeRuntime> Sliced<R> {
                 tiles.offsets.clone().into_tensor_arg(),
                 tiles.entries.clone().into_tensor_arg(),
                 parts.clone().into_tensor_arg(),
-                // Unread without `value_grads`: any tensors of the right kinds.
-                vg.map_or(&tiles.offsets, |c| &c.offsets)
-                    .clone()
-                    .into_tensor_arg(),
-                vg.map_or(&tiles.offsets, |c| &c.tokens)
-                    .clone()
-                    .into_tensor_arg(),
-                vg.map_or(&parts, |c| &c.coefs).clone().into_tensor_arg(),
-                vg.map_or(&no_rows, |c| &c.drows).clone().into_tensor_arg(),
                 half,
                 k as u32,
                 LANES,
@@ -158,7 +136,6 @@ impl<R: CubeRuntime> Sliced<R> {
                 TILE_CHUNK,
                 plane,
                 plane_values(),
-                vg.is_some(),
                 self.dtypes(),
             );
             return parts;
@@ -254,70 +231,51 @@ impl<R: CubeRuntime> Sliced<R> {
         (self.gather(&z, 1, true), z)
     }
 
-    /// Backward: `(dx, dz, dgate)`, and the row gradients into `drows` `[R, 2d]` from the
-    /// transposed index (`offsets`, `users`; `drows` is not touched when R = 0). The row
-    /// side runs as the users' tokens and coefficients in user order
-    /// ([`kernel::user_coefs_kernel`]), then the row sums. With row tiles and
-    /// [`tile_value_grads`] the value half of the row sums runs in the tile dots (whose cube
-    /// has just read the users' dy slices), and the row-sum kernel sums the keys only.
+    /// Backward, token side: `(dx, dz, dgate)`.
+    pub fn backward_tokens(
+        &self,
+        z: &CubeTensor<R>,
+        dy: &CubeTensor<R>,
+    ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+        let parts = self.dots(dy, 1, Some(z));
+        let (dz, dgate) = self.sum(&parts, Some(z));
+        (self.gather(&dz, 0, false), dz, dgate)
+    }
+
+    /// Backward, row side: `drows` `[R, 2d]` from the transposed index: the users' tokens
+    /// and coefficients in user order ([`kernel::user_coefs_kernel`]), then the row sums.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(
+    pub fn backward_rows(
         &self,
         x: &CubeTensor<R>,
         dy: &CubeTensor<R>,
         z: &CubeTensor<R>,
+        dz: &CubeTensor<R>,
         offsets: &CubeTensor<R>,
         users: &CubeTensor<R>,
         drows: &CubeTensor<R>,
-    ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+    ) {
         let n = drows.shape().dims::<2>()[0];
+        let k = self.dims.2.max(1) as u32;
         // `users` holds at least one element (a placeholder when no row has users).
         let n_users = users.shape().dims::<1>()[0];
-        let coefs = UserCoefs {
-            offsets: offsets.clone(),
-            users: users.clone(),
-            tokens: crate::forward::empty(users, [n_users, 1], users.dtype),
-            coefs: crate::forward::empty(x, [n_users, 2], x.dtype),
-            drows: drows.clone(),
-        };
-        let fused = n > 0 && self.tiles.is_some() && tile_value_grads();
-        if fused {
-            self.user_coefs(&coefs, z, z, 1);
-        }
-        let parts = self.dots_with(dy, 1, Some(z), fused.then_some(&coefs));
-        let (dz, dgate) = self.sum(&parts, Some(z));
-        let dx = self.gather(&dz, 0, false);
-        if n > 0 {
-            self.user_coefs(&coefs, z, &dz, if fused { 2 } else { 0 });
-            self.grad_rows(x, dy, &coefs, fused);
-        }
-        (dx, dz, dgate)
-    }
-
-    /// [`kernel::user_coefs_kernel`] into `c.tokens`, `c.coefs` (`part` as there).
-    fn user_coefs(&self, c: &UserCoefs<R>, z: &CubeTensor<R>, dz: &CubeTensor<R>, part: u32) {
-        let n_users = c.users.shape().dims::<1>()[0];
+        let tokens = crate::forward::empty(users, [n_users, 1], users.dtype);
+        let coefs = crate::forward::empty(x, [n_users, 2], x.dtype);
         let threads = 256u32;
         user_coefs_kernel::launch::<R>(
-            &z.client,
+            &x.client,
             grid(n_users.div_ceil(threads as usize)),
             CubeDim::new_1d(threads),
             self.gate.clone().into_tensor_arg(),
             z.clone().into_tensor_arg(),
             dz.clone().into_tensor_arg(),
-            c.users.clone().into_tensor_arg(),
-            c.tokens.clone().into_tensor_arg(),
-            c.coefs.clone().into_tensor_arg(),
-            self.dims.2.max(1) as u32,
+            users.clone().into_tensor_arg(),
+            tokens.clone().into_tensor_arg(),
+            coefs.clone().into_tensor_arg(),
+            k,
             threads,
-            part,
-            [z.dtype.into(), c.users.dtype.into()],
+            [x.dtype.into(), users.dtype.into()],
         );
-    }
-
-    /// [`kernel::slice_grad_rows_kernel`] into `c.drows` (keys only with `keys_only`).
-    fn grad_rows(&self, x: &CubeTensor<R>, dy: &CubeTensor<R>, c: &UserCoefs<R>, keys_only: bool) {
-        let n = c.drows.shape().dims::<2>()[0];
         let lanes = grad_lanes();
         let groups = LANES * GROUPS / lanes;
         let per_group = grad_rows_per_group(groups);
@@ -330,40 +288,16 @@ impl<R: CubeRuntime> Sliced<R> {
             self.vector,
             x.clone().into_tensor_arg(),
             dy.clone().into_tensor_arg(),
-            c.offsets.clone().into_tensor_arg(),
-            c.tokens.clone().into_tensor_arg(),
-            c.coefs.clone().into_tensor_arg(),
-            c.drows.clone().into_tensor_arg(),
+            offsets.clone().into_tensor_arg(),
+            tokens.clone().into_tensor_arg(),
+            coefs.clone().into_tensor_arg(),
+            drows.clone().into_tensor_arg(),
             lanes,
             groups,
             per_group,
-            grad_step(),
-            keys_only,
-            [x.dtype.into(), c.offsets.dtype.into()],
+            [x.dtype.into(), offsets.dtype.into()],
         );
     }
-}
-
-/// The row side of a backward: the transposed index, the users' tokens and coefficients
-/// (written by [`kernel::user_coefs_kernel`]) and the row gradients they are summed into.
-struct UserCoefs<R: CubeRuntime> {
-    /// `[R + 1]` offsets into `users`.
-    offsets: CubeTensor<R>,
-    /// Each row's user entries, by row.
-    users: CubeTensor<R>,
-    /// `[users, 1]` each user's token.
-    tokens: CubeTensor<R>,
-    /// `[users, 2]` each user's `(dz, relu(gate · z))`.
-    coefs: CubeTensor<R>,
-    /// `[R, 2d]` row gradients.
-    drows: CubeTensor<R>,
-}
-
-/// Whether the backward's tile dots also sum the value gradients of their tile's rows
-/// (`tile_kernel::tile_dots_kernel`'s `value_grads`), so that the row-gradient kernel sums
-/// the keys only. Off by default; `MEFT_KERNEL_TILE_DV=1` turns it on.
-pub fn tile_value_grads() -> bool {
-    std::env::var("MEFT_KERNEL_TILE_DV").as_deref() == Ok("1")
 }
 
 /// Whether the dot-product kernel sums over planes (`kernel::slice_dots_kernel`'s `plane`):
@@ -406,28 +340,18 @@ pub fn grad_rows_per_group(groups: u32) -> u32 {
         .clamp(1, 16)
 }
 
-/// Users per step of the row-gradient kernel (`kernel::slice_grad_rows_kernel`'s `step`):
-/// 1 (each user's loads wait for the previous user's sums), or 2, 4 or 8 with
-/// `MEFT_KERNEL_GRAD_STEP` (that many users' loads in flight together).
-pub fn grad_step() -> u32 {
-    match std::env::var("MEFT_KERNEL_GRAD_STEP").ok().as_deref() {
-        Some("2") => 2,
-        Some("4") => 4,
-        Some("8") => 8,
-        _ => 1,
-    }
-}
-
-/// Vectors per slice of the output kernel (`kernel::slice_rows_kernel`: y and dx): 32, or 16
-/// or 8 with `MEFT_KERNEL_ROWS_LANES` (a cube then takes 16 or 32 tokens). At 32 one slice
-/// of every row is 32 MiB, which L2 keeps only in part (the H200 read the value rows from
-/// memory 2.5 times over at routed K = 64); narrower slices halve that working set and
-/// re-read the tokens' slot lists once more per slice.
+/// Vectors per slice of the output kernel (`kernel::slice_rows_kernel`: y and dx): 16 by
+/// default (a cube then takes 16 tokens), or 32 or 8 with `MEFT_KERNEL_ROWS_LANES`. On the
+/// H100 at LLaMA-7B geometry 16 against 32 took routed K = 256 forward+backward from
+/// 21.57 / 21.39 to 20.59 / 20.54 ms and was even at K = 64 (6.49 / 6.67 against
+/// 6.49 / 6.70); under ncu the two output launches went from 1.32 / 1.30 to 1.25 / 1.22 ms,
+/// with the rows read from memory 2.6–2.7 rather than 3.1–3.2 GB (BENCHMARKS.md,
+/// 2026-12-05). 8 measured no better than 16.
 pub fn rows_lanes() -> u32 {
     match std::env::var("MEFT_KERNEL_ROWS_LANES").ok().as_deref() {
-        Some("16") => 16,
+        Some("32") => LANES,
         Some("8") => 8,
-        _ => LANES,
+        _ => 16,
     }
 }
 

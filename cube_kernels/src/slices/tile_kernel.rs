@@ -36,10 +36,6 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
     tile_offsets: &Tensor<I>,
     tile_entries: &Tensor<I>,
     parts: &mut Tensor<F>,
-    row_offsets: &Tensor<I>,
-    user_tokens: &Tensor<I>,
-    coefs: &Tensor<F>,
-    drows: &mut Tensor<Vector<F, N>>,
     half: u32,
     #[comptime] k: u32,
     #[comptime] lanes: u32,
@@ -48,7 +44,6 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
     #[comptime] chunk: u32,
     #[comptime] plane: bool,
     #[comptime] values: u32,
-    #[comptime] value_grads: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let kk = comptime!(k as usize);
@@ -169,64 +164,6 @@ pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
             }
         }
         base += nt;
-    }
-    if value_grads {
-        tile_value_grads(
-            h,
-            row_offsets,
-            user_tokens,
-            coefs,
-            drows,
-            r0,
-            gi,
-            col,
-            comptime!(groups as usize),
-            tr,
-        );
-    }
-}
-
-/// The backward's value gradients of a tile's rows over the cube's slice, `dv_j = Σ
-/// relu(gate_e z_e) dy_t` over row j's users in order (the sums of
-/// `kernel::slice_grad_rows_kernel`, bit for bit), written to `drows[j, d + slice]`: group
-/// `gi` takes rows `r0 + gi`, `r0 + gi + groups`, …. The users' dy slices are the ones the
-/// cube's dots just read, so L1 serves most of them.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn tile_value_grads<F: Float, I: Numeric, N: Size>(
-    dy: &Tensor<Vector<F, N>>,
-    row_offsets: &Tensor<I>,
-    user_tokens: &Tensor<I>,
-    coefs: &Tensor<F>,
-    drows: &mut Tensor<Vector<F, N>>,
-    r0: usize,
-    gi: usize,
-    col: usize,
-    #[comptime] groups: usize,
-    #[comptime] tile_rows: usize,
-) {
-    let dv = dy.shape(1) / N::value();
-    let w = drows.shape(1) / N::value();
-    let n_rows = drows.shape(0);
-    if col < dv {
-        #[unroll]
-        for q in 0..comptime!(tile_rows / groups) {
-            let r = r0 + q * groups + gi;
-            if r < n_rows {
-                let begin = u32::cast_from(row_offsets[r]) as usize;
-                let end = u32::cast_from(row_offsets[r + 1]) as usize;
-                let mut av = Vector::<f32, N>::new(f32::new(0.0));
-                for p in begin..end {
-                    let ca = f32::cast_from(coefs[2 * p + 1]);
-                    if ca != f32::new(0.0) {
-                        let t = u32::cast_from(user_tokens[p]) as usize;
-                        av += Vector::<f32, N>::new(ca)
-                            * Vector::<f32, N>::cast_from(dy[t * dv + col]);
-                    }
-                }
-                drows[r * w + dv + col] = Vector::<F, N>::cast_from(av);
-            }
-        }
     }
 }
 
