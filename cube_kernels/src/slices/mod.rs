@@ -19,8 +19,9 @@
 //! | [`kernel::slice_sum_kernel`] | `z` | `dz`, `dgate` |
 //! | [`kernel::slice_rows_kernel`] | `y = Σ relu(gate·z) v_j` | `dx = Σ dz k_j` |
 //!
-//! (the last in slices of [`rows_lanes`] vectors: 64 floats by default), and the row gradients run as [`kernel::user_coefs_kernel`] (each row user's token and
-//! coefficients, once, in user order) then [`kernel::slice_grad_rows_kernel`] (one group per
+//! (the last in slices of [`rows_lanes`] vectors: 64 floats by default), and the row
+//! gradients run as [`kernel::user_coefs_kernel`] (each row user's token and coefficients,
+//! once, in user order) then [`kernel::slice_grad_rows_kernel`] (one group per
 //! row, a cube per 64 consecutive rows, the tokens' x and dy slices hot in L1 and L2). Used
 //! when `HostIndex::plan` chooses it
 //! (`ActiveIndex::sliced`): 4-byte floats, K ≤ [`MAX_K`] (the staged slot lists fill shared
@@ -62,7 +63,8 @@ const CHUNK: u32 = 16;
 /// slices takes 16 KiB; lavapipe allows 32 KiB of shared memory).
 const TILE_CHUNK: u32 = 8;
 /// Largest K the sliced kernels take: each cube stages its tokens' K slots in shared memory
-/// (`GROUPS · K` row ids and coefficients: 16 KiB at K = 256).
+/// (`GROUPS · K` row ids and coefficients: 16 KiB at K = 256; the output kernel's 16 tokens
+/// take 32 KiB there, lavapipe's limit).
 pub const MAX_K: usize = 256;
 
 /// Number of slices of `lanes` vectors in a width of `dv` vectors.
