@@ -204,10 +204,37 @@ fn bench_kernels_writes_every_op() {
         "2",
     ]);
     assert!(
-        !ok && stderr.contains("exceeds the 2 probed experts' 4 neurons"),
+        !ok && stderr.contains("cannot exceed the 2 probed experts' 4 neurons"),
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // More slots than rows, after a good K: refused before anything is timed.
+    let (ok, _, stderr) = meft(&[
+        "bench",
+        "kernels",
+        "--backend",
+        "cpu",
+        "--d-model",
+        "8",
+        "--tokens",
+        "4",
+        "--neurons",
+        "64",
+        "--top-k",
+        "3,65",
+        "--slots",
+        "random",
+    ]);
+    assert!(
+        !ok && stderr.contains("K = 65 must be at least 1 and cannot exceed the 64 rows"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        !stderr.contains("ceilings:"),
+        "checked before timing: {stderr}"
+    );
 }
 
 #[test]

@@ -349,6 +349,37 @@ fn random_index(tokens: usize, rows: usize, k: usize, seed: u64) -> Result<HostI
     HostIndex::new(&slots, tokens, k, rows).map_err(|e| Error::Other(e.to_string()))
 }
 
+/// Checks one (pattern, K) of the bench before anything runs: 1 <= K <= the rows a token can
+/// take (all R for random slots, its probed experts' neurons for routed ones, which also need
+/// `1 <= probes <= experts` and experts dividing R). Returns that number of rows.
+fn check_slots(
+    pattern: SlotPattern,
+    rows: usize,
+    k: usize,
+    experts: usize,
+    probes: usize,
+) -> Result<usize> {
+    let (cap, what) = match pattern {
+        SlotPattern::Random => (rows, format!("the {rows} rows")),
+        SlotPattern::Routed => {
+            if experts == 0 || !rows.is_multiple_of(experts) || probes == 0 || probes > experts {
+                return Err(Error::Other(format!(
+                    "bench kernels: routed slots need 1 <= probes ({probes}) <= experts \
+                     ({experts}) and experts dividing the rows ({rows})"
+                )));
+            }
+            let cap = probes * (rows / experts);
+            (cap, format!("the {probes} probed experts' {cap} neurons"))
+        }
+    };
+    if k == 0 || k > cap {
+        return Err(Error::Other(format!(
+            "bench kernels: K = {k} must be at least 1 and cannot exceed {what}"
+        )));
+    }
+    Ok(cap)
+}
+
 /// The routed pattern: R rows as `experts` blocks of R / E contiguous rows; each token probes
 /// `probes` distinct random experts and takes K distinct random rows among their neurons.
 fn routed_index(
@@ -359,19 +390,7 @@ fn routed_index(
     probes: usize,
     seed: u64,
 ) -> Result<HostIndex> {
-    if experts == 0 || !rows.is_multiple_of(experts) || probes == 0 || probes > experts {
-        return Err(Error::Other(format!(
-            "bench kernels: routed slots need 1 <= probes ({probes}) <= experts ({experts}) and \
-             experts dividing the rows ({rows})"
-        )));
-    }
-    let size = rows / experts;
-    if k > probes * size {
-        return Err(Error::Other(format!(
-            "bench kernels: K = {k} exceeds the {probes} probed experts' {} neurons",
-            probes * size
-        )));
-    }
+    let size = check_slots(SlotPattern::Routed, rows, k, experts, probes)? / probes;
     let per_token: Vec<Vec<u32>> = (0..tokens)
         .into_par_iter()
         .map(|t| {
@@ -437,6 +456,17 @@ impl KernelTask for KernelBench {
     fn run<K: SparseAdapterBackend>(self, device: K::Device) -> Self::Output {
         let (m, d, r) = (self.tokens, self.d_model, self.neurons);
         let (w, it) = (self.warmup, self.iters);
+        let experts = if self.experts == 0 {
+            MeftConfig::new(r).expert_count() // the divisor of R nearest 4·√R
+        } else {
+            self.experts
+        };
+        // Every (pattern, K) is checked before anything is timed, so a bad one costs nothing.
+        for &p in &self.patterns {
+            for &k in &self.top_k {
+                check_slots(p, r, k, experts, self.probes)?;
+            }
+        }
         let ceil = ceilings::<K>(&device, r * 2 * d, d, it.max(3))?;
         eprintln!(
             "ceilings: {:.0} GB/s (a + b), {:.0} GB/s (DRAM read), {:.0} GB/s (L2 read), \
@@ -447,11 +477,6 @@ impl KernelTask for KernelBench {
             ceil.matmul_tflops,
             ceil.matmul_size
         );
-        let experts = if self.experts == 0 {
-            MeftConfig::new(r).expert_count() // the divisor of R nearest 4·√R
-        } else {
-            self.experts
-        };
         // Positive inputs: every slot active.
         let u = |shape: [usize; 2], lo: f64, hi: f64| {
             Tensor::<K, 2>::random(shape, Distribution::Uniform(lo, hi), &device)
