@@ -21,8 +21,9 @@
 //!
 //! (the last in slices of [`rows_lanes`] vectors: 64 floats by default), and the row
 //! gradients run as [`kernel::user_coefs_kernel`] (each row user's token and coefficients,
-//! once, in user order) then [`kernel::slice_grad_rows_kernel`] (one group per
-//! row, a cube per 64 consecutive rows, the tokens' x and dy slices hot in L1 and L2). Used
+//! once, in user order) then [`kernel::slice_grad_rows_kernel`] (one group per row, a cube
+//! per [`grad_rows_per_group`]` · groups` consecutive rows, 64 by default, the tokens' x and
+//! dy slices hot in L1 and L2). Used
 //! when `HostIndex::plan` chooses it
 //! (`ActiveIndex::sliced`): 4-byte floats, K ≤ [`MAX_K`] (the staged slot lists fill shared
 //! memory), and no L2 passes.
@@ -66,6 +67,8 @@ const TILE_CHUNK: u32 = 8;
 /// (`GROUPS · K` row ids and coefficients: 16 KiB at K = 256; the output kernel's 16 tokens
 /// take 32 KiB there, lavapipe's limit).
 pub const MAX_K: usize = 256;
+/// Slots (row id and coefficient, 8 bytes) the output kernel stages per cube: 32 KiB.
+const ROWS_STAGED_SLOTS: usize = 4096;
 
 /// Number of slices of `lanes` vectors in a width of `dv` vectors.
 pub fn slice_count(dv: usize, lanes: u32) -> usize {
@@ -203,8 +206,7 @@ impl<R: CubeRuntime> Sliced<R> {
         let (m, d, k) = self.dims;
         let out = crate::forward::empty(coef, [m, d], coef.dtype);
         let lanes = rows_lanes();
-        // The staged slot lists (8 bytes per token and slot) stay within 32 KiB.
-        let tokens = (LANES * GROUPS / lanes).min((4096 / k.max(1)).max(1) as u32);
+        let tokens = (LANES * GROUPS / lanes).min((ROWS_STAGED_SLOTS / k.max(1)).max(1) as u32);
         let cubes = slice_count(d / self.vector, lanes) * m.div_ceil(tokens as usize);
         slice_rows_kernel::launch::<R>(
             &coef.client,
