@@ -71,21 +71,6 @@ impl Case {
         self
     }
 
-    /// The same problem with repeated rows: every fourth token (from token 2) takes its first
-    /// slot's row again in its second slot.
-    #[cfg(feature = "cuda")]
-    fn with_repeats(mut self) -> Self {
-        let k = self.k;
-        let mut slots: Vec<u32> = self.index.slots.iter().map(|&s| s as u32).collect();
-        for t in (2..self.m).step_by(4) {
-            if k >= 2 && (slots[t * k] as usize) < self.r {
-                slots[t * k + 1] = slots[t * k];
-            }
-        }
-        self.index = HostIndex::new(&slots, self.m, k, self.r).unwrap();
-        self
-    }
-
     fn new(m: usize, d: usize, r: usize, k: usize, seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut slots = Vec::with_capacity(m * k);
@@ -172,15 +157,6 @@ fn in_slices(c: &Case) -> HostIndex {
 fn in_tiles(c: &Case) -> HostIndex {
     let mut idx = in_slices(c);
     idx.tiles = Some(RowTiles::new(&idx.slots, idx.k, idx.rows));
-    idx
-}
-
-/// [`in_tiles`] with the row gradients per tile on tensor cores
-/// (`cube_kernels::slices::mma_kernel`), where the runtime has them.
-#[cfg(feature = "cuda")]
-fn in_tile_grads(c: &Case) -> HostIndex {
-    let mut idx = in_tiles(c);
-    idx.tile_grads = true;
     idx
 }
 
@@ -483,33 +459,6 @@ mod cuda {
                     &want,
                     1e-5,
                 );
-                let tc = cube_kernels::slices::tensor_cores(
-                    &<cubecl::cuda::CudaRuntime as cubecl::Runtime>::client(&device),
-                );
-                assert!(tc, "this GPU has no TF32 tensor cores");
-                let got =
-                    run_index::<Autodiff<Cuda<f32>>>(&c, &in_tile_grads(&c), &device, DType::F32);
-                assert_all_close(
-                    &format!("cuda f32 tile gradients {m}x{d} R{r} K{k}"),
-                    &got,
-                    &want,
-                    1e-5,
-                );
-                // Rows taken twice by one token: a repeat starts a new pair.
-                let cr = Case::new(m, d, r, k, 10 + i as u64).with_repeats();
-                let want = run_autodiff_reference(&cr);
-                for (label, index) in [
-                    ("row tiles", in_tiles(&cr)),
-                    ("tile gradients", in_tile_grads(&cr)),
-                ] {
-                    let got = run_index::<Autodiff<Cuda<f32>>>(&cr, &index, &device, DType::F32);
-                    assert_all_close(
-                        &format!("cuda f32 {label}, repeated rows, {m}x{d} R{r} K{k}"),
-                        &got,
-                        &want,
-                        1e-5,
-                    );
-                }
             }
         }
     }

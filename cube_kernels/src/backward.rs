@@ -66,7 +66,6 @@ fn inner<B: SparseAdapterBackend, C: CheckpointStrategy>(
         tile_offsets: index.tile_offsets.clone(),
         tile_entries: index.tile_entries.clone(),
         tiled: index.tiled,
-        tile_grads: index.tile_grads,
         rows: index.rows,
     }
 }

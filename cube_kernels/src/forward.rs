@@ -53,7 +53,6 @@ fn row_tiles<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     index.tiled.then(|| DeviceTiles {
         offsets: into_contiguous(index.tile_offsets.clone()),
         entries: into_contiguous(index.tile_entries.clone()),
-        grads: index.tile_grads,
     })
 }
 

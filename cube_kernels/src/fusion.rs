@@ -32,7 +32,6 @@ fn inner_index<B: FusionBackend>(
         tile_offsets: handles.get_int_tensor::<B>(&ir[7]),
         tile_entries: handles.get_int_tensor::<B>(&ir[8]),
         tiled: shape.tiled,
-        tile_grads: shape.tile_grads,
         rows: shape.rows,
     }
 }
@@ -45,7 +44,6 @@ struct IndexShape {
     row_passes: Option<usize>,
     sliced: bool,
     tiled: bool,
-    tile_grads: bool,
     visit_offsets: Vec<usize>,
 }
 
@@ -58,7 +56,6 @@ impl IndexShape {
             row_passes: index.row_passes,
             sliced: index.sliced,
             tiled: index.tiled,
-            tile_grads: index.tile_grads,
         }
     }
 }

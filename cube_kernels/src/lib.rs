@@ -85,9 +85,6 @@ pub struct HostIndex {
     pub sliced: bool,
     /// In d-slices, the partial dots over row tiles ([`slices::tiles`]).
     pub tiles: Option<slices::tiles::RowTiles>,
-    /// With row tiles, the row gradients per tile on tensor cores where the runtime has them
-    /// ([`slices::mma_kernel`]; see [`HostIndex::plan`]).
-    pub tile_grads: bool,
 }
 
 /// Whether the environment switch `name` is set to `0` or `false`.
@@ -148,8 +145,7 @@ impl HostIndex {
     /// kernels run in d-slices ([`slices`]; 4-byte floats, K ≤ [`slices::MAX_K`];
     /// `MEFT_KERNEL_SLICES=0` keeps whole rows), with the partial dots over row tiles
     /// ([`slices::tiles`]) where tokens reuse their slice in a tile (`MEFT_KERNEL_TILES=0`
-    /// turns them off), and with tiles the row gradients on tensor cores where a tile's pairs
-    /// use many of its rows ([`slices::tiles::tile_grads_for`]).
+    /// turns them off).
     ///
     /// Passes are planned for 4-byte floats only: outputs accumulate over passes in their own
     /// storage type, and in bf16 that rounds once per pass (measured on the H100: 1.4e-2
@@ -168,7 +164,6 @@ impl HostIndex {
         self.row_passes = None;
         self.sliced = false;
         self.tiles = None;
-        self.tile_grads = false;
         self
     }
 
@@ -216,12 +211,9 @@ impl HostIndex {
         // them off.
         let tiles_off = switched_off("MEFT_KERNEL_TILES");
         self.tiles = None;
-        self.tile_grads = false;
         if self.sliced && !tiles_off {
             let tiles = slices::tiles::RowTiles::new(&self.slots, self.k, self.rows);
-            let fits = tiles.max_tile_pairs <= slices::tiles::MAX_TILE_PAIRS;
-            if fits && tiles.reuse() >= slices::tiles::MIN_TILE_REUSE {
-                self.tile_grads = slices::tiles::tile_grads_for(tiles.reuse());
+            if tiles.reuse() >= slices::tiles::MIN_TILE_REUSE {
                 self.tiles = Some(tiles);
             }
         }
@@ -378,7 +370,6 @@ impl HostIndex {
             row_passes: None,
             sliced: false,
             tiles: None,
-            tile_grads: false,
         })
     }
 
@@ -445,7 +436,6 @@ impl HostIndex {
             tile_offsets,
             tile_entries,
             tiled: self.tiles.is_some(),
-            tile_grads: self.tiles.is_some() && self.tile_grads,
             rows: self.rows,
         }
     }
@@ -483,9 +473,6 @@ pub struct ActiveIndex<B: Backend> {
     pub tile_entries: IntTensor<B>,
     /// Whether the sliced partial dots run over row tiles ([`slices::tiles`]).
     pub tiled: bool,
-    /// With row tiles, whether the row gradients run per tile on tensor cores where the
-    /// runtime has them ([`slices::mma_kernel`]).
-    pub tile_grads: bool,
     /// Active rows R.
     pub rows: usize,
 }

@@ -144,10 +144,6 @@ pub struct KernelBenchResult {
     /// Whether the d-sliced partial dots ran over row tiles (`cube_kernels::slices::tiles`).
     #[serde(default)]
     pub tiled: bool,
-    /// Whether the row tiles asked for the row gradients on tensor cores
-    /// (`cube_kernels::slices::mma_kernel`; run where the runtime has TF32 products).
-    #[serde(default)]
-    pub tile_grads: bool,
     /// The ceilings measured in this run.
     pub ceilings: Ceilings,
 }
@@ -243,7 +239,6 @@ fn time_kernels<K: SparseAdapterBackend>(
 struct KernelPath {
     sliced: bool,
     tiled: bool,
-    tile_grads: bool,
 }
 
 impl KernelPath {
@@ -251,7 +246,6 @@ impl KernelPath {
         Self {
             sliced: host.sliced,
             tiled: host.tiles.is_some(),
-            tile_grads: host.tiles.is_some() && host.tile_grads,
         }
     }
 }
@@ -532,7 +526,6 @@ impl KernelTask for KernelBench {
                 passes,
                 sliced: path.get().sliced,
                 tiled: path.get().tiled,
-                tile_grads: path.get().tile_grads,
                 ceilings: ceil,
             };
             eprintln!(
@@ -685,14 +678,6 @@ impl KernelTask for KernelBench {
                 alts.push((alt, name));
             }
             if host.tiles.is_some() {
-                let mut alt = host.clone();
-                alt.tile_grads = !host.tile_grads;
-                let name = if alt.tile_grads {
-                    "tiles, row gradients on tensor cores"
-                } else {
-                    "tiles, per-row gradients"
-                };
-                alts.push((alt, name));
                 let mut alt = host.clone();
                 alt.tiles = None;
                 alts.push((alt, "d-slices without tiles"));

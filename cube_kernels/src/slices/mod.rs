@@ -37,15 +37,14 @@
 //! gradients per (slice, tile) and tile dots from token slices staged in shared memory.
 
 pub mod kernel;
-pub mod mma_kernel;
 pub mod tile_kernel;
 pub mod tiles;
 
 use burn::tensor::TensorMetadata;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
-use cubecl::features::{MmaConfig, Plane};
-use cubecl::prelude::{ComputeClient, CubePrimitive};
+use cubecl::features::Plane;
+use cubecl::prelude::ComputeClient;
 use cubecl::CubeDim;
 
 use crate::launch::grid;
@@ -53,7 +52,6 @@ use kernel::{
     slice_dots_kernel, slice_grad_rows_kernel, slice_rows_kernel, slice_sum_kernel,
     user_coefs_kernel,
 };
-use mma_kernel::tile_grads_mma_kernel;
 use tile_kernel::tile_dots_kernel;
 
 /// Vectors per slice (= units per token group): 128 floats with 16-byte vectors.
@@ -94,10 +92,8 @@ pub(crate) struct Sliced<R: CubeRuntime> {
 pub(crate) struct DeviceTiles<R: CubeRuntime> {
     /// `[tiles + 1]` offsets into `entries`.
     pub offsets: CubeTensor<R>,
-    /// `(entry, code)` pairs by tile.
+    /// `(entry, local row)` pairs by tile.
     pub entries: CubeTensor<R>,
-    /// Row gradients per tile on tensor cores ([`mma_kernel`]) where the runtime has them.
-    pub grads: bool,
 }
 
 impl<R: CubeRuntime> DeviceTiles<R> {
@@ -251,9 +247,7 @@ impl<R: CubeRuntime> Sliced<R> {
     }
 
     /// Backward, row side: `drows` `[R, 2d]` from the transposed index: the users' tokens
-    /// and coefficients in user order ([`kernel::user_coefs_kernel`]), then the row sums;
-    /// or, with row tiles that ask for it on a runtime with TF32 tensor cores, per tile as
-    /// matrix products ([`mma_kernel`]).
+    /// and coefficients in user order ([`kernel::user_coefs_kernel`]), then the row sums.
     #[allow(clippy::too_many_arguments)]
     pub fn backward_rows(
         &self,
@@ -265,12 +259,6 @@ impl<R: CubeRuntime> Sliced<R> {
         users: &CubeTensor<R>,
         drows: &CubeTensor<R>,
     ) {
-        if let Some(tiles) = &self.tiles {
-            if tiles.grads && tensor_cores(&x.client) {
-                self.tile_grads(x, dy, z, dz, tiles, drows);
-                return;
-            }
-        }
         let n = drows.shape().dims::<2>()[0];
         let k = self.dims.2.max(1) as u32;
         // `users` holds at least one element (a placeholder when no row has users).
@@ -314,63 +302,6 @@ impl<R: CubeRuntime> Sliced<R> {
             [x.dtype.into(), offsets.dtype.into()],
         );
     }
-}
-
-impl<R: CubeRuntime> Sliced<R> {
-    /// The row gradients tile by tile on tensor cores ([`mma_kernel`]).
-    fn tile_grads(
-        &self,
-        x: &CubeTensor<R>,
-        dy: &CubeTensor<R>,
-        z: &CubeTensor<R>,
-        dz: &CubeTensor<R>,
-        tiles: &DeviceTiles<R>,
-        drows: &CubeTensor<R>,
-    ) {
-        let blocks = self.dims.1.div_ceil(MMA_COLS as usize).max(1);
-        tile_grads_mma_kernel::launch::<R>(
-            &x.client,
-            grid(blocks * tiles.count()),
-            CubeDim::new_2d(32, 8),
-            x.clone().into_tensor_arg(),
-            dy.clone().into_tensor_arg(),
-            self.gate.clone().into_tensor_arg(),
-            z.clone().into_tensor_arg(),
-            dz.clone().into_tensor_arg(),
-            tiles.offsets.clone().into_tensor_arg(),
-            tiles.entries.clone().into_tensor_arg(),
-            drows.clone().into_tensor_arg(),
-            self.dims.2.max(1) as u32,
-            MMA_COLS,
-            MMA_USERS,
-            [x.dtype.into(), tiles.entries.dtype.into()],
-        );
-    }
-}
-
-/// Columns per cube of the tensor-core row gradients (`mma_kernel`): 4 blocks of 16.
-const MMA_COLS: u32 = 64;
-/// Pairs per batch of the tensor-core row gradients: two `k = 8` steps.
-const MMA_USERS: u32 = 16;
-
-/// Whether the runtime has the TF32 `m16n16k8` products of [`mma_kernel`] (CUDA from sm_80;
-/// not lavapipe).
-pub fn tensor_cores<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
-    let tf32 = cubecl::tf32::as_type_native_unchecked().storage_type();
-    let f32 = f32::as_type_native_unchecked().storage_type();
-    client
-        .properties()
-        .features
-        .matmul
-        .cmma
-        .contains(&MmaConfig {
-            a_type: tf32,
-            b_type: tf32,
-            cd_type: f32,
-            m: 16,
-            n: 16,
-            k: 8,
-        })
 }
 
 /// Whether the dot-product kernel sums over planes (`kernel::slice_dots_kernel`'s `plane`):

@@ -19,18 +19,15 @@ use cubecl::prelude::*;
 
 use crate::kernel::{cube_index, lane_sum};
 use crate::slices::kernel::{plane_transposed_sums, tree_sums};
-use crate::slices::tiles;
 
 /// Local-row marker of a round's position past the tile's entries.
 const NONE: u32 = 0x7fff_ffff;
-/// The local row's bits of an entry's code.
-const LOCAL_MASK: u32 = (1 << tiles::LOCAL_BITS) - 1;
 
 /// `parts[s · M · K + e] = h_t[slice s] · rows[slot e][half, slice s]` for the entries e =
 /// (t, i) of each tile, active or not (the backward's sum kernel drops the inactive ones, so
 /// the gates are not read here). Entries without a row are not written (the sum kernel gives
 /// them 0). `tile_offsets` is `[tiles + 1]` offsets (in entries) into `tile_entries`, which
-/// holds `(entry, code)` pairs (`tiles::RowTiles::device_entries`).
+/// holds `(entry, local row)` pairs (`tiles::RowTiles::device_entries`).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn tile_dots_kernel<F: Float, I: Numeric, N: Size>(
@@ -178,15 +175,14 @@ fn slice_and_tile(tiles: usize) -> (usize, usize) {
 }
 
 /// Entry `p` of the tile's list and its row's position in the tile (`NONE` at `p >= end`),
-/// from the `(entry, code)` pairs of `tile_entries` (`tiles::RowTiles::device_entries`).
+/// from the `(entry, local row)` pairs of `tile_entries`.
 #[cube]
 fn tile_entry<I: Numeric>(tile_entries: &Tensor<I>, p: usize, end: usize) -> (u32, u32) {
     let mut e = 0u32.runtime();
     let mut lr = NONE.runtime();
     if p < end {
         e = u32::cast_from(tile_entries[2 * p]);
-        // The code's low bits (its pair within the tile sits above them).
-        lr = u32::cast_from(tile_entries[2 * p + 1]) & LOCAL_MASK;
+        lr = u32::cast_from(tile_entries[2 * p + 1]);
     }
     (e, lr)
 }
