@@ -56,6 +56,20 @@ pub enum IndexError {
         /// Number of rows.
         rows: usize,
     },
+    /// A token names the same row in two slots. A token's active rows are a set (the top-K
+    /// of distinct neurons): the kernels would count such a row once per slot and the
+    /// plain-op reference once, with the gates summed.
+    #[error("token {token} names row {row} in slots {first} and {second}; a token's active rows must be distinct")]
+    Repeated {
+        /// Token.
+        token: usize,
+        /// Row named twice.
+        row: u32,
+        /// The first slot naming it.
+        first: usize,
+        /// The second.
+        second: usize,
+    },
     /// An index does not fit the backend's 32-bit int tensors.
     #[error("{0} entries exceed the 32-bit index range")]
     TooLarge(usize),
@@ -320,7 +334,8 @@ impl HostIndex {
         RowPasses { passes, ranges }
     }
 
-    /// Builds the index from `slots` (`tokens × k`, values in `0..=rows`, `rows` = empty).
+    /// Builds the index from `slots` (`tokens × k`, values in `0..=rows`, `rows` = empty;
+    /// a token's rows distinct).
     pub fn new(slots: &[u32], tokens: usize, k: usize, rows: usize) -> Result<Self, IndexError> {
         let expected = tokens * k;
         if slots.len() != expected {
@@ -333,16 +348,29 @@ impl HostIndex {
             return Err(IndexError::TooLarge(expected.max(rows)));
         }
         let mut counts = vec![0i32; rows + 1];
+        // Per row, the last entry naming it: a repeat within one token is an error.
+        let mut last = vec![usize::MAX; rows];
         for (e, &r) in slots.iter().enumerate() {
+            let (token, slot) = (e / k.max(1), e % k.max(1));
             if r as usize > rows {
                 return Err(IndexError::OutOfRange {
-                    token: e / k.max(1),
-                    slot: e % k.max(1),
+                    token,
+                    slot,
                     row: r,
                     rows,
                 });
             }
             if (r as usize) < rows {
+                let seen = last[r as usize];
+                if seen != usize::MAX && seen / k.max(1) == token {
+                    return Err(IndexError::Repeated {
+                        token,
+                        row: r,
+                        first: seen % k.max(1),
+                        second: slot,
+                    });
+                }
+                last[r as usize] = e;
                 counts[r as usize + 1] += 1;
             }
         }
@@ -576,7 +604,7 @@ mod tests {
     fn passes_cover_every_slot_and_entry_once() {
         // 4 tokens, K = 3, 6 rows (value 6 = empty); d = 1, f32: a row is 8 bytes, so a
         // 16-byte budget holds 2 rows (3 passes) and 2 tokens (2 passes).
-        let slots = [5, 0, 2, 1, 6, 4, 3, 3, 0, 2, 5, 6];
+        let slots = [5, 0, 2, 1, 6, 4, 3, 2, 0, 2, 5, 6];
         let idx = HostIndex::new(&slots, 4, 3, 6)
             .unwrap()
             .plan_with(1, 4, 16, true);
@@ -586,7 +614,7 @@ mod tests {
         assert_eq!(&tp.ranges[..4], &[0, 1, 2, 3]);
         assert_eq!(&tp.ranges[4..8], &[0, 1, 1, 3]); // token 1: rows 1, 4, empty
 
-        // Token 2 (rows 3, 3, 0) sits out pass 2, tokens 1 and 3 pass 1 and pass 0.
+        // Token 2 (rows 3, 2, 0) sits out pass 2, tokens 1 and 3 pass 1 and pass 0.
         assert_eq!(tp.visits, vec![0, 1, 2, 0, 2, 3, 0, 1, 3]);
         assert_eq!(tp.visit_offsets, vec![0, 3, 6, 9]);
         let rp = idx.row_passes.clone().unwrap();
@@ -654,8 +682,8 @@ mod tests {
         );
         let forced = idx.plan_with(16, 4, 2 * 16 * 4 * 8, true);
         assert!(forced.token_passes.is_some() && !forced.sliced);
-        let wide = vec![0u32; slices::MAX_K + 1];
-        let idx = HostIndex::new(&wide, 1, slices::MAX_K + 1, 1).unwrap();
+        let wide: Vec<u32> = (0..=slices::MAX_K as u32).collect();
+        let idx = HostIndex::new(&wide, 1, slices::MAX_K + 1, slices::MAX_K + 1).unwrap();
         assert!(!idx.plan_with(16, 4, 1 << 20, false).sliced);
     }
 
@@ -703,5 +731,21 @@ mod tests {
                 ..
             })
         ));
+        // Token 1 names row 2 in slots 0 and 2; token 0's row 2 and empty slots (4) repeat
+        // across tokens or as empties, which is fine.
+        let err = HostIndex::new(&[2, 4, 4, 2, 1, 2], 2, 3, 4).unwrap_err();
+        assert_eq!(
+            err,
+            IndexError::Repeated {
+                token: 1,
+                row: 2,
+                first: 0,
+                second: 2
+            }
+        );
+        assert!(err
+            .to_string()
+            .contains("token 1 names row 2 in slots 0 and 2"));
+        assert!(HostIndex::new(&[2, 4, 4, 2, 1, 4], 2, 3, 4).is_ok());
     }
 }
