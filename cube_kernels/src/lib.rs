@@ -348,8 +348,9 @@ impl HostIndex {
             return Err(IndexError::TooLarge(expected.max(rows)));
         }
         let mut counts = vec![0i32; rows + 1];
-        // Per row, the last entry naming it: a repeat within one token is an error.
-        let mut last = vec![usize::MAX; rows];
+        // Per row, the last entry naming it (entries fit 31 bits, checked above): a repeat
+        // within one token is an error.
+        let mut last = vec![u32::MAX; rows];
         for (e, &r) in slots.iter().enumerate() {
             let (token, slot) = (e / k.max(1), e % k.max(1));
             if r as usize > rows {
@@ -361,8 +362,8 @@ impl HostIndex {
                 });
             }
             if (r as usize) < rows {
-                let seen = last[r as usize];
-                if seen != usize::MAX && seen / k.max(1) == token {
+                let seen = last[r as usize] as usize;
+                if seen != u32::MAX as usize && seen / k.max(1) == token {
                     return Err(IndexError::Repeated {
                         token,
                         row: r,
@@ -370,7 +371,7 @@ impl HostIndex {
                         second: slot,
                     });
                 }
-                last[r as usize] = e;
+                last[r as usize] = e as u32;
                 counts[r as usize + 1] += 1;
             }
         }
