@@ -348,30 +348,16 @@ impl HostIndex {
             return Err(IndexError::TooLarge(expected.max(rows)));
         }
         let mut counts = vec![0i32; rows + 1];
-        // Per row, the last entry naming it (entries fit 31 bits, checked above): a repeat
-        // within one token is an error.
-        let mut last = vec![u32::MAX; rows];
         for (e, &r) in slots.iter().enumerate() {
-            let (token, slot) = (e / k.max(1), e % k.max(1));
             if r as usize > rows {
                 return Err(IndexError::OutOfRange {
-                    token,
-                    slot,
+                    token: e / k.max(1),
+                    slot: e % k.max(1),
                     row: r,
                     rows,
                 });
             }
             if (r as usize) < rows {
-                let seen = last[r as usize] as usize;
-                if seen != u32::MAX as usize && seen / k.max(1) == token {
-                    return Err(IndexError::Repeated {
-                        token,
-                        row: r,
-                        first: seen % k.max(1),
-                        second: slot,
-                    });
-                }
-                last[r as usize] = e as u32;
                 counts[r as usize + 1] += 1;
             }
         }
@@ -386,6 +372,21 @@ impl HostIndex {
                 let at = &mut next[r as usize];
                 row_users[*at as usize] = e as i32;
                 *at += 1;
+            }
+        }
+        // A row's users ascend, so a token naming it twice shows as two neighbours.
+        for (j, w) in row_offsets.windows(2).enumerate() {
+            let users = &row_users[w[0] as usize..w[1] as usize];
+            if let Some(p) = users
+                .windows(2)
+                .find(|p| p[0] as usize / k == p[1] as usize / k)
+            {
+                return Err(IndexError::Repeated {
+                    token: p[0] as usize / k,
+                    row: j as u32,
+                    first: p[0] as usize % k,
+                    second: p[1] as usize % k,
+                });
             }
         }
         Ok(Self {
